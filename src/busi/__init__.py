@@ -1,0 +1,54 @@
+"""busi: breast-lesion segmentation in ultrasound images (BUSI) with a U-Net.
+
+Importing busi first switches TensorFlow to Keras 2 (tf-keras), which segmentation-models needs;
+see :mod:`busi._keras`. The public API is small and loaded lazily, so ``import busi`` does not
+import TensorFlow::
+
+    import busi
+    root = busi.data.locate()               # or busi.data.download("data")
+    table = busi.data.index(root)
+    model = busi.build_model(encoder_weights=None)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from busi import _keras
+
+_keras.set_environment()
+_keras.check_keras()
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "data": ("busi.data", None),
+    "build_model": ("busi.models", "build_model"),
+    "classic_unet": ("busi.models", "classic_unet"),
+    "losses": ("busi.losses", None),
+    "scoring": ("busi.scoring", None),
+    "load_model": ("busi.weights", "load_model"),
+    "save_model": ("busi.weights", "save_model"),
+    "TrainConfig": ("busi.config", "TrainConfig"),
+    "train": ("busi.train", "train"),
+    "evaluate": ("busi.evaluate", "evaluate"),
+    "predict": ("busi.predict", "predict"),
+    "plots": ("busi.plots", None),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'busi' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

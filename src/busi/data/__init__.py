@@ -1,0 +1,25 @@
+"""The BUSI data layer: find or fetch the dataset, index and check it, find duplicates, split.
+
+The TensorFlow input pipeline lives in :mod:`busi.data.pipeline` and is imported on use, so that
+the data checks run without TensorFlow.
+"""
+
+from busi.data.download import download, locate
+from busi.data.duplicates import add_groups, conflicting_groups, drop_conflicts, duplicate_pairs
+from busi.data.index import LABELS, fingerprint, index
+from busi.data.masks import load_example, merge_masks, read_image, read_mask
+from busi.data.splits import (
+    LESION_CLASSES,
+    cross_validation_splits,
+    load_split,
+    make_split,
+    save_split,
+    select,
+)
+
+__all__ = [
+    "LABELS", "LESION_CLASSES", "add_groups", "conflicting_groups", "cross_validation_splits",
+    "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "load_example",
+    "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask", "save_split",
+    "select",
+]

@@ -1,0 +1,104 @@
+"""Getting BUSI onto disk and finding it again, wherever the user put it.
+
+The dataset is Al-Dhabyani et al., "Dataset of breast ultrasound images", Data in Brief 28 (2020),
+as mirrored on Kaggle (``aryashah2k/breast-ultrasound-images-dataset``, public, no credentials).
+The unzipped download nests ``Dataset_BUSI_with_GT`` inside a folder of the same name, users
+place it by hand in other ways, and CI points ``BUSI_DATA`` at a shared copy: :func:`locate`
+accepts all of these.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+from busi.errors import DataError
+from busi.paths import DATA_DIR
+
+KAGGLE_HANDLE = "aryashah2k/breast-ultrasound-images-dataset"
+FOLDER_NAME = "Dataset_BUSI_with_GT"
+ENV_VAR = "BUSI_DATA"
+DEFAULT_DEST = DATA_DIR / "raw"
+_CLASSES = ("benign", "malignant", "normal")
+
+MANUAL_STEPS = (
+    "Download it by hand from https://www.kaggle.com/datasets/{handle} (or the original site of "
+    "Al-Dhabyani et al.), unzip it, and either put the {folder} folder under {dest} or set the "
+    "environment variable {env} to its path."
+)
+
+
+def _is_root(folder: Path) -> bool:
+    return sum((folder / c).is_dir() for c in _CLASSES) >= 2
+
+
+def _candidates(path: Path) -> list[Path]:
+    """The folder itself, the folder named Dataset_BUSI_with_GT below it, and the nested copy."""
+    found = [path, path / FOLDER_NAME, path / FOLDER_NAME / FOLDER_NAME]
+    if path.is_dir():
+        found += sorted(p for p in path.glob(f"*/{FOLDER_NAME}") if p.is_dir())
+        found += sorted(p for p in path.glob(f"*/*/{FOLDER_NAME}") if p.is_dir())
+    return found
+
+
+def locate(path: str | os.PathLike | None = None) -> Path:
+    """Return the ``Dataset_BUSI_with_GT`` folder (the one holding ``benign/`` etc.).
+
+    Args:
+        path: the folder itself, a parent of it, or the unzipped Kaggle download. When None,
+            ``$BUSI_DATA`` is tried, then ``data/raw`` and ``data`` of the project.
+
+    Raises:
+        DataError: naming every place looked at.
+    """
+    if path is not None:
+        starts = [Path(path).expanduser()]
+    else:
+        starts = [Path(os.environ[ENV_VAR]).expanduser()] if os.environ.get(ENV_VAR) else []
+        starts += [DEFAULT_DEST, DATA_DIR]
+    looked = []
+    for start in starts:
+        for candidate in _candidates(start):
+            looked.append(candidate)
+            if candidate.is_dir() and _is_root(candidate):
+                return candidate.resolve()
+    places = "\n  ".join(str(p) for p in dict.fromkeys(looked))
+    raise DataError(
+        f"BUSI not found. Looked for folders benign/, malignant/, normal/ in:\n  {places}\n"
+        + MANUAL_STEPS.format(
+            handle=KAGGLE_HANDLE, folder=FOLDER_NAME, dest=DEFAULT_DEST, env=ENV_VAR
+        )
+        + f" Or call busi.data.download() / `busi download` with internet access."
+    )
+
+
+def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Path:
+    """Fetch BUSI from Kaggle with kagglehub into ``dest`` and return its root folder.
+
+    An existing copy under ``dest`` is reused unless ``force``. Needs internet access to Kaggle
+    (no account needed, the dataset is public); without it this fails at once with the steps to
+    place the folder by hand.
+    """
+    dest = Path(dest).expanduser()
+    if not force:
+        try:
+            return locate(dest)
+        except DataError:
+            pass
+    import kagglehub  # imported here: only this path needs it
+
+    kwargs = {"force_download": force}
+    if "output_dir" in inspect.signature(kagglehub.dataset_download).parameters:
+        kwargs["output_dir"] = str(dest)  # older kagglehub only downloads to its cache
+    try:
+        downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE, **kwargs))
+    except Exception as error:  # kagglehub raises requests, OS and its own errors alike
+        raise DataError(
+            f"Could not download BUSI from Kaggle ({KAGGLE_HANDLE}): "
+            f"{type(error).__name__}: {str(error)[:200]}\n"
+            + MANUAL_STEPS.format(
+                handle=KAGGLE_HANDLE, folder=FOLDER_NAME, dest=dest, env=ENV_VAR
+            )
+        ) from error
+    return locate(downloaded)

@@ -1,0 +1,22 @@
+"""Project folders, derived from the project root so no path is hard-coded in notebooks.
+
+``BUSI_DATA`` overrides where the dataset is looked for (see :func:`busi.data.locate`);
+``BUSI_RUNS`` and ``BUSI_WEIGHTS`` override the output folders (Colab users point them at Drive).
+In an installed (non-editable) package the project root is the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _project_root() -> Path:
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+PROJ_ROOT = _project_root()
+DATA_DIR = PROJ_ROOT / "data"
+WEIGHTS_DIR = Path(os.environ.get("BUSI_WEIGHTS", PROJ_ROOT / "weights"))
+RUNS_DIR = Path(os.environ.get("BUSI_RUNS", PROJ_ROOT / "runs"))
