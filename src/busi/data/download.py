@@ -69,7 +69,7 @@ def locate(path: str | os.PathLike | None = None) -> Path:
         + MANUAL_STEPS.format(
             handle=KAGGLE_HANDLE, folder=FOLDER_NAME, dest=DEFAULT_DEST, env=ENV_VAR
         )
-        + f" Or call busi.data.download() / `busi download` with internet access."
+        + " Or call busi.data.download() / `busi download` with internet access."
     )
 
 

@@ -122,7 +122,8 @@ def load_split(path: str | os.PathLike) -> pd.DataFrame:
     if bad:
         raise DataError(f"{path}: unknown split names {bad}; use train, val, test")
     if split["id"].duplicated().any():
-        raise DataError(f"{path}: ids listed twice: {sorted(split['id'][split['id'].duplicated()])}")
+        twice = sorted(split["id"][split["id"].duplicated()])
+        raise DataError(f"{path}: ids listed twice: {twice}")
     straddling = split.groupby("group")["split"].nunique()
     if (straddling > 1).any():
         raise DataError(

@@ -1,0 +1,167 @@
+"""The ``busi`` command: download, index, train, evaluate, predict.
+
+Each subcommand is a thin wrapper over the same function the notebooks call. TensorFlow is
+imported only by the subcommands that need it, so ``busi --help`` and ``busi index`` are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import busi
+from busi.data.download import DEFAULT_DEST
+from busi.errors import DataError
+
+
+def _download(args: argparse.Namespace) -> None:
+    root = busi.data.download(args.dest, force=args.force)
+    print(f"BUSI is at {root}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from busi.atomic import atomic_write_text
+
+    root = busi.data.locate(args.data)
+    table = busi.data.add_groups(busi.data.index(root, strict=args.strict))
+    pairs = busi.data.duplicate_pairs(table)
+    conflicts = busi.data.conflicting_groups(table)
+    print(f"dataset: {root}")
+    print(f"images: {len(table)}  masks: {int(table['mask_count'].sum())}  "
+          f"with several masks: {int((table['mask_count'] > 1).sum())}")
+    print("per class: " + ", ".join(f"{k} {v}" for k, v in table["label"].value_counts().items()))
+    print(f"duplicate pairs: {len(pairs)} ({int(pairs['exact'].sum())} exact), "
+          f"groups: {table['group'].nunique()}, images in label-conflicting groups: "
+          f"{len(conflicts)}")
+    print(f"fingerprint: {busi.data.fingerprint(table)}")
+    if args.out:
+        out = Path(args.out)
+        atomic_write_text(out / "index.csv", table.to_csv(index=False))
+        atomic_write_text(out / "duplicates.csv", pairs.to_csv(index=False))
+        print(f"wrote {out / 'index.csv'} and {out / 'duplicates.csv'}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None if text.lower() in ("none", "null") else text
+
+
+def _train_config(args: argparse.Namespace) -> busi.TrainConfig:
+    from busi.config import TrainConfig
+
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    changes: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        changes[key.strip().replace("-", "_")] = _parse_value(value)
+    for key in ("name", "data", "epochs", "batch_size", "image_size", "architecture", "encoder",
+                "run_dir"):
+        value = getattr(args, key, None)
+        if value is not None:
+            changes[key] = value
+    if args.encoder_weights is not None:
+        changes["encoder_weights"] = _parse_value(args.encoder_weights)
+    return config.replace(**changes) if changes else config
+
+
+def _train(args: argparse.Namespace) -> None:
+    config = _train_config(args)
+    run = busi.train(config, resume=not args.restart)
+    print(f"run folder: {run}")
+    summary = run / "evaluation" / "summary.json"
+    if summary.is_file():
+        print(summary.read_text())
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    table = busi.predict(
+        args.weights, args.inputs, args.output, size=args.size, mode=args.resize,
+        threshold=args.threshold, tta=args.tta,
+    )
+    failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
+    print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
+    if len(failed):
+        print(f"skipped {len(failed)} unreadable file(s): see the warnings above")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="busi", description="Breast-lesion segmentation in ultrasound images (BUSI). "
+        "Research software, not for clinical decisions.",
+    )
+    main.add_argument("--version", action="version", version=f"busi {busi.__version__}")
+    sub = main.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="fetch BUSI from Kaggle (needs internet)")
+    p.add_argument("--dest", default=str(DEFAULT_DEST),
+                   help="folder to put it in (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("index", help="check the dataset; counts, duplicates, fingerprint")
+    p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
+    p.add_argument("--strict", action="store_true", help="fail on any problem")
+    p.add_argument("--out", help="folder for index.csv and duplicates.csv")
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser("train", help="train a model; resumes an interrupted run of that name")
+    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set learning_rate=3e-4 (repeatable)")
+    p.add_argument("--name", help="run name: the run folder is runs/NAME")
+    p.add_argument("--run-dir", help="run folder (instead of runs/NAME)")
+    p.add_argument("--data", help="dataset folder")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--architecture", choices=["unet", "classic_unet"])
+    p.add_argument("--encoder", help="segmentation-models backbone, e.g. resnet34")
+    p.add_argument("--encoder-weights", help="imagenet or none (train the encoder from scratch)")
+    p.add_argument("--restart", action="store_true",
+                   help="refuse to resume an existing run folder")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a run on its test split (threshold from val)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--weights", help="model .h5 (default: the run's best.h5)")
+    p.add_argument("--data", help="dataset folder, if not where the run found it")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="segment new images: mask and overlay PNG per image")
+    p.add_argument("inputs", help="an image file or a folder of images")
+    p.add_argument("output", help="output folder (never the input folder)")
+    p.add_argument("--weights", required=True, help="model .h5 saved by busi")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--size", type=int, help="model input size (default: the model's)")
+    p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"])
+    p.add_argument("--tta", action="store_true", help="average with the flipped image")
+    p.set_defaults(func=_predict)
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        print(f"busi {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Training settings as one dataclass that reads and writes JSON or YAML.
+
+One config describes one run completely; it is saved into the run folder so that a run can be
+resumed, evaluated and reproduced from it. The defaults reproduce the main notebook: a ResNet34
+U-Net at 256x256 with Dice + focal loss and Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from busi.atomic import atomic_write_text
+
+LABELS = ("benign", "malignant", "normal")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on.
+
+    Attributes:
+        name: run name; the run folder is ``runs/<name>`` unless ``run_dir`` is given.
+        data: dataset root (anything :func:`busi.data.locate` accepts); None looks in the usual
+            places and ``$BUSI_DATA``.
+        split_file: an existing split CSV to use; None makes one from ``seed`` and the fractions.
+        classes: labels that take part. Normal images teach the model to answer "no lesion".
+        architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".
+        encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
+        freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
+        resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
+        mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
+            "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
+        jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
+        limit: use only the first N images of each split part (quick runs, CI).
+    """
+
+    name: str = "unet-resnet34"
+    data: str | None = None
+    run_dir: str | None = None
+    split_file: str | None = None
+    classes: tuple[str, ...] = LABELS
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    architecture: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = "imagenet"
+    freeze_encoder_epochs: int = 0
+    base_filters: int = 32
+    depth: int = 4
+    dropout: float = 0.0
+
+    image_size: int = 256
+    resize: str = "letterbox"
+    augment: bool = True
+
+    loss: str = "dice_focal"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 50
+    steps_per_epoch: int | None = None
+    early_stopping_patience: int = 15
+    reduce_lr_patience: int = 5
+    reduce_lr_factor: float = 0.5
+    min_learning_rate: float = 1e-6
+    monitor: str = "val_iou_score"
+
+    mixed_precision: str = "auto"
+    jit_compile: bool = False
+    deterministic: bool = False
+    limit: int | None = None
+    evaluate: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        unknown = sorted(set(self.classes) - set(LABELS))
+        if unknown or not self.classes:
+            raise ValueError(f"classes must be some of {list(LABELS)}, got {list(self.classes)}")
+        if self.encoder_weights in ("none", "None", ""):
+            self.encoder_weights = None
+        choices = {
+            "architecture": ("unet", "classic_unet"),
+            "resize": ("letterbox", "stretch"),
+            "mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+            "optimizer": ("adam", "adamw", "sgd"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("image_size", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def directory(self) -> Path:
+        """The run folder."""
+        from busi.paths import RUNS_DIR
+
+        return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; an unknown key is an error that names it and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (checked like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as JSON, or YAML if the file name ends in .yaml/.yml (atomically)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read a JSON or YAML config; errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except ValueError as error:  # json and yaml errors both derive from ValueError
+            raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
