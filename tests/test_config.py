@@ -1,0 +1,41 @@
+"""TrainConfig reading, writing and checking."""
+
+from __future__ import annotations
+
+import pytest
+
+from busi.config import TrainConfig
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip(tmp_path, suffix):
+    config = TrainConfig(name="x", epochs=3, classes=("benign", "malignant"), encoder_weights=None)
+    path = config.save(tmp_path / f"config{suffix}")
+    assert TrainConfig.load(path) == config
+
+
+def test_unknown_key_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlearnig_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown config key\(s\) \['learnig_rate'\]"):
+        TrainConfig.load(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("change", [
+    {"architecture": "transformer"}, {"resize": "crop"}, {"classes": ("cyst",)},
+    {"epochs": 0}, {"mixed_precision": "float8"},
+])
+def test_bad_values(change):
+    with pytest.raises(ValueError):
+        TrainConfig().replace(**change)
+
+
+def test_none_spellings_of_encoder_weights():
+    assert TrainConfig(encoder_weights="none").encoder_weights is None
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        TrainConfig.load(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text("{epochs: ")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        TrainConfig.load(tmp_path / "bad.json")
