@@ -31,9 +31,9 @@ _LAZY = {
     "load_model": ("busi.weights", "load_model"),
     "save_model": ("busi.weights", "save_model"),
     "TrainConfig": ("busi.config", "TrainConfig"),
-    "train": ("busi.train", "train"),
-    "evaluate": ("busi.evaluate", "evaluate"),
-    "predict": ("busi.predict", "predict"),
+    "train": ("busi.training", "train"),
+    "evaluate": ("busi.evaluation", "evaluate"),
+    "predict": ("busi.prediction", "predict"),
     "plots": ("busi.plots", None),
 }
 

@@ -145,10 +145,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", help="an image file or a folder of images")
     p.add_argument("output", help="output folder (never the input folder)")
     p.add_argument("--weights", required=True, help="model .h5 saved by busi")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float,
+                   help="probability threshold (default: the one chosen on validation when the "
+                   "weights sit in an evaluated run folder, else 0.5)")
     p.add_argument("--size", type=int, help="model input size (default: the model's)")
-    p.add_argument("--resize", default="letterbox", choices=["letterbox", "stretch"])
-    p.add_argument("--tta", action="store_true", help="average with the flipped image")
+    p.add_argument("--resize", choices=["letterbox", "stretch"],
+                   help="default: the run's setting, else letterbox")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the flipped image (default: as chosen on validation)")
     p.set_defaults(func=_predict)
     return main
 

@@ -79,7 +79,8 @@ def prepare_data(config: TrainConfig, run: RunFolder) -> dict[str, pd.DataFrame]
             table, classes=config.classes, val_fraction=config.val_fraction,
             test_fraction=config.test_fraction, seed=config.seed,
         )
-    data.save_split(split, run.split)
+    if not run.split.is_file():
+        data.save_split(split, run.split)
     parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
     if config.limit:
         parts = {name: part.iloc[: config.limit] for name, part in parts.items()}
@@ -306,7 +307,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
         run.write_json(run.state, final)
         keras.backend.clear_session()
     if config.evaluate:
-        from busi.evaluate import evaluate
+        from busi.evaluation import evaluate
 
         evaluate(run.root)
     return run.root

@@ -1,0 +1,93 @@
+"""Training losses and metrics by name, and the custom objects a saved model needs to reload.
+
+Losses come from segmentation-models (``sm.losses``) because its Dice and focal losses are the
+reference implementations the BUSI literature uses. The default, Dice + binary focal, fits
+the class imbalance of BUSI: lesions cover a few percent of the pixels, so plain BCE is
+dominated by background, Dice optimises the overlap directly, and the focal term keeps
+per-pixel gradients well behaved where Dice alone is noisy (small lesions, empty masks).
+
+The training metrics are soft/thresholded batch statistics for monitoring only; reported numbers
+come from :mod:`busi.scoring` (per image, at the original resolution).
+
+Saved models: Keras writes the loss and metric *names* into the ``.h5`` training config (an sm
+loss is not a Keras object, so only its ``__name__`` is stored, e.g.
+``dice_loss_plus_binary_focal_loss``). :data:`CUSTOM_OBJECTS` maps every such name back to an
+object built exactly as :func:`get_loss` / :func:`get_metrics` build it, so
+:func:`busi.weights.load_model` reloads a compiled model without the caller naming anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from busi import _keras
+
+DEFAULT_LOSS = "dice_focal"
+THRESHOLD = 0.5
+"""Probability threshold of the thresholded training metrics (the evaluation uses the same)."""
+
+METRIC_NAMES = ("iou_score", "f1-score")
+"""Names of :func:`get_metrics` as they appear in the training history (keep them stable)."""
+
+
+def _loss_factories() -> dict[str, Callable[[], Any]]:
+    sm = _keras.sm()
+    return {
+        "dice_focal": lambda: sm.losses.DiceLoss() + sm.losses.BinaryFocalLoss(),
+        "bce": lambda: sm.losses.BinaryCELoss(),
+        "bce_dice": lambda: sm.losses.BinaryCELoss() + sm.losses.DiceLoss(),
+    }
+
+
+LOSS_NAMES = ("dice_focal", "bce", "bce_dice")
+"""Names accepted by :func:`get_loss` (a config picks the loss by one of these)."""
+
+
+def get_loss(name: str = DEFAULT_LOSS) -> Callable:
+    """The training loss called ``name``: ``"dice_focal"`` (default), ``"bce"`` or ``"bce_dice"``.
+
+    Args:
+        name: one of :data:`LOSS_NAMES`.
+
+    Returns:
+        A segmentation-models loss object, usable as ``model.compile(loss=...)``. Its
+        ``__name__`` (e.g. ``dice_loss_plus_binary_focal_loss``) is what Keras saves.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    factories = _loss_factories()
+    if name not in factories:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(factories)}")
+    return factories[name]()
+
+
+def get_metrics() -> list:
+    """Training metrics: IoU and F1 (= Dice) at threshold 0.5, pooled over the batch.
+
+    Their names, ``iou_score`` and ``f1-score``, are the keys of the training history
+    (``val_iou_score`` ...), which the plots and checkpoint monitors rely on.
+    """
+    sm = _keras.sm()
+    return [sm.metrics.IOUScore(threshold=THRESHOLD), sm.metrics.FScore(threshold=THRESHOLD)]
+
+
+def _custom_objects() -> dict[str, Any]:
+    objects: dict[str, Any] = {}
+    for name in LOSS_NAMES:
+        loss = get_loss(name)
+        objects[loss.__name__] = loss
+    for metric in get_metrics():
+        objects[metric.__name__] = metric
+    return objects
+
+
+def __getattr__(name: str) -> Any:
+    # CUSTOM_OBJECTS needs segmentation-models (hence TensorFlow): built on first use so that
+    # importing this module stays cheap.
+    if name == "CUSTOM_OBJECTS":
+        value = _custom_objects()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""Small helpers the notebooks need, kept here so each notebook cell stays one call.
+
+The notebooks (``notebooks/0*.ipynb``) run in Jupyter, in Colab and headless in CI with tiny
+parameters. What differs between those places is handled here: where the dataset comes from,
+where runs and weights are written (the project's ``runs/`` and ``weights/``, or Google Drive in
+Colab so they outlive the session), and the glue between a run folder and the figures of the
+evaluation and prediction notebooks.
+
+The Colab install cell itself cannot live here: it runs before busi is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from busi.atomic import atomic_path
+from busi.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "busi"
+"""Where runs and weights go on Google Drive when a notebook is told ``USE_DRIVE = True``."""
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (its ``google.colab`` package is importable only there)."""
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):  # a half-initialised "google" namespace package
+        return False
+
+
+def drive_folder(folder: Path = DRIVE_FOLDER) -> Path:
+    """Mount Google Drive (Colab asks for permission once) and return ``folder`` on it, created.
+
+    Raises:
+        RuntimeError: not in Colab; Drive mounting is a Colab feature.
+    """
+    if not in_colab():
+        raise RuntimeError(
+            "USE_DRIVE = True needs Google Colab; elsewhere set RUN_DIR / WEIGHTS_DIR to any "
+            "folder instead"
+        )
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount(str(DRIVE_MOUNT))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def locations(
+    run_name: str,
+    run_dir: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    use_drive: bool = False,
+) -> tuple[Path, Path]:
+    """The run folder and the weights folder a notebook reads and writes.
+
+    A given ``run_dir`` / ``weights_dir`` wins; otherwise they are ``runs/<run_name>`` and
+    ``weights/`` on Google Drive when ``use_drive`` (Colab; the run then survives a disconnect
+    and training resumes from it), else in the project (``busi.paths``, which honours
+    ``$BUSI_RUNS`` and ``$BUSI_WEIGHTS``).
+    """
+    from busi.paths import RUNS_DIR, WEIGHTS_DIR
+
+    runs, weights = RUNS_DIR, WEIGHTS_DIR
+    if use_drive:
+        base = drive_folder()
+        runs, weights = base / "runs", base / "weights"
+    run = Path(run_dir) if run_dir is not None else runs / run_name
+    return run, Path(weights_dir) if weights_dir is not None else weights
+
+
+def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The BUSI root folder: found where :func:`busi.data.locate` looks, else downloaded.
+
+    Args:
+        path: where the dataset is (or should be downloaded to); None looks in ``$BUSI_DATA``
+            and the project's ``data/`` and downloads to ``data/raw``.
+        download: fetch it from Kaggle if it is not found; with False a missing dataset is an
+            error that says where to put it.
+    """
+    from busi.data.download import DEFAULT_DEST, locate
+    from busi.data.download import download as fetch
+
+    try:
+        return locate(path)
+    except DataError:
+        if not download:
+            raise
+    log.info("BUSI not found; downloading it")
+    return fetch(path if path is not None else DEFAULT_DEST)
+
+
+def export_weights(run_dir: str | os.PathLike, weights_dir: str | os.PathLike,
+                   name: str | None = None) -> Path:
+    """Copy a run's ``best.h5`` to ``<weights_dir>/<name>.h5`` (atomically) and return that path.
+
+    The file is a byte copy, so the post-processing that evaluation chooses for the run's
+    ``best.h5`` (recorded by SHA-1) is recognised as belonging to it (:func:`chosen_settings`).
+
+    Args:
+        run_dir: a run folder with ``best.h5``.
+        weights_dir: destination folder (created).
+        name: file stem; default the run folder's name.
+    """
+    best = Path(run_dir) / "best.h5"
+    if not best.is_file():
+        raise FileNotFoundError(f"{best}: no best weights in this run folder (trained yet?)")
+    target = Path(weights_dir) / f"{name or Path(run_dir).name}.h5"
+    if target.resolve() == best.resolve():
+        return target
+    with atomic_path(target) as tmp, open(best, "rb") as source:
+        tmp.write_bytes(source.read())
+    return target
+
+
+def _postprocess_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "threshold": float(params.get("threshold", 0.5)),
+        "min_component_fraction": float(params.get("min_component_fraction", 0.0)),
+        "keep_largest": bool(params.get("keep_largest", False)),
+    }
+
+
+def chosen_settings(weights: str | os.PathLike, run_dir: str | os.PathLike | None) -> dict:
+    """Keyword arguments for :func:`busi.predict` that belong to these weights' run.
+
+    A run's ``best.h5`` and its copies (:func:`export_weights`) are recognised by SHA-1. They
+    get the run's resize mode and, once :func:`busi.evaluate` has run, the post-processing it
+    chose on validation (threshold, flip TTA, component filtering). Other weights, or no run
+    folder, get ``{}``: predict's defaults (letterbox, threshold 0.5, no TTA, no filtering).
+    """
+    from busi.config import TrainConfig
+    from busi.evaluation import file_sha1, postprocess_for
+
+    best = Path(run_dir) / "best.h5" if run_dir is not None else None
+    if best is None or not best.is_file() or file_sha1(best) != file_sha1(weights):
+        return {}
+    settings: dict[str, Any] = {}
+    if (best.parent / "config.json").is_file():
+        settings["mode"] = TrainConfig.load(best.parent / "config.json").resize
+    params = postprocess_for(best)
+    if params:
+        settings.update(_postprocess_kwargs(params), tta=bool(params.get("tta", False)))
+    return settings
+
+
+def run_predictions(
+    run_dir: str | os.PathLike, split: str = "test", data: str | os.PathLike | None = None
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The images of one part of a run's split and the run's binary masks for them.
+
+    The images are those :func:`busi.evaluate` scores (the run's split and ``limit``); the masks
+    come from ``best.h5`` at each image's original size, post-processed as evaluation chose on
+    validation (defaults if it has not run). For overlays and worst-case figures.
+
+    Returns:
+        ``(table, masks)``: the index rows, and ``{id: uint8 (H, W) mask in {0, 1}}``.
+    """
+    from busi import weights
+    from busi.config import TrainConfig
+    from busi.evaluation import postprocess, postprocess_for, predict_probabilities
+    from busi.runs import RunFolder
+    from busi.training import prepare_data
+
+    run = RunFolder(Path(run_dir))
+    config = TrainConfig.load(run.config)
+    if data is not None:
+        config = config.replace(data=str(data))
+    table = prepare_data(config, run)[split]
+    params = postprocess_for(run.best) or {}
+    model = weights.load_model(run.best, compile=False)
+    probs = predict_probabilities(model, table, config.image_size, config.resize,
+                                  config.batch_size, tta=bool(params.get("tta", False)))
+    kwargs = _postprocess_kwargs(params)
+    masks = {image_id: postprocess(prob, **kwargs)
+             for image_id, prob in zip(table["id"], probs, strict=True)}
+    return table, masks
+
+
+def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
+                split: str = "test", data: str | os.PathLike | None = None) -> Path:
+    """Copy ``n`` images (no masks) of a run's split part into ``dest``, to try prediction on.
+
+    Test images by default: the model has not seen them. The dataset is only read.
+    """
+    from busi.config import TrainConfig
+    from busi.data import index, load_split, locate, select
+
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path}: no run folder to take demo images from; set INPUTS to a folder of "
+            "images"
+        )
+    config = TrainConfig.load(config_path)
+    table = select(index(locate(data if data is not None else config.data)),
+                   load_split(Path(run_dir) / "split.csv"), split)
+    dest = Path(dest)
+    for image_path in table["image_path"].head(n):
+        source = Path(image_path)
+        with atomic_path(dest / source.name) as tmp:
+            tmp.write_bytes(source.read_bytes())
+    return dest
+
+
+__all__ = ["chosen_settings", "demo_inputs", "drive_folder", "export_weights", "get_data",
+           "in_colab", "locations", "run_predictions"]

@@ -1,0 +1,237 @@
+"""Segment new images with a trained model: one mask PNG and one overlay PNG per image.
+
+Prediction goes through the same functions as evaluation (:func:`busi.evaluation.predict_images`
+and :func:`busi.evaluation.postprocess`), so a delivered mask is exactly what was scored.
+
+Post-processing: when ``model_or_path`` is a path and ``evaluate`` has been run on those weights,
+the settings it chose on the validation images (``evaluation/postprocess.json`` beside the model,
+recorded for the same file by SHA-1) are used for every argument left at None: threshold, flip
+TTA, component filtering and the resize mode. Otherwise the defaults are threshold 0.5, no TTA,
+no filtering, letterbox (or the ``resize`` of a ``config.json`` beside the model).
+
+Research software: the masks are not for clinical decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from busi.atomic import atomic_write_bytes
+from busi.data.masks import read_image
+from busi.errors import DataError
+from busi.evaluation import model_input_size, postprocess, postprocess_for, predict_images
+
+log = logging.getLogger(__name__)
+
+#: File types read from an input folder (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: Columns of the table :func:`predict` returns.
+COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_probability",
+           "error"]
+OVERLAY_BGR = (0, 0, 255)  # red
+
+
+def list_inputs(inputs: str | os.PathLike) -> list[Path]:
+    """The image files to segment: ``inputs`` itself, or the images directly in that folder.
+
+    A folder is not searched recursively; hidden files are skipped; every other file with an
+    image suffix is predicted, including files named like BUSI masks (``*_mask*.png``): a user's
+    image may well have such a name, so point ``inputs`` at a folder of images only.
+    """
+    path = Path(inputs)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    files = sorted(
+        p for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def output_paths(image_path: Path, output_dir: Path) -> tuple[Path, Path]:
+    """``<stem>_pred.png`` and ``<stem>_overlay.png`` in ``output_dir``."""
+    return (output_dir / f"{image_path.stem}_pred.png",
+            output_dir / f"{image_path.stem}_overlay.png")
+
+
+def _check_outputs(inputs: Path, files: Sequence[Path], output_dir: Path) -> None:
+    """Refuse anything that could overwrite an input, or two inputs writing the same file."""
+    if inputs.is_dir() and output_dir.resolve() == inputs.resolve():
+        raise ValueError(
+            f"output folder {output_dir} is the input folder; choose another one so the inputs "
+            "are never overwritten or mixed with predictions"
+        )
+    resolved_inputs = {f.resolve() for f in files}
+    seen: dict[Path, Path] = {}
+    for file in files:
+        for out in output_paths(file, output_dir):
+            target = out.resolve()
+            if target in resolved_inputs:
+                raise ValueError(f"writing {out} would overwrite the input file {out}")
+            if target in seen:
+                raise ValueError(
+                    f"{seen[target].name} and {file.name} would both be written to {out.name}; "
+                    "rename one of them"
+                )
+            seen[target] = file
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = OVERLAY_BGR
+                  ) -> np.ndarray:
+    """BGR picture of a gray image with the mask tinted and outlined, for a quick visual check.
+
+    The fill is translucent so the echo texture under the prediction stays visible; the outline
+    thickens with the image size so it is visible on large images too.
+    """
+    picture = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if not mask.any():
+        return picture
+    inside = mask.astype(bool)
+    tint = np.array(colour, np.float32)
+    picture[inside] = (0.7 * picture[inside] + 0.3 * tint).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    thickness = max(1, round(min(image.shape) / 250))
+    cv2.drawContours(picture, contours, -1, colour, thickness)
+    return picture
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, encoded.tobytes())
+
+
+def _run_settings(model_path: Path) -> dict[str, Any]:
+    """Settings recorded beside a model file: post-processing from ``evaluate``, else the resize
+    mode of the run's ``config.json``."""
+    chosen = postprocess_for(model_path)
+    if chosen is not None:
+        log.info("using the post-processing chosen on validation for %s", model_path)
+        return chosen
+    config_path = model_path.parent / "config.json"
+    if config_path.is_file():
+        from busi.config import TrainConfig
+
+        config = TrainConfig.load(config_path)
+        return {"resize": config.resize, "image_size": config.image_size}
+    return {}
+
+
+def _pick(value: Any, settings: dict[str, Any], key: str, default: Any) -> Any:
+    if value is not None:
+        return value
+    return settings.get(key, default)
+
+
+def predict(
+    model_or_path: Any,
+    inputs: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    size: int | tuple[int, int] | None = None,
+    mode: str | None = None,
+    threshold: float | None = None,
+    tta: bool | None = None,
+    min_component_fraction: float | None = None,
+    keep_largest: bool | None = None,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Segment an image file or every image of a folder; write mask and overlay PNGs.
+
+    For each image ``<stem>.<ext>`` (PNG/JPEG/BMP, any size, gray or colour; colour is
+    converted to gray as for training), ``output_dir`` gets ``<stem>_pred.png``, the binary mask
+    (0/255, 8-bit gray) at the image's original size, and ``<stem>_overlay.png``, the gray image
+    with the mask in red. Files are written atomically. Inputs are never modified.
+
+    Args:
+        model_or_path: a Keras model (or callable, see :func:`busi.evaluation.predict_images`) or
+            the path of a model saved by busi.
+        inputs: an image file or a folder of images (see :func:`list_inputs`).
+        output_dir: folder for the outputs (created); must not be the input folder.
+        size: model input side; default the model's input size (or the run's ``image_size``).
+        mode, threshold, tta, min_component_fraction, keep_largest: None takes the value chosen
+            on validation for these weights (module docstring), else letterbox, 0.5, no TTA, no
+            filtering.
+        batch_size: images per forward pass.
+
+    Returns:
+        One row per input file (:data:`COLUMNS`): output paths, original size, predicted lesion
+        pixels, maximum probability, and ``error`` (None, or why an unreadable file was skipped;
+        it is also reported as a warning).
+
+    Raises:
+        ValueError: ``output_dir`` is the input folder, an output would overwrite an input, or
+            two inputs would write the same output (``a.png`` and ``a.jpg``).
+    """
+    inputs = Path(inputs)
+    output_dir = Path(output_dir)
+    files = list_inputs(inputs)
+    _check_outputs(inputs, files, output_dir)
+
+    settings: dict[str, Any] = {}
+    model = model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from busi import weights
+
+        model_path = Path(model_or_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path}: model file not found")
+        settings = _run_settings(model_path)
+        model = weights.load_model(model_path, compile=False)
+    size = size if size is not None else model_input_size(model) or settings.get("image_size")
+    if size is None:
+        raise ValueError("the model has no fixed input size: pass size=")
+    mode = _pick(mode, settings, "resize", "letterbox")
+    use_tta = bool(_pick(tta, settings, "tta", False))
+    kwargs = {
+        "threshold": float(_pick(threshold, settings, "threshold", 0.5)),
+        "min_component_fraction": float(
+            _pick(min_component_fraction, settings, "min_component_fraction", 0.0)),
+        "keep_largest": bool(_pick(keep_largest, settings, "keep_largest", False)),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        readable: list[tuple[Path, np.ndarray]] = []
+        for file in files[start : start + batch_size]:
+            try:
+                readable.append((file, read_image(file)))
+            except (DataError, OSError) as error:
+                warnings.warn(f"skipped {file}: {error}", stacklevel=2)
+                rows.append({"input": str(file), "error": str(error)})
+        if not readable:
+            continue
+        probs = predict_images(model, [image for _, image in readable], size, mode,
+                               batch_size, use_tta)
+        for (file, image), prob in zip(readable, probs, strict=True):
+            mask = postprocess(prob, **kwargs)
+            pred_path, overlay_path = output_paths(file, output_dir)
+            _write_png(pred_path, mask * np.uint8(255))
+            _write_png(overlay_path, overlay_image(image, mask))
+            rows.append({
+                "input": str(file), "pred": str(pred_path), "overlay": str(overlay_path),
+                "height": image.shape[0], "width": image.shape[1],
+                "lesion_pixels": int(mask.sum()), "max_probability": float(prob.max()),
+                "error": None,
+            })
+    order = {str(file): i for i, file in enumerate(files)}
+    table = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    return table.sort_values("input", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+__all__ = ["IMAGE_SUFFIXES", "list_inputs", "overlay_image", "output_paths", "predict"]

@@ -1,0 +1,165 @@
+"""Save and load busi models as Keras ``.h5`` files, with errors that say what to do.
+
+A busi ``.h5`` holds the whole model (architecture, weights, and by default the optimizer state
+and the compile settings), including the input normalisation (see :mod:`busi.models`), so it
+can be used for prediction with no other information. It loads with tf-keras through
+:func:`load_model` (which supplies the segmentation-models losses and metrics by name), with
+``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``, and with plain Keras 3
+(``keras.models.load_model(path, compile=False)``) for models whose layers are all standard.
+
+Weights-only files (``model.save_weights("x.h5")``) carry no architecture: they go through
+:func:`load_weights_into` a model built with the same configuration, which checks the
+architecture first, since Keras' own error for a mismatch does not say what differs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from busi import _keras
+from busi.atomic import atomic_path
+from busi.errors import DataError
+
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+def _custom_objects() -> dict[str, Any]:
+    from busi import losses, models
+
+    return {**models.custom_objects(), **losses.CUSTOM_OBJECTS}
+
+
+def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = True) -> Path:
+    """Write the full ``model`` to ``path`` (``.h5``) atomically and return the path.
+
+    The optimizer state is kept by default so that training can resume from a checkpoint;
+    pass ``include_optimizer=False`` for a smaller file meant for prediction only.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in H5_SUFFIXES:
+        raise ValueError(f"{path}: busi saves models as HDF5; use a .h5 file name")
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # .h5 is chosen on purpose (readable by tf-keras and Keras 3): silence "legacy format".
+        warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
+        model.save(tmp, include_optimizer=include_optimizer, save_format="h5")
+    return path
+
+
+def _check_h5(path: Path) -> None:
+    import h5py
+
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if not path.is_file() or not h5py.is_hdf5(path):
+        raise DataError(
+            f"{path} is not an HDF5 (.h5) Keras file"
+            + (" (it looks like a Keras 3 .keras zip archive)" if path.suffix == ".keras" else "")
+            + "; busi saves and loads models as .h5 (busi.weights.save_model)"
+        )
+
+
+def _weights_group(handle: Any, path: Path) -> Any:
+    group = handle["model_weights"] if "model_weights" in handle else handle
+    if "layer_names" not in group.attrs:
+        raise DataError(f"{path} is an HDF5 file but holds no Keras model or weights")
+    return group
+
+
+def load_model(path: str | os.PathLike, compile: bool = True) -> Any:
+    """Load a full model saved by :func:`save_model` (or ``model.save("x.h5")``).
+
+    Args:
+        path: the ``.h5`` file.
+        compile: restore the loss, metrics and optimizer state as saved, so training can go on.
+            Use False for prediction only (faster, and independent of the loss code).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        busi.errors.DataError: not an HDF5 Keras file, or a weights-only file.
+    """
+    import h5py
+
+    path = Path(path)
+    _check_h5(path)
+    with h5py.File(path, "r") as handle:
+        if "model_config" not in handle.attrs:
+            _weights_group(handle, path)
+            raise DataError(
+                f"{path} holds weights only, no model architecture. Build the model with the "
+                "same configuration (busi.models.build_model(...) / make_model(...)) and load "
+                "the file with busi.weights.load_weights_into(model, path)"
+            )
+    keras = _keras.keras()
+    return keras.models.load_model(path, custom_objects=_custom_objects(), compile=compile)
+
+
+def _file_layers(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(layer name, weight shapes) of each layer with weights in a Keras ``.h5``, in order."""
+    import h5py
+
+    def text(value: Any) -> str:
+        return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+    layers = []
+    with h5py.File(path, "r") as handle:
+        group = _weights_group(handle, path)
+        for name in map(text, group.attrs["layer_names"]):
+            names = [text(weight) for weight in group[name].attrs["weight_names"]]
+            if names:
+                layers.append((name, [tuple(group[name][weight].shape) for weight in names]))
+    return layers
+
+
+def _model_layers(model: Any) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Same as :func:`_file_layers` for a model, in the order Keras writes the weights."""
+    layers = []
+    for layer in model.layers:
+        weights = layer.trainable_weights + layer.non_trainable_weights
+        if weights:
+            layers.append((layer.name, [tuple(weight.shape) for weight in weights]))
+    return layers
+
+
+def _describe_mismatch(
+    saved: list[tuple[str, list]], built: list[tuple[str, list]]
+) -> str | None:
+    for index, (file_layer, model_layer) in enumerate(zip(saved, built)):
+        if file_layer[1] != model_layer[1]:
+            return (
+                f"first difference at weighted layer #{index}: file {file_layer[0]!r} has "
+                f"weights of shapes {file_layer[1]}, model {model_layer[0]!r} has {model_layer[1]}"
+            )
+    if len(saved) != len(built):
+        return f"the file has {len(saved)} layers with weights, the model {len(built)}"
+    return None
+
+
+def load_weights_into(model: Any, path: str | os.PathLike) -> Any:
+    """Load the weights in ``path`` (weights-only or full-model ``.h5``) into ``model``.
+
+    ``model`` must have the architecture the weights were saved from: build it with the same
+    configuration (encoder, input channels, decoder filters, depth, ...). Weights are matched
+    by layer order, as Keras does; the input size does not matter.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        busi.errors.DataError: not an HDF5 Keras file.
+        ValueError: the architectures differ (the message says where).
+    """
+    path = Path(path)
+    _check_h5(path)
+    mismatch = _describe_mismatch(_file_layers(path), _model_layers(model))
+    if mismatch:
+        raise ValueError(
+            f"the weights in {path} do not fit model {model.name!r}: {mismatch}. Build the model "
+            "with the configuration the weights were trained with (encoder, decoder filters, "
+            "depth, base filters)"
+        )
+    model.load_weights(path)
+    return model

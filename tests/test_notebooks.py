@@ -1,0 +1,156 @@
+"""The notebooks: committed clean, and executed top to bottom in order with tiny parameters.
+
+Execution follows papermill's convention without needing papermill: a cell with the test's
+values is inserted after the cell tagged ``parameters``. The notebooks run in one temporary
+folder, in order, because each uses what the one before wrote (02 trains and saves weights,
+03 evaluates that run, 04 predicts with the weights). The data is the real BUSI with a small
+``limit`` when ``BUSI_DATA`` is set, else the synthetic BUSI-like folder of ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+ORDER = ("01_data", "02_train", "03_evaluate", "04_predict")
+CELL_TIMEOUT = 600  # seconds per cell; the tiny runs take a few
+TENSORFLOW_IMPORT = re.compile(
+    r"^\s*(import|from)\s+(tensorflow|tf_keras|keras|segmentation_models)\b", re.MULTILINE
+)
+
+
+def read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def parameters_cell(nb: nbformat.NotebookNode) -> int:
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{nb.metadata.get('name')}: want one cell tagged 'parameters'"
+    return tagged[0]
+
+
+def parameter_names(nb: nbformat.NotebookNode) -> set[str]:
+    source = nb.cells[parameters_cell(nb)].source
+    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def inject(nb: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
+    """Insert a cell assigning ``values`` after the parameters cell (as papermill does)."""
+    unknown = sorted(set(values) - parameter_names(nb))
+    assert not unknown, f"not parameters of the notebook: {unknown}"
+    source = "# Parameters\n" + "".join(f"{key} = {value!r}\n" for key, value in values.items())
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(parameters_cell(nb) + 1, cell)
+    return nb
+
+
+# ---------------------------------------------------------------------- committed files
+
+
+def test_the_notebooks_are_the_four_of_the_readme():
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(ORDER)
+    readme = (ROOT / "README.md").read_text()
+    for name in ORDER:
+        assert f"notebooks/{name}.ipynb" in readme, f"{name} is not in the README"
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_without_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    for number, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        where = f"{name}.ipynb cell {number}"
+        assert cell.outputs == [], f"{where} has outputs; clear them before committing"
+        assert cell.execution_count is None, f"{where} has an execution count"
+        assert "execution" not in cell.metadata, f"{where} has execution timings"
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_shape_of_a_notebook(name):
+    """Header, Colab cell first, a parameters cell of literals, busi before TensorFlow."""
+    nb = read(name)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    for part in ("**Purpose.**", "**Inputs.**", "**Outputs.**"):
+        assert part in nb.cells[0].source, f"{name}: header lacks {part}"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "google.colab" in code[0].source and "pip" in code[0].source
+    parameters = nb.cells[parameters_cell(nb)].source
+    for node in ast.parse(parameters).body:  # literals only, so values can be replaced
+        assert isinstance(node, ast.Assign), f"{name}: parameters cell holds {ast.dump(node)}"
+        ast.literal_eval(node.value)
+    sources = [cell.source for cell in code]
+    first_busi = next(i for i, s in enumerate(sources) if re.search(r"^import busi$", s, re.M))
+    assert not any(TENSORFLOW_IMPORT.search(s) for s in sources[: first_busi + 1])
+    for number, cell in enumerate(nb.cells[1:], start=1):  # prose before each code cell
+        if cell.cell_type == "code":
+            assert nb.cells[number - 1].cell_type == "markdown", f"{name}: cell {number}"
+
+
+# ------------------------------------------------------------------------------ execution
+
+
+def _parameters(tmp_path: Path, data: Path, limit: int | None) -> dict[str, dict]:
+    run = dict(RUN_NAME="ci", RUN_DIR=str(tmp_path / "runs" / "ci"))
+    return {
+        "01_data": dict(DATA=str(data), DOWNLOAD=False, N_SAMPLES=4),
+        "02_train": dict(
+            run, DATA=str(data), WEIGHTS_DIR=str(tmp_path / "weights"),
+            ARCHITECTURE="classic_unet", BASE_FILTERS=4, ENCODER_WEIGHTS=None, IMAGE_SIZE=32,
+            EPOCHS=1, BATCH_SIZE=4, LIMIT=limit,
+        ),
+        "03_evaluate": dict(run, DATA=str(data), N_OVERLAYS=4, N_WORST=2),
+        "04_predict": dict(
+            run, WEIGHTS_DIR=str(tmp_path / "weights"), DATA=str(data),
+            OUTPUT_DIR=str(tmp_path / "predictions"), N_DEMO=3, N_SHOW=2,
+        ),
+    }
+
+
+@pytest.mark.slow
+def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
+    from nbclient import NotebookClient
+
+    real = os.environ.get("BUSI_DATA")
+    data = Path(real) if real else busi_folder
+    parameters = _parameters(tmp_path, data, limit=12 if real else None)
+    # Nothing may land in the project's runs/ or weights/ even if a notebook ignored a value.
+    monkeypatch.setenv("BUSI_RUNS", str(tmp_path / "default-runs"))
+    monkeypatch.setenv("BUSI_WEIGHTS", str(tmp_path / "default-weights"))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    seconds = {}
+    for name in ORDER:
+        nb = inject(read(name), parameters[name])
+        start = time.perf_counter()
+        client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}})
+        try:
+            client.execute()
+        finally:
+            nbformat.write(nb, tmp_path / f"{name}.executed.ipynb")  # to look at after a failure
+        seconds[name] = round(time.perf_counter() - start, 1)
+    print("notebook seconds:", seconds)
+
+    run = tmp_path / "runs" / "ci"
+    for produced in ("best.h5", "history.csv", "figures/curves.png", "evaluation/summary.json",
+                     "evaluation/per_image_test.csv", "figures/overlays_test.png",
+                     "figures/worst_test.png"):
+        assert (run / produced).is_file(), produced
+    assert (tmp_path / "weights" / "ci.h5").is_file()
+    masks = sorted((tmp_path / "predictions").glob("*_pred.png"))
+    assert len(masks) == 3 and len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 3
+    assert not (tmp_path / "default-runs").exists() and not (tmp_path / "default-weights").exists()
+    figures = [output for cell in nb.cells if cell.cell_type == "code"
+               for output in cell.outputs if "image/png" in output.get("data", {})]
+    assert len(figures) == 2, "04_predict should show N_SHOW overlays"

@@ -1,0 +1,109 @@
+"""Training end to end on the synthetic folder with tiny models: run folder, loss, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import pandas as pd
+import pytest
+
+import busi
+from busi.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(busi_folder, tmp_path, **changes) -> TrainConfig:
+    values = dict(
+        name="tiny", data=str(busi_folder), run_dir=str(tmp_path / "run"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=2, learning_rate=1e-2, augment=False, evaluate=False, seed=1,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _iterations(path) -> int:
+    with h5py.File(path, "r") as handle:
+        group = handle["optimizer_weights"]
+        names = []
+        group.visit(names.append)
+        name = next(n for n in names if n.endswith("iteration:0"))
+        return int(group[name][()])
+
+
+def test_run_folder_holds_everything(busi_folder, tmp_path):
+    run = busi.train(tiny(busi_folder, tmp_path, evaluate=True))
+    for name in ("config.json", "split.csv", "env.json", "history.csv", "best.h5", "last.h5",
+                 "state.json", "evaluation/summary.json", "evaluation/per_image_test.csv"):
+        assert (run / name).is_file(), name
+    assert TrainConfig.load(run / "config.json").epochs == 2
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"loss", "iou_score", "f1-score", "val_loss", "val_iou_score", "lr"} <= set(history)
+    env = json.loads((run / "env.json").read_text())
+    assert env["dataset_fingerprint"] and env["tensorflow"]
+    split = busi.data.load_split(run / "split.csv")
+    assert len(split) == 21
+    assert not list(run.glob(".*.h5*")), "temporary files left behind"
+
+
+def test_loss_falls(busi_folder, tmp_path):
+    run = busi.train(tiny(busi_folder, tmp_path, epochs=8))
+    loss = pd.read_csv(run / "history.csv")["loss"]
+    assert loss.iloc[-1] < 0.9 * loss.iloc[0]
+
+
+def test_resume_continues_where_it_stopped(busi_folder, tmp_path):
+    first = busi.train(tiny(busi_folder, tmp_path, epochs=1))
+    steps = _iterations(first / "last.h5")
+    assert steps > 0
+    run = busi.train(tiny(busi_folder, tmp_path, epochs=3))  # as after an interruption
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert _iterations(run / "last.h5") == 3 * steps  # optimizer state carried over
+    assert json.loads((run / "state.json").read_text())["epoch"] == 3
+    again = busi.train(tiny(busi_folder, tmp_path, epochs=3))  # finished: nothing more to do
+    assert len(pd.read_csv(again / "history.csv")) == 3
+
+
+def test_resume_refuses_other_settings(busi_folder, tmp_path):
+    busi.train(tiny(busi_folder, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="base_filters: 4 -> 8"):
+        busi.train(tiny(busi_folder, tmp_path, epochs=2, base_filters=8))
+    with pytest.raises(FileExistsError):
+        busi.train(tiny(busi_folder, tmp_path, epochs=2), resume=False)
+
+
+def test_segmentation_models_unet_trains(busi_folder, tmp_path):
+    config = tiny(busi_folder, tmp_path, architecture="unet", encoder="resnet18",
+                  encoder_weights=None, image_size=64, epochs=1, steps_per_epoch=2)
+    run = busi.train(config)
+    model = busi.load_model(run / "best.h5")
+    assert model.output_shape == (None, 64, 64, 1)
+
+
+def test_mirrored_strategy_on_two_logical_cpus(busi_folder, tmp_path):
+    """Several devices: MirroredStrategy replicates the model (CPU stands in for GPUs)."""
+    config = tiny(busi_folder, tmp_path, epochs=1, extra={"devices": ["/cpu:0", "/cpu:1"]})
+    path = config.save(tmp_path / "config.json")
+    code = (
+        "import busi, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, "
+        "[tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from busi.training import distribution_strategy\n"
+        "assert distribution_strategy(['/cpu:0', '/cpu:1']).num_replicas_in_sync == 2\n"
+        f"busi.train({str(path)!r})\n"
+        "print('mirrored ok')\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mirrored ok" in result.stdout
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1
