@@ -70,28 +70,44 @@ def test_custom_objects_cover_every_saved_name():
     assert losses.CUSTOM_OBJECTS["iou_score"].threshold == losses.THRESHOLD
 
 
-# "bce" is left out: its saved name is also Keras' own binary_crossentropy (reloads anyway).
-@pytest.mark.parametrize("loss_name", ["dice_focal", "bce_dice"])
-def test_compiled_model_reloads_compiled(tmp_path, loss_name):
+def tiny_compiled(loss_name: str):
     keras.backend.clear_session()
     model = models.classic_unet(input_shape=(16, 16, 3), base_filters=2, depth=1)
     model.compile("adam", loss=losses.get_loss(loss_name), metrics=losses.get_metrics())
+    return model
+
+
+def saved_names(path) -> list[str]:
+    """The loss and metric names Keras wrote into the .h5 (what CUSTOM_OBJECTS must cover)."""
+    with h5py.File(path) as handle:
+        config = json.loads(handle.attrs["training_config"])
+    return [config["loss"]] + [metric["config"]["fn"] for metric in config["metrics"][0]]
+
+
+@pytest.mark.parametrize("loss_name", losses.LOSS_NAMES)
+def test_every_loss_reloads_compiled(tmp_path, loss_name):
+    path = weights.save_model(tiny_compiled(loss_name), tmp_path / "model.h5")
+    name = losses.get_loss(loss_name).__name__
+    assert saved_names(path) == [name, "iou_score", "f1-score"]
+    loaded = weights.load_model(path)  # no custom_objects from the caller
+    assert loaded.loss is losses.CUSTOM_OBJECTS[name]
+
+
+def test_trained_model_reloads_with_same_loss_metrics_and_optimizer(tmp_path):
+    model = tiny_compiled("dice_focal")
     x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
     y = (x[..., :1] > 128).astype("float32")
     model.fit(x, y, epochs=1, verbose=0)
-    path = weights.save_model(model, tmp_path / "model.h5")
-
-    with h5py.File(path) as handle:  # the names Keras writes, which CUSTOM_OBJECTS must cover
-        config = json.loads(handle.attrs["training_config"])
-    saved = [config["loss"]] + [m["config"]["fn"] for m in config["metrics"][0]]
-    assert saved == [losses.get_loss(loss_name).__name__, "iou_score", "f1-score"]
-    assert set(saved) <= set(losses.CUSTOM_OBJECTS)
-
-    loaded = weights.load_model(path)  # no custom_objects from the caller
-    assert loaded.loss.__name__ == losses.get_loss(loss_name).__name__
+    loaded = weights.load_model(weights.save_model(model, tmp_path / "model.h5"))
     before = model.evaluate(x, y, verbose=0, return_dict=True)
     after = loaded.evaluate(x, y, verbose=0, return_dict=True)
     assert set(after) == {"loss", "iou_score", "f1-score"}
     for key, value in before.items():
         assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    loaded.fit(x, y, epochs=1, verbose=0)  # optimizer state restored: training goes on
+    # the optimizer state (step count, Adam moments) came back, so training can resume
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 1
+    saved_moments = [np.asarray(v) for v in model.optimizer.variables()]
+    loaded_moments = [np.asarray(v) for v in loaded.optimizer.variables()]
+    assert len(loaded_moments) == len(saved_moments) > 1
+    for saved_value, loaded_value in zip(saved_moments, loaded_moments, strict=True):
+        np.testing.assert_array_equal(saved_value, loaded_value)

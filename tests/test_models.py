@@ -71,7 +71,8 @@ def test_build_model_structure_and_freezing():
     assert "conv0" in {layer.name for layer in encoder}
     assert not any(layer.name.startswith("decoder_") for layer in encoder)
     frozen = [layer for layer in encoder if layer.weights and not layer.trainable]
-    assert frozen and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in frozen)
+    assert frozen
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in frozen)
     assert model.get_layer("bn0").trainable  # BatchNorm stays trainable, as in sm
     assert model.get_layer("decoder_stage0a_conv").trainable
     frozen_count = len(model.trainable_weights)

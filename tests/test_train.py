@@ -107,3 +107,12 @@ def test_mirrored_strategy_on_two_logical_cpus(busi_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mirrored ok" in result.stdout
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1
+
+
+def test_time_limit_stops_after_a_finished_epoch_and_resumes(busi_folder, tmp_path):
+    run = busi.train(tiny(busi_folder, tmp_path, epochs=5, max_minutes=1e-4))
+    assert len(pd.read_csv(run / "history.csv")) == 1  # the first epoch is always finished
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == 1 and not state["stopped_early"]
+    busi.train(tiny(busi_folder, tmp_path, epochs=2))
+    assert len(pd.read_csv(run / "history.csv")) == 2

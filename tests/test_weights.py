@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -186,28 +187,17 @@ for path in sys.argv[2:]:
 print("RESULT" + json.dumps({{"keras": keras_name, "outputs": result}}))
 """
 
+# A plain Keras 3 user: no busi, no TF_USE_LEGACY_KERAS; Keras 3 reads the legacy .h5 itself.
 KERAS3 = """
 import keras
 load, keras_name = keras.models.load_model, "keras " + keras.__version__
 """
 
+# A tf.keras user of TensorFlow >= 2.16 who knows about TF_USE_LEGACY_KERAS, without busi.
 TF_KERAS = """
 import tensorflow as tf
 load, keras_name = tf.keras.models.load_model, tf.keras.__name__
 """
-
-
-def run_loader(setup: str, env: dict, saved: dict) -> dict:
-    folder = Path(next(iter(saved.values()))[0]).parent
-    script = textwrap.dedent(LOADER.format(setup=textwrap.dedent(setup)))
-    paths = [str(path) for path, _ in saved.values()]
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(folder / "images.npy"), *paths],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = [row for row in done.stdout.splitlines() if row.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
 
 
 def clean_env(**extra: str) -> dict:
@@ -217,19 +207,46 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def test_plain_keras3_user_loads_the_h5(saved):
-    # a fresh process, no busi, no TF_USE_LEGACY_KERAS: Keras 3 reads the legacy .h5 itself.
-    # Tolerance: the two Keras implementations round float32 differently (BatchNorm, conv
+@pytest.fixture(scope="module", autouse=True)
+def external(saved) -> Iterator[dict]:
+    """Both fresh-process loaders, started at once in the background (importing TensorFlow
+    takes seconds) while the other tests of this module run; collected by the tests below."""
+    folder = Path(next(iter(saved.values()))[0]).parent
+    paths = [str(path) for path, _ in saved.values()]
+    processes = {}
+    for kind, setup, env in (("keras3", KERAS3, clean_env()),
+                             ("tf_keras", TF_KERAS, clean_env(TF_USE_LEGACY_KERAS="1"))):
+        script = textwrap.dedent(LOADER.format(setup=textwrap.dedent(setup)))
+        processes[kind] = subprocess.Popen(
+            [sys.executable, "-c", script, str(folder / "images.npy"), *paths],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def collect(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    line = [row for row in stdout.splitlines() if row.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_plain_keras3_user_loads_the_h5(saved, external):
+    # The two Keras implementations round float32 differently (BatchNorm formula, conv
     # order), ~1e-6 relative; with trained-like activations the probabilities agree to 1e-5.
-    result = run_loader(KERAS3, clean_env(), saved)
+    result = collect(external["keras3"])
     assert result["keras"].startswith("keras 3")
     for path, expected in saved.values():
         got = np.array(result["outputs"][str(path)], dtype="float32")
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=str(path))
 
 
-def test_tf_keras_user_without_busi_loads_the_h5(saved):
-    result = run_loader(TF_KERAS, clean_env(TF_USE_LEGACY_KERAS="1"), saved)
+def test_tf_keras_user_without_busi_loads_the_h5(saved, external):
+    result = collect(external["tf_keras"])
     assert result["keras"].startswith("tf_keras")
     for path, expected in saved.values():
         got = np.array(result["outputs"][str(path)], dtype="float32")

@@ -28,6 +28,8 @@ def set_environment() -> None:
     """Point TensorFlow at tf-keras and segmentation-models at tf.keras, unless already decided."""
     for name, value in ENV.items():
         os.environ[name] = value
+    # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown notebook output; warnings stay.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 def tf_keras_version() -> str | None:

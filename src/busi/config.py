@@ -29,6 +29,8 @@ class TrainConfig:
             places and ``$BUSI_DATA``.
         split_file: an existing split CSV to use; None makes one from ``seed`` and the fractions.
         classes: labels that take part. Normal images teach the model to answer "no lesion".
+        drop_conflicts: leave out the images of duplicate groups whose labels conflict (the same
+            scan filed as benign and malignant, say); kept, they stay together in one part.
         architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".
         encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
@@ -36,7 +38,9 @@ class TrainConfig:
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
-        limit: use only the first N images of each split part (quick runs, CI).
+        limit: use only N images of each split part, classes in proportion (quick runs, CI).
+        max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
+            budget); the run can be resumed later with the same command.
     """
 
     name: str = "unet-resnet34"
@@ -44,6 +48,7 @@ class TrainConfig:
     run_dir: str | None = None
     split_file: str | None = None
     classes: tuple[str, ...] = LABELS
+    drop_conflicts: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
@@ -76,6 +81,7 @@ class TrainConfig:
     jit_compile: bool = False
     deterministic: bool = False
     limit: int | None = None
+    max_minutes: float | None = None
     evaluate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

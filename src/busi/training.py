@@ -70,6 +70,8 @@ def prepare_data(config: TrainConfig, run: RunFolder) -> dict[str, pd.DataFrame]
     """
     root = data.locate(config.data)
     table = data.add_groups(data.index(root))
+    if config.drop_conflicts:
+        table = data.drop_conflicts(table)
     if run.split.is_file():
         split = data.load_split(run.split)
     elif config.split_file:
@@ -83,7 +85,7 @@ def prepare_data(config: TrainConfig, run: RunFolder) -> dict[str, pd.DataFrame]
         data.save_split(split, run.split)
     parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
     if config.limit:
-        parts = {name: part.iloc[: config.limit] for name, part in parts.items()}
+        parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
     fingerprint = data.fingerprint(pd.concat(parts.values()))
     if not run.env.is_file():
         run.write_json(run.env, environment(fingerprint))
@@ -95,6 +97,14 @@ def prepare_data(config: TrainConfig, run: RunFolder) -> dict[str, pd.DataFrame]
                 f"{fingerprint}); point `data` at the dataset it was made with"
             )
     return parts
+
+
+def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The first ``n`` rows with the classes interleaved in proportion, so that a small subset
+    (quick runs, CI) still holds every class; rows keep their relative order within a class."""
+    rank = table.groupby("label").cumcount() / table.groupby("label")["label"].transform("size")
+    order = sorted(range(len(table)), key=lambda i: (rank.iat[i], table["label"].iat[i]))
+    return table.iloc[sorted(order[:n])].reset_index(drop=True)
 
 
 def _optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -143,6 +153,31 @@ class _EpochInfo(keras.callbacks.Callback):
         if logs is not None:
             logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
             logs["seconds"] = round(time.perf_counter() - self._start, 2)
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stops training before an epoch would end past the run's deadline (``max_minutes``).
+
+    The decision is made at each epoch end from the slowest epoch so far, so a finished epoch
+    is never thrown away; the stopped run resumes later from ``last.h5``.
+    """
+
+    def __init__(self, deadline: float | None):
+        super().__init__()
+        self.deadline = deadline
+        self.slowest = 0.0
+        self.epoch_start = time.perf_counter()
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        self.slowest = max(self.slowest, now - self.epoch_start)
+        if self.deadline is not None and now + self.slowest > self.deadline:
+            log.info("time limit: stopping after epoch %d", epoch + 1)
+            self.stopped = self.model.stop_training = True
 
 
 class _Resumable:
@@ -211,7 +246,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         })
 
 
-def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any]) -> list:
+def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
+               deadline: float | None) -> list:
     restored = state.get("callbacks", [{}, {}])
     mode = _mode(config.monitor)
     early = EarlyStopping(
@@ -225,6 +261,7 @@ def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any]) -> li
     checkpoint = RunCheckpoint(run, config, run.read_history(), state.get("best"), [early, plateau])
     return [
         _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, plateau, checkpoint,
+        TimeLimit(deadline),
         keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0, write_graph=False),
     ]
 
@@ -239,14 +276,16 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame]):
     return train_data, val_data
 
 
-def _fit(model, config, run, state, train_data, val_data, initial_epoch, epochs) -> bool:
-    """One call of ``model.fit``; returns whether early stopping ended it."""
-    callbacks = _callbacks(config, run, state)
+def _fit(model, config, run, train_data, val_data, initial_epoch, epochs, deadline) -> str:
+    """One call of ``model.fit``; returns why it ended: "early", "time" or "" (all epochs)."""
+    callbacks = _callbacks(config, run, run.read_state(), deadline)
     model.fit(
         train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
         steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2,
     )
-    return bool(callbacks[2].stopped_epoch)
+    if callbacks[2].stopped_epoch:
+        return "early"
+    return "time" if callbacks[-2].stopped else ""
 
 
 def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -> Path:
@@ -290,23 +329,25 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
             else:
                 frozen = config.freeze_encoder_epochs > 0 and config.architecture == "unet"
                 model = build(config, frozen=frozen)
-            stopped = False
+            deadline = None
+            if config.max_minutes is not None:
+                deadline = time.perf_counter() + 60.0 * config.max_minutes
+            stopped = ""
             warmup = min(config.freeze_encoder_epochs, config.epochs)
             if config.architecture == "unet" and done < warmup:
-                stopped = _fit(model, config, run, run.read_state(), train_data, val_data,
-                               done, warmup)
-                done = warmup
-            if config.architecture == "unet" and config.freeze_encoder_epochs and done == warmup:
+                stopped = _fit(model, config, run, train_data, val_data, done, warmup, deadline)
+                done = int(run.read_state().get("epoch", done))
+            if config.architecture == "unet" and warmup and done == warmup and not stopped:
                 models.set_encoder_trainable(model, True)
-                compile_model(model, config)
+                compile_model(model, config)  # a new optimizer for the whole network
             if not stopped and done < config.epochs:
-                stopped = _fit(model, config, run, run.read_state(), train_data, val_data,
-                               done, config.epochs)
+                stopped = _fit(model, config, run, train_data, val_data, done, config.epochs,
+                               deadline)
         final = run.read_state()
-        final["stopped_early"] = stopped
+        final["stopped_early"] = stopped == "early"
         run.write_json(run.state, final)
         keras.backend.clear_session()
-    if config.evaluate:
+    if config.evaluate and run.best.is_file():
         from busi.evaluation import evaluate
 
         evaluate(run.root)

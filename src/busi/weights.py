@@ -126,7 +126,7 @@ def _model_layers(model: Any) -> list[tuple[str, list[tuple[int, ...]]]]:
 def _describe_mismatch(
     saved: list[tuple[str, list]], built: list[tuple[str, list]]
 ) -> str | None:
-    for index, (file_layer, model_layer) in enumerate(zip(saved, built)):
+    for index, (file_layer, model_layer) in enumerate(zip(saved, built, strict=False)):
         if file_layer[1] != model_layer[1]:
             return (
                 f"first difference at weighted layer #{index}: file {file_layer[0]!r} has "

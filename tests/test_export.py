@@ -1,0 +1,290 @@
+"""busi.export: exported ONNX / TFLite files and the Predictor give Keras' probabilities.
+
+Tiny models only (a classic U-Net at 32x32, a ResNet18 U-Net at 64x64). Random weights with
+untrained BatchNorm statistics give huge logits (every pixel saturated at 0 or 1), which hides
+errors in a comparison of probabilities; the models are therefore "calibrated" first: one
+forward pass in training mode with BatchNorm momentum 0 sets the moving statistics to those of
+the data, so the logits are of order 1, as in a trained model.
+
+Tolerances (max |probability difference| against Keras float32):
+- float32 paths (Keras predictor, ONNX under onnxruntime or OpenVINO, TFLite): 1e-4; they only
+  reorder float32 sums (measured ~1e-6 here, 6e-5 on the full ResNet34).
+- reduced precision (bfloat16, float16 weights, int8): mean |diff| bounds stated per test;
+  these are regression guards, the real agreement check is benchmarks/inference_speed.py.
+ONNX and TFLite tests skip (pytest.importorskip) when the optional runtimes are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import busi
+from busi import export as bx
+
+FLOAT32_ATOL = 1e-4
+
+
+def _calibrate(model, images: np.ndarray):
+    """Set BatchNorm moving statistics to the batch statistics of ``images`` (see module doc)."""
+    keras = busi._keras.keras()
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer in layers:
+        layer.momentum = 0.99
+    return model
+
+
+def _images(n: int, size: int, seed: int) -> np.ndarray:
+    """Smooth random gray images in [0, 255], replicated to 3 channels (the model input)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.float32)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (size // 4, size // 4)).astype(np.float32)
+        out[i] = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)[..., None]
+    return np.clip(out, 0, 255)
+
+
+@pytest.fixture(scope="module", params=["classic", "resnet18"])
+def tiny(request, tmp_path_factory):
+    """(model, h5 path, test images, calibration images) for each tiny model."""
+    if request.param == "classic":
+        size = 32
+        model = busi.classic_unet(input_shape=(size, size, 3), base_filters=4, depth=2)
+    else:
+        size = 64
+        model = busi.build_model("resnet18", input_shape=(size, size, 3), encoder_weights=None)
+    calibration = _images(8, size, seed=1)
+    _calibrate(model, calibration)
+    path = tmp_path_factory.mktemp(request.param) / "model.h5"
+    busi.save_model(model, path, include_optimizer=False)
+    return model, path, _images(5, size, seed=2), calibration
+
+
+def _reference(tiny) -> np.ndarray:
+    model, _, images, _ = tiny
+    return model.predict(images, verbose=0)
+
+
+def _check_predictor(predictor: bx.Predictor, tiny, atol: float | None, mean_atol: float) -> None:
+    model, _, images, _ = tiny
+    reference = _reference(tiny)
+    assert predictor.input_size == tuple(model.input_shape[1:3])
+    assert predictor.input_shape == (None, *predictor.input_size, 3)
+    out = predictor.predict(images)
+    assert out.shape == (len(images), *predictor.input_size, 1)
+    assert out.dtype == np.float32
+    diff = np.abs(out - reference)
+    assert diff.mean() <= mean_atol, (predictor, diff.mean())
+    if atol is not None:
+        assert diff.max() <= atol, (predictor, diff.max())
+    # another batch size (TFLite resizes, OpenVINO has a dynamic batch axis), and as a callable
+    np.testing.assert_allclose(predictor(images[:2]), out[:2], atol=1e-5)
+    np.testing.assert_allclose(predictor.predict(images[2:3]), out[2:3], atol=1e-5)
+
+
+def test_calibrated_models_are_not_saturated(tiny):
+    """Guard of the test design: saturated outputs would make every comparison pass."""
+    reference = _reference(tiny)
+    middle = ((reference > 0.05) & (reference < 0.95)).mean()
+    assert middle > 0.2, middle
+
+
+# --------------------------------------------------------------------------- Keras (.h5)
+
+
+def test_keras_predictor_matches_model(tiny):
+    predictor = bx.load_predictor(tiny[1])
+    assert predictor.runtime == "keras" and predictor.precision == "float32"
+    _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-6)
+
+
+def test_keras_bfloat16_is_close(tiny):
+    predictor = bx.load_predictor(tiny[1], precision="bfloat16")
+    assert predictor.precision == "bfloat16"
+    assert predictor.model.get_layer("mask").compute_dtype == "float32"
+    assert predictor.model.layers[2].compute_dtype == "bfloat16"
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.02)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tiny, tmp_path_factory):
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for quantize in (None, "bfloat16", "int8"):
+        out = folder / f"{quantize or 'float32'}.onnx"
+        calibration = tiny[3] if quantize == "int8" else None
+        assert bx.export(tiny[0], out, "onnx", quantize, calibration=calibration) == out
+        files[quantize] = out
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in files.values())
+    return files
+
+
+def test_onnx_records_precision(onnx_files):
+    assert bx._onnx_precision(onnx_files[None]) == "float32"
+    assert bx._onnx_precision(onnx_files["bfloat16"]) == "bfloat16"
+    assert bx._onnx_precision(onnx_files["int8"]) == "int8"
+
+
+def test_onnxruntime_float32_matches_keras(tiny, onnx_files):
+    predictor = bx.load_predictor(onnx_files[None], runtime="onnxruntime", threads=1)
+    assert predictor.runtime == "onnxruntime"
+    _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
+
+
+def test_onnx_from_h5_path_equals_from_model(tiny, onnx_files, tmp_path):
+    out = bx.export(tiny[1], tmp_path / "from_h5.onnx")
+    a = bx.load_predictor(out, runtime="onnxruntime").predict(tiny[2])
+    b = bx.load_predictor(onnx_files[None], runtime="onnxruntime").predict(tiny[2])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_onnxruntime_runs_bfloat16_file_in_float32_with_a_warning(tiny, onnx_files):
+    with pytest.warns(UserWarning, match="openvino"):
+        predictor = bx.load_predictor(onnx_files["bfloat16"], runtime="onnxruntime")
+    assert predictor.precision == "float32"
+    _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
+
+
+def test_onnxruntime_int8_is_close(tiny, onnx_files):
+    predictor = bx.load_predictor(onnx_files["int8"], runtime="onnxruntime")
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.05)
+
+
+def test_openvino_float32_bfloat16_int8(tiny, onnx_files):
+    pytest.importorskip("openvino")
+    predictor = bx.load_predictor(onnx_files[None])  # OpenVINO is the default when installed
+    assert predictor.runtime == "openvino" and predictor.precision == "float32"
+    _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
+    predictor = bx.load_predictor(onnx_files["bfloat16"])
+    assert predictor.precision in ("bfloat16", "float32")  # float32 on CPUs without bf16
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.02)
+    _check_predictor(bx.load_predictor(onnx_files["int8"]), tiny, atol=None, mean_atol=0.05)
+
+
+# --------------------------------------------------------------------------- TFLite
+
+
+@pytest.mark.parametrize(
+    ("quantize", "precision", "atol", "mean_atol"),
+    [
+        (None, "float32", FLOAT32_ATOL, 1e-5),
+        ("float16", "float16-weights", None, 0.01),
+        ("dynamic", "dynamic-int8", None, 0.05),
+        ("int8", "int8", None, 0.05),
+    ],
+)
+def test_tflite_matches_keras(tiny, tmp_path, quantize, precision, atol, mean_atol):
+    out = tmp_path / "model.tflite"
+    bx.export(tiny[0], out, backend="tflite", quantize=quantize, calibration=tiny[3])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.tflite"]  # no temporary left
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        predictor = bx.load_predictor(out, threads=1)
+    assert predictor.runtime == "tflite" and predictor.precision == precision
+    _check_predictor(predictor, tiny, atol=atol, mean_atol=mean_atol)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_export_rejects_bad_arguments(tiny, tmp_path):
+    model = tiny[0]
+    with pytest.raises(ValueError, match="backend"):
+        bx.export(model, tmp_path / "m.x", backend="coreml")
+    with pytest.raises(ValueError, match="quantize"):
+        bx.export(model, tmp_path / "m.tflite", backend="tflite", quantize="bfloat16")
+    with pytest.raises(ValueError, match="calibration"):
+        bx.export(model, tmp_path / "m.tflite", backend="tflite", quantize="int8")
+    with pytest.raises(ValueError, match="calibration must be"):
+        bx.export(model, tmp_path / "m.tflite", "tflite", "int8", calibration=np.zeros((2, 8, 8)))
+    with pytest.raises(TypeError, match="Keras model"):
+        bx.export(42, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []  # nothing written on failure
+
+
+def test_export_needs_a_fixed_input_size(tmp_path):
+    model = busi.classic_unet(input_shape=(None, None, 3), base_filters=2, depth=1)
+    with pytest.raises(ValueError, match="no fixed size"):
+        bx.export(model, tmp_path / "m.tflite", backend="tflite")
+
+
+def test_missing_optional_dependency_says_what_to_install(tiny, tmp_path, monkeypatch):
+    real_import = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name in ("onnx", "tf2onnx"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    with pytest.raises(ImportError, match=r"busi\[fast\]"):
+        bx.export(tiny[0], tmp_path / "m.onnx")
+
+
+def test_load_predictor_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        bx.load_predictor(tmp_path / "missing.onnx")
+    other = tmp_path / "model.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unknown model format"):
+        bx.load_predictor(other)
+    with pytest.raises(ValueError, match="runtime"):
+        bx.load_predictor(tiny[1], runtime="onnxruntime")
+    onnx_like = tmp_path / "m.onnx"
+    onnx_like.write_bytes(b"x")
+    with pytest.raises(ValueError, match="precision"):
+        bx.load_predictor(onnx_like, precision="bfloat16")
+    with pytest.raises(ValueError, match="precision"):
+        bx.load_predictor(tiny[1], precision="int4")
+
+
+def test_predict_rejects_wrong_shapes(tiny):
+    predictor = bx.load_predictor(tiny[1])
+    size = predictor.input_size
+    with pytest.raises(ValueError, match="expected a batch"):
+        predictor.predict(np.zeros((2, size[0] + 32, size[1], 3), np.float32))
+    with pytest.raises(ValueError, match="expected a batch"):
+        predictor.predict(np.zeros((*size, 3), np.float32))
+    assert predictor.predict(np.zeros((0, *size, 3), np.float32)).shape == (0, *size, 1)
+
+
+def test_predictor_works_with_evaluation_code(tiny):
+    """busi.evaluation takes any callable with an input_shape: a Predictor is one."""
+    evaluation = pytest.importorskip("busi.evaluation")
+    if not hasattr(evaluation, "model_input_size"):
+        pytest.skip("busi.evaluation has no model_input_size")
+    predictor = bx.load_predictor(tiny[1])
+    assert evaluation.model_input_size(predictor) == predictor.input_size
+
+
+def test_busi_import_stays_light():
+    """busi.export must not pull in TensorFlow or the optional runtimes at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, busi.export\n"
+        "heavy = [m for m in ('tensorflow', 'onnxruntime', 'tf2onnx', 'openvino', 'onnx') "
+        "if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _unused(path: Path) -> None:  # pragma: no cover - keeps Path import meaningful for typing
+    del path
