@@ -10,6 +10,7 @@ folder, in order, because each uses what the one before wrote (02 trains and sav
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import time
@@ -110,7 +111,8 @@ def _parameters(tmp_path: Path, data: Path, limit: int | None) -> dict[str, dict
             ARCHITECTURE="classic_unet", BASE_FILTERS=4, ENCODER_WEIGHTS=None, IMAGE_SIZE=32,
             EPOCHS=1, BATCH_SIZE=4, LIMIT=limit,
         ),
-        "03_evaluate": dict(run, DATA=str(data), N_OVERLAYS=4, N_WORST=2),
+        "03_evaluate": dict(run, DATA=str(data), WEIGHTS_DIR=str(tmp_path / "weights"),
+                            N_OVERLAYS=4, N_WORST=2),
         "04_predict": dict(
             run, WEIGHTS_DIR=str(tmp_path / "weights"), DATA=str(data),
             OUTPUT_DIR=str(tmp_path / "predictions"), N_DEMO=3, N_SHOW=2,
@@ -148,6 +150,8 @@ def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
                      "figures/worst_test.png"):
         assert (run / produced).is_file(), produced
     assert (tmp_path / "weights" / "ci.h5").is_file()
+    sidecar = json.loads((tmp_path / "weights" / "ci.json").read_text())
+    assert sidecar["chosen_on"] == "val" and sidecar["metrics"]["test"]  # refreshed by 03
     masks = sorted((tmp_path / "predictions").glob("*_pred.png"))
     assert len(masks) == 3 and len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 3
     assert not (tmp_path / "default-runs").exists() and not (tmp_path / "default-weights").exists()

@@ -75,7 +75,7 @@ def test_overlays_accepts_probabilities_aligned_or_by_id(
 
 def test_training_curves_from_csv(tmp_path: Path) -> None:
     history = pd.DataFrame({
-        "epoch": [0, 1, 2], "loss": [1.0, 0.8, 0.7], "iou_score": [0.2, 0.4, 0.5],
+        "epoch": [1, 2, 3], "loss": [1.0, 0.8, 0.7], "iou_score": [0.2, 0.4, 0.5],
         "f1-score": [0.3, 0.5, 0.6], "val_loss": [1.1, 0.9, 0.95],
         "val_iou_score": [0.1, 0.35, 0.3], "val_f1-score": [0.2, 0.45, 0.4],
         "lr": [1e-4] * 3, "seconds": [1.0] * 3,
@@ -86,9 +86,9 @@ def test_training_curves_from_csv(tmp_path: Path) -> None:
     assert titles(figure) == ["loss", "iou_score", "f1-score"] and is_png(tmp_path / "curves.png")
     lines = figure.axes[1].get_lines()
     assert [list(line.get_ydata()) for line in lines[:2]] == [[0.2, 0.4, 0.5], [0.1, 0.35, 0.3]]
-    assert list(lines[2].get_xdata()) == [2, 2]  # best val_iou_score: epoch 2 (1-based)
+    assert list(lines[2].get_xdata()) == [2, 2]  # best val_iou_score: epoch 2, as in history.csv
     with pytest.raises(ValueError, match="columns"):
-        plots.training_curves(pd.DataFrame({"epoch": [0]}))
+        plots.training_curves(pd.DataFrame({"epoch": [1]}))
 
 
 def test_worst_cases_shows_lowest_dice_lesions(

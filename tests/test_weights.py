@@ -203,7 +203,9 @@ load, keras_name = tf.keras.models.load_model, tf.keras.__name__
 def clean_env(**extra: str) -> dict:
     env = {key: value for key, value in os.environ.items()
            if key not in ("TF_USE_LEGACY_KERAS", "SM_FRAMEWORK", "KERAS_BACKEND")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", **extra)
+    # one thread each: they run beside the other tests on a small shared machine
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
+               **extra)
     return env
 
 

@@ -35,6 +35,8 @@ _LAZY = {
     "evaluate": ("busi.evaluation", "evaluate"),
     "predict": ("busi.prediction", "predict"),
     "plots": ("busi.plots", None),
+    "notebook": ("busi.notebook", None),
+    "publish_weights": ("busi.publish", "publish_weights"),
 }
 
 __all__ = sorted(_LAZY)

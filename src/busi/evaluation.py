@@ -578,13 +578,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
     """The post-processing :func:`evaluate` chose for these weights, or None.
 
-    Looks for ``evaluation/postprocess.json`` and ``evaluation/<stem>/postprocess.json`` beside
-    the model file and returns the one recorded for this very file (same SHA-1): settings chosen
-    for other weights (e.g. before training resumed) are ignored with a warning.
+    Looks for the sidecar ``<stem>.json`` of published weights (:mod:`busi.publish`), then
+    ``evaluation/postprocess.json`` and ``evaluation/<stem>/postprocess.json`` beside the model
+    file, and returns the one recorded for this very file (same SHA-1): settings chosen for other
+    weights (e.g. before training resumed) are ignored with a warning.
     """
     model_path = Path(model_path)
     run_dir = model_path.parent
-    candidates = [evaluation_dir(run_dir, model_path) / "postprocess.json",
+    candidates = [model_path.with_suffix(".json"),
+                  evaluation_dir(run_dir, model_path) / "postprocess.json",
                   run_dir / "evaluation" / "postprocess.json"]
     found = [path for path in dict.fromkeys(candidates) if path.is_file()]
     if not found:

@@ -100,58 +100,12 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
     return fetch(path if path is not None else DEFAULT_DEST)
 
 
-def export_weights(run_dir: str | os.PathLike, weights_dir: str | os.PathLike,
-                   name: str | None = None) -> Path:
-    """Copy a run's ``best.h5`` to ``<weights_dir>/<name>.h5`` (atomically) and return that path.
-
-    The file is a byte copy, so the post-processing that evaluation chooses for the run's
-    ``best.h5`` (recorded by SHA-1) is recognised as belonging to it (:func:`chosen_settings`).
-
-    Args:
-        run_dir: a run folder with ``best.h5``.
-        weights_dir: destination folder (created).
-        name: file stem; default the run folder's name.
-    """
-    best = Path(run_dir) / "best.h5"
-    if not best.is_file():
-        raise FileNotFoundError(f"{best}: no best weights in this run folder (trained yet?)")
-    target = Path(weights_dir) / f"{name or Path(run_dir).name}.h5"
-    if target.resolve() == best.resolve():
-        return target
-    with atomic_path(target) as tmp, open(best, "rb") as source:
-        tmp.write_bytes(source.read())
-    return target
-
-
 def _postprocess_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "threshold": float(params.get("threshold", 0.5)),
         "min_component_fraction": float(params.get("min_component_fraction", 0.0)),
         "keep_largest": bool(params.get("keep_largest", False)),
     }
-
-
-def chosen_settings(weights: str | os.PathLike, run_dir: str | os.PathLike | None) -> dict:
-    """Keyword arguments for :func:`busi.predict` that belong to these weights' run.
-
-    A run's ``best.h5`` and its copies (:func:`export_weights`) are recognised by SHA-1. They
-    get the run's resize mode and, once :func:`busi.evaluate` has run, the post-processing it
-    chose on validation (threshold, flip TTA, component filtering). Other weights, or no run
-    folder, get ``{}``: predict's defaults (letterbox, threshold 0.5, no TTA, no filtering).
-    """
-    from busi.config import TrainConfig
-    from busi.evaluation import file_sha1, postprocess_for
-
-    best = Path(run_dir) / "best.h5" if run_dir is not None else None
-    if best is None or not best.is_file() or file_sha1(best) != file_sha1(weights):
-        return {}
-    settings: dict[str, Any] = {}
-    if (best.parent / "config.json").is_file():
-        settings["mode"] = TrainConfig.load(best.parent / "config.json").resize
-    params = postprocess_for(best)
-    if params:
-        settings.update(_postprocess_kwargs(params), tta=bool(params.get("tta", False)))
-    return settings
 
 
 def run_predictions(
@@ -213,5 +167,4 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     return dest
 
 
-__all__ = ["chosen_settings", "demo_inputs", "drive_folder", "export_weights", "get_data",
-           "in_colab", "locations", "run_predictions"]
+__all__ = ["demo_inputs", "drive_folder", "get_data", "in_colab", "locations", "run_predictions"]

@@ -151,7 +151,7 @@ def training_curves(history: pd.DataFrame | str | os.PathLike,
     metrics = [m for m in CURVE_METRICS if m in frame or f"val_{m}" in frame]
     if frame.empty or not metrics:
         raise ValueError(f"history has none of the columns {list(CURVE_METRICS)} (or no rows)")
-    epochs = frame["epoch"] + 1 if "epoch" in frame else pd.Series(range(1, len(frame) + 1))
+    epochs = frame["epoch"] if "epoch" in frame else pd.Series(range(1, len(frame) + 1))
     best = None
     if "val_iou_score" in frame and frame["val_iou_score"].notna().any():
         best = epochs.iloc[int(np.nanargmax(frame["val_iou_score"].to_numpy(float)))]

@@ -30,6 +30,9 @@ def _one_fold(table: pd.DataFrame, n_folds: int, seed: int, fold: int = 0) -> pd
     """Boolean mask of the rows in fold ``fold`` of a stratified, grouped k-fold."""
     if n_folds < 2:
         raise ValueError(f"a part of the split needs at least 2 folds, got {n_folds}")
+    # A tiny table (a quick test set-up) cannot fill more folds than its largest class has
+    # images; take fewer, larger folds rather than fail.
+    n_folds = min(n_folds, max(2, int(table["label"].value_counts().max())))
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     _, held_out = list(folds.split(table, table["label"], table["group"]))[fold]
     selected = pd.Series(False, index=table.index)

@@ -1,0 +1,71 @@
+"""Share a trained model: its weights plus a sidecar that keeps its settings with it.
+
+A copy of ``best.h5`` taken out of its run folder would lose what evaluation chose for it on
+validation (threshold, flip TTA, component filtering) and the input size and resize mode it was
+trained with. :func:`publish_weights` writes ``<name>.h5`` and ``<name>.json`` side by side; the
+JSON holds those settings tied to the weights by SHA-1, the training config and the test
+metrics, and :func:`busi.predict` reads it (see :func:`busi.evaluation.postprocess_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from busi.atomic import atomic_path, atomic_write_text
+from busi.config import TrainConfig
+from busi.runs import RunFolder
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def publish_weights(
+    run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None
+) -> Path:
+    """Copy a run's ``best.h5`` to ``<dest_dir>/<name>.h5`` with its sidecar ``<name>.json``.
+
+    Args:
+        run_dir: a run folder with ``best.h5`` (evaluated or not).
+        dest_dir: where the weights go, e.g. ``weights/`` (created).
+        name: file stem; default the run folder's name.
+
+    Returns:
+        The path of the copied ``.h5``.
+    """
+    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for
+
+    run = RunFolder(Path(run_dir))
+    if not run.best.is_file():
+        raise FileNotFoundError(f"{run.best}: no best weights in this run folder (trained yet?)")
+    config = TrainConfig.load(run.config)
+    target = Path(dest_dir) / f"{name or run.root.name}.h5"
+    if target.resolve() != run.best.resolve():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(run.best, tmp)
+    chosen = postprocess_for(run.best)
+    defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
+                "keep_largest": False}
+    summary = _read(run.evaluation / "summary.json")
+    env = _read(run.env) or {}
+    sidecar = {
+        **(defaults if chosen is None else {k: chosen[k] for k in POSTPROCESS_KEYS}),
+        "chosen_on": None if chosen is None else chosen.get("chosen_on", "val"),
+        "model": target.name,
+        "model_sha1": file_sha1(target),
+        "image_size": config.image_size,
+        "resize": config.resize,
+        "input": "gray image replicated to 3 channels, float32 in [0, 255]; output: lesion "
+                 "probability (sigmoid), float32",
+        "config": config.to_dict(),
+        "metrics": None if summary is None else summary.get("splits"),
+        "dataset_fingerprint": env.get("dataset_fingerprint"),
+        "git_commit": env.get("git_commit"),
+        "not_for_clinical_use": True,
+    }
+    atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    return target

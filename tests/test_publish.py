@@ -1,0 +1,67 @@
+"""Published weights keep their settings: the sidecar JSON is found by predict via SHA-1."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import busi
+from busi.config import TrainConfig
+from busi.evaluation import postprocess_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(busi_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("publish")
+    config = TrainConfig(
+        name="pub", data=str(busi_folder), run_dir=str(root / "run"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, augment=False, evaluate=True, resize="stretch",
+    )
+    return busi.train(config)
+
+
+def test_sidecar_carries_the_chosen_settings(evaluated_run, tmp_path):
+    weights = busi.publish_weights(evaluated_run, tmp_path / "weights", "model")
+    assert weights == tmp_path / "weights" / "model.h5"
+    assert weights.read_bytes() == (evaluated_run / "best.h5").read_bytes()
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    chosen = json.loads((evaluated_run / "evaluation" / "postprocess.json").read_text())
+    assert sidecar["threshold"] == chosen["threshold"] and sidecar["chosen_on"] == "val"
+    assert sidecar["resize"] == "stretch" and sidecar["image_size"] == 32
+    assert sidecar["metrics"]["test"]["lesion"]["n"] > 0
+    assert postprocess_for(weights)["threshold"] == chosen["threshold"]
+
+
+def test_sidecar_of_other_weights_is_ignored(evaluated_run, tmp_path):
+    weights = busi.publish_weights(evaluated_run, tmp_path / "w")
+    sidecar = weights.with_suffix(".json")
+    values = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**values, "model_sha1": "0" * 40}))
+    assert postprocess_for(weights) is None
+
+
+def test_predict_uses_the_sidecar(evaluated_run, busi_table, tmp_path):
+    weights = busi.publish_weights(evaluated_run, tmp_path / "weights", "model")
+    values = json.loads(weights.with_suffix(".json").read_text())
+    values["threshold"] = 1.0  # nothing is above 1: every mask must come out empty
+    weights.with_suffix(".json").write_text(json.dumps(values))
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in busi_table["image_path"][:2]:
+        cv2.imwrite(str(images / path.rsplit("/", 1)[1]), cv2.imread(path))
+    table = busi.predict(weights, images, tmp_path / "out")
+    for mask_path in table["pred"]:
+        assert cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE).max() == 0
+    explicit = busi.predict(weights, images, tmp_path / "out2", threshold=0.0)
+    assert any(np.any(cv2.imread(p, cv2.IMREAD_GRAYSCALE)) for p in explicit["pred"])
+
+
+def test_publish_needs_trained_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="best.h5"):
+        busi.publish_weights(tmp_path, tmp_path / "weights")
