@@ -9,8 +9,11 @@ the data, so the logits are of order 1, as in a trained model.
 Tolerances (max |probability difference| against Keras float32):
 - float32 paths (Keras predictor, ONNX under onnxruntime or OpenVINO, TFLite): 1e-4; they only
   reorder float32 sums (measured ~1e-6 here, 6e-5 on the full ResNet34).
-- reduced precision (bfloat16, float16 weights, int8): mean |diff| bounds stated per test;
-  these are regression guards, the real agreement check is benchmarks/inference_speed.py.
+- reduced precision: mean |diff| <= 0.04 (bfloat16), 0.01 (float16 weights), 0.05 (dynamic
+  int8), 0.1 (static int8). Tiny random networks amplify rounding far more than a trained
+  ResNet34 (measured here: up to 0.02, 0.0035, 0.027, 0.063), so these only guard against a
+  broken conversion (wrong input scaling, wrong output); the agreement that matters is measured
+  on real images by benchmarks/inference_speed.py.
 ONNX and TFLite tests skip (pytest.importorskip) when the optional runtimes are not installed.
 """
 
@@ -82,7 +85,6 @@ def _check_predictor(predictor: bx.Predictor, tiny, atol: float | None, mean_ato
     assert out.shape == (len(images), *predictor.input_size, 1)
     assert out.dtype == np.float32
     diff = np.abs(out - reference)
-    print(f"\n{predictor!r}: max {diff.max():.2e} mean {diff.mean():.2e}")
     assert diff.mean() <= mean_atol, (predictor, diff.mean())
     if atol is not None:
         assert diff.max() <= atol, (predictor, diff.max())
@@ -112,7 +114,7 @@ def test_keras_bfloat16_is_close(tiny):
     assert predictor.precision == "bfloat16"
     assert predictor.model.get_layer("mask").compute_dtype == "float32"
     assert predictor.model.layers[2].compute_dtype == "bfloat16"
-    _check_predictor(predictor, tiny, atol=None, mean_atol=0.02)
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.04)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -171,7 +173,7 @@ def test_openvino_float32_bfloat16_int8(tiny, onnx_files):
     _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
     predictor = bx.load_predictor(onnx_files["bfloat16"])
     assert predictor.precision in ("bfloat16", "float32")  # float32 on CPUs without bf16
-    _check_predictor(predictor, tiny, atol=None, mean_atol=0.02)
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.04)
     _check_predictor(bx.load_predictor(onnx_files["int8"]), tiny, atol=None, mean_atol=0.1)
 
 

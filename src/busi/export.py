@@ -399,7 +399,10 @@ class OnnxRuntimePredictor(Predictor):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # tf2onnx's Resize attributes trigger harmless warnings
+        # tf2onnx writes nearest Resize with an attribute onnxruntime calls deprecated; it warns
+        # once per upsampling layer at load time through the default logger. Errors only.
+        ort.set_default_logger_severity(3)
+        options.log_severity_level = 3
         self._session = ort.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )

@@ -1,0 +1,85 @@
+"""The busi command end to end on a tiny config, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from busi.cli import main
+
+
+@pytest.mark.parametrize("command", ["download", "index", "train", "evaluate", "predict"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: busi " + command in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "busi.cli", "--version"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("busi ")
+
+
+def test_index_reports_counts_and_writes_csv(busi_folder, tmp_path, capsys):
+    assert main(["index", "--data", str(busi_folder), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "images: 21  masks: 24  with several masks: 2" in out
+    assert "(1 exact)" in out
+    assert (tmp_path / "out" / "index.csv").is_file()
+    assert (tmp_path / "out" / "duplicates.csv").is_file()
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("BUSI_DATA", raising=False)
+    assert main(["index", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("busi index: error: BUSI not found")
+
+
+def test_bad_config_key_is_named(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("epochz: 3\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown config key(s) ['epochz']" in capsys.readouterr().err
+    assert main(["train", "--set", "learnig_rate=0.1"]) == 2
+    assert "learnig_rate" in capsys.readouterr().err
+
+
+def test_wrong_weights_file_is_a_clear_error(busi_table, tmp_path, capsys):
+    (tmp_path / "model.h5").write_text("not a model")
+    (tmp_path / "in").mkdir()
+    shutil.copy(busi_table["image_path"][0], tmp_path / "in")
+    assert main(["predict", str(tmp_path / "in"), str(tmp_path / "out"),
+                 "--weights", str(tmp_path / "model.h5")]) == 2
+    assert "model.h5" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "in"), str(tmp_path / "out"),
+                 "--weights", str(tmp_path / "missing.h5")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_end_to_end(busi_folder, busi_table, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "architecture: classic_unet\nbase_filters: 4\ndepth: 2\nimage_size: 32\n"
+        "batch_size: 4\nepochs: 1\naugment: false\n"
+    )
+    assert main(["train", "--config", str(config), "--data", str(busi_folder),
+                 "--run-dir", str(run), "--set", "learning_rate=0.01"]) == 0
+    assert (run / "best.h5").is_file() and (run / "evaluation" / "summary.json").is_file()
+    assert json.loads((run / "config.json").read_text())["learning_rate"] == 0.01
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "val" in summary["splits"]
+    images = busi_folder / "normal"
+    assert main(["predict", str(images), str(tmp_path / "pred"), "--weights",
+                 str(run / "best.h5")]) == 0
+    n_images = len(busi_table[busi_table["label"] == "normal"])
+    assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 2 * n_images  # + mask files
