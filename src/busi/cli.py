@@ -1,4 +1,4 @@
-"""The ``busi`` command: download, index, train, evaluate, predict.
+"""The ``busi`` command: download, index, train, evaluate, report, predict.
 
 Each subcommand is a thin wrapper over the same function the notebooks call. TensorFlow is
 imported only by the subcommands that need it, so ``busi --help`` and ``busi index`` are quick.
@@ -86,6 +86,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from busi.report import write_report
+
+    out = write_report(args.run, args.out or Path("reports") / Path(args.run).name,
+                       split=args.split, data=args.data)
+    print((out / "metrics.md").read_text())
+    print(f"figures in {out}")
+
+
 def _predict(args: argparse.Namespace) -> None:
     table = busi.predict(
         args.weights, args.inputs, args.output, size=args.size, mode=args.resize,
@@ -140,6 +149,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="model .h5 (default: the run's best.h5)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="figures and metrics table of an evaluated run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", help="output folder (default: reports/<run name>)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--data", help="dataset folder, if not where the run found it")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("predict", help="segment new images: mask and overlay PNG per image")
     p.add_argument("inputs", help="an image file or a folder of images")

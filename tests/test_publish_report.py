@@ -1,4 +1,5 @@
-"""Published weights keep their settings: the sidecar JSON is found by predict via SHA-1."""
+"""Published weights keep their settings (the sidecar JSON, found by predict via SHA-1), and a
+run's report is built from its files."""
 
 from __future__ import annotations
 
@@ -65,3 +66,15 @@ def test_predict_uses_the_sidecar(evaluated_run, busi_table, tmp_path):
 def test_publish_needs_trained_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="best.h5"):
         busi.publish_weights(tmp_path, tmp_path / "weights")
+
+
+def test_report_has_figures_and_a_table_from_the_summary(evaluated_run, tmp_path):
+    from busi.report import write_report
+
+    out = write_report(evaluated_run, tmp_path / "report", n_overlays=4, n_worst=2)
+    for name in ("curves.png", "overlays_test.png", "worst_test.png", "metrics.md"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((evaluated_run / "evaluation" / "summary.json").read_text())
+    lesion = summary["splits"]["test"]["lesion"]
+    table = (out / "metrics.md").read_text()
+    assert f"| lesion | {lesion['n']} | {lesion['dice_mean']:.3f} |" in table

@@ -1,0 +1,86 @@
+"""A run's report: the figures and the metrics table that go into ``reports/``.
+
+Everything is computed from the run folder (history, split, best weights, the evaluation's
+summary and per-image table), so the report of a run can be rebuilt at any time with
+``busi report RUN_FOLDER``; nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from busi.atomic import atomic_write_text
+
+ROWS = ("lesion", "benign", "malignant")
+
+
+def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
+    """Markdown table of a run's summary: Dice and IoU per image, lesion images and per class,
+    and the false-positive rate on normal images."""
+    part = summary["splits"][split]
+    lines = [
+        "| images | n | Dice mean | Dice median | IoU mean | IoU median | HD95 median (px) "
+        "| missed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ROWS:
+        row = part.get(name) or {}
+        if not row or not row.get("n"):
+            continue
+        lines.append(
+            f"| {name} | {row['n']} | {_fmt(row.get('dice_mean'))} | "
+            f"{_fmt(row.get('dice_median'))} | {_fmt(row.get('iou_mean'))} | "
+            f"{_fmt(row.get('iou_median'))} | {_fmt(row.get('hd95_median'), 1)} | "
+            f"{row.get('missed', '')} |"
+        )
+    normal = part.get("normal") or {}
+    if normal.get("n"):
+        lines.append(
+            f"| normal | {normal['n']} | false-positive rate "
+            f"{_fmt(normal.get('false_positive_rate'))} | | | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def write_report(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, split: str = "test",
+    n_overlays: int = 12, n_worst: int = 6, data: str | os.PathLike | None = None,
+) -> Path:
+    """Write curves, overlays, worst cases and ``metrics.md`` of an evaluated run into ``out_dir``.
+
+    Evaluates the run first if it has not been (see :func:`busi.evaluate`).
+    """
+    from busi import plots
+    from busi.evaluation import evaluate, evaluation_dir
+    from busi.notebook import run_predictions
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    summary_path = evaluation_dir(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if summary is None or split not in summary.get("splits", {}):
+        summary = evaluate(run_dir, split=split, data=data)
+    plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
+    table, masks = run_predictions(run_dir, split, data)
+    per_image = pd.read_csv(evaluation_dir(run_dir) / f"per_image_{split}.csv")
+    lesions = table[table["label"] != "normal"]
+    plots.overlays(table, masks, ids=list(lesions["id"][:n_overlays]),
+                   path=out_dir / f"overlays_{split}.png")
+    plots.worst_cases(per_image, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
+    text = (
+        f"# {run_dir.name}: {split} split\n\n"
+        f"Post-processing chosen on val: {json.dumps(summary.get('postprocess'))}\n\n"
+        + metrics_table(summary, split)
+    )
+    atomic_write_text(out_dir / "metrics.md", text)
+    return out_dir
