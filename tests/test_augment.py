@@ -158,3 +158,22 @@ def test_runs_inside_a_parallel_dataset_map() -> None:
 def test_bad_config_raises(changes: dict) -> None:
     with pytest.raises(ValueError):
         AugmentConfig(**changes)
+
+
+def test_black_padding_stays_black_under_intensity_changes():
+    import numpy as np
+    import tensorflow as tf
+
+    from busi.data.augment import AugmentConfig, augment
+
+    image = np.zeros((32, 32, 1), np.float32)
+    image[8:24] = 120.0  # a letterboxed scan: black bands above and below
+    image[12:16, 4:10] = 30.0
+    mask = np.zeros((32, 32, 1), np.float32)
+    config = AugmentConfig(flip_horizontal=False, affine=False, speckle=False,
+                           contrast_range=(0.5, 0.6))
+    for seed in range(5):
+        out, _ = augment(tf.constant(image), tf.constant(mask), tf.constant([seed, 7]), config)
+        out = out.numpy()
+        assert out[:8].max() == 0 and out[24:].max() == 0
+        assert out[8:24].min() > 0

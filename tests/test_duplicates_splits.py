@@ -105,7 +105,16 @@ def test_bad_split_files(busi_table, tmp_path):
         busi.data.load_split(tmp_path / "missing.csv")
 
 
-def test_perceptual_hash_is_stable():
-    image = np.tile(np.arange(64, dtype=np.uint8), (48, 1))
-    assert perceptual_hash(image) == perceptual_hash(image.copy())
+def test_perceptual_hash_survives_re_encoding_and_gain_but_not_other_content():
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (60, 80), dtype=np.uint8), (9, 9), 3)
+    brighter = np.clip(image.astype(int) * 1.2, 0, 255).astype(np.uint8)
+    resized = cv2.resize(cv2.resize(image, (160, 120)), (80, 60))
+    other = cv2.GaussianBlur(rng.integers(0, 255, (60, 80), dtype=np.uint8), (9, 9), 3)
+
+    def bits(a, b):
+        return bin(int(perceptual_hash(a), 16) ^ int(perceptual_hash(b), 16)).count("1")
+
     assert len(perceptual_hash(image)) == 16
+    assert bits(image, brighter) <= 8 and bits(image, resized) <= 8
+    assert bits(image, other) > 8

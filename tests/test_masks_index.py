@@ -96,15 +96,23 @@ def test_problems_are_named_warned_and_left_out(busi_folder, tmp_path):
     (root / "benign" / "benign (4)_mask.png").unlink()  # image without mask
     (root / "benign" / "benign (5).png").unlink()  # mask without image
     cv2.imwrite(str(root / "benign" / "benign (6)_mask.png"), np.zeros((5, 5), np.uint8))
+    empty = np.zeros_like(cv2.imread(str(root / "benign" / "benign (7).png"), 0))
+    cv2.imwrite(str(root / "benign" / "benign (7)_mask.png"), empty)
+    marked = np.zeros_like(cv2.imread(str(root / "normal" / "normal (3).png"), 0))
+    marked[:3, :3] = 255
+    cv2.imwrite(str(root / "normal" / "normal (3)_mask.png"), marked)
     with pytest.warns(UserWarning) as caught:
         table = busi.data.index(root)
     message = str(caught[0].message)
     assert "benign (4).png: image has no mask" in message
     assert "benign (5)_mask.png: mask has no image" in message
     assert "benign (6)_mask.png: mask size 5x5 differs" in message
-    assert {"benign (4)", "benign (5)", "benign (6)"}.isdisjoint(table["id"])
-    assert len(table) == 18
-    with pytest.raises(DataError, match="3 problem"):
+    assert "benign (7)_mask.png: the mask of a benign image is empty" in message
+    assert "normal (3)_mask.png: a normal image's mask marks 9 lesion pixels" in message
+    assert {"benign (4)", "benign (5)", "benign (6)", "benign (7)", "normal (3)"}.isdisjoint(
+        table["id"])
+    assert len(table) == 16
+    with pytest.raises(DataError, match="5 problem"):
         busi.data.index(root, strict=True)
 
 

@@ -41,7 +41,11 @@ def test_known_exact_cross_class_duplicate(real_table):
     exact = pairs[pairs["exact"]]
     exact_pairs = set(zip(exact["id_a"], exact["id_b"], strict=True))
     assert ("benign (433)", "malignant (145)") in exact_pairs
-    assert len(pairs) > 100  # published audits report hundreds of near duplicates
+    # At the documented threshold (8 bits): 215 pairs, 1 exact, 602 groups (README, duplicates.py)
+    assert len(pairs) == 215 and int(exact.shape[0]) == 1
+    assert busi.data.add_groups(real_table)["group"].nunique() == 602
+    conflicts = busi.data.conflicting_groups(real_table)
+    assert len(conflicts) == 18 and conflicts["group"].nunique() == 8
 
 
 def test_default_split_has_no_group_across_parts(real_table, tmp_path):

@@ -25,7 +25,8 @@ KERAS3_MESSAGE = (
 
 
 def set_environment() -> None:
-    """Point TensorFlow at tf-keras and segmentation-models at tf.keras, unless already decided."""
+    """Point TensorFlow at tf-keras and segmentation-models at tf.keras (always: a user's other
+    setting would only break segmentation-models)."""
     for name, value in ENV.items():
         os.environ[name] = value
     # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown notebook output; warnings stay.

@@ -16,6 +16,7 @@ from typing import Any
 import busi
 from busi.data.download import DEFAULT_DEST
 from busi.errors import DataError
+from busi.paths import PROJ_ROOT
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -89,7 +90,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from busi.report import write_report
 
-    out = write_report(args.run, args.out or Path("reports") / Path(args.run).name,
+    out = write_report(args.run, args.out or PROJ_ROOT / "reports" / Path(args.run).name,
                        split=args.split, data=args.data)
     print((out / "metrics.md").read_text())
     print(f"figures in {out}")
@@ -177,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+    except (DataError, ValueError, OSError, RuntimeError, ImportError) as error:
+        # Bad input, missing files, ImageNet weights out of reach, optional extras missing:
+        # the message says what to do; a traceback would only hide it.
         print(f"busi {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

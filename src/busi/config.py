@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from busi.atomic import atomic_write_text
-
-LABELS = ("benign", "malignant", "normal")
+from busi.data.index import LABELS
 
 
 @dataclass
@@ -101,6 +100,22 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from busi.losses import LOSS_NAMES
+
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {list(LOSS_NAMES)}, got {self.loss!r}")
+        monitors = [f"{prefix}{name}" for prefix in ("", "val_")
+                    for name in ("loss", "iou_score", "f1-score")]
+        if self.monitor not in monitors:
+            raise ValueError(f"monitor must be one of {monitors}, got {self.monitor!r}")
+        if self.architecture == "unet":
+            from busi.models import available_encoders
+
+            if self.encoder not in available_encoders():
+                raise ValueError(
+                    f"unknown encoder {self.encoder!r}; choose one of segmentation-models' "
+                    f"backbones: {', '.join(available_encoders())}"
+                )
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -253,7 +253,8 @@ def postprocess(
     return mask
 
 
-def _postprocess_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+def postprocess_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`postprocess` arguments in a post-processing choice (``postprocess.json``)."""
     return {
         "threshold": float(params.get("threshold", 0.5)),
         "min_component_fraction": float(params.get("min_component_fraction", 0.0)),
@@ -363,7 +364,7 @@ def postprocess_grid(
     for tta, maps in variants.items():
         for threshold in thresholds:
             for rule in component_rules:
-                kwargs = _postprocess_kwargs({**rule, "threshold": threshold})
+                kwargs = postprocess_kwargs({**rule, "threshold": threshold})
                 dices, false_positives = [], []
                 for i, (prob, truth) in enumerate(zip(maps, truths, strict=True)):
                     if not (is_lesion[i] or is_normal[i]):
@@ -519,7 +520,7 @@ def evaluate_model(
     params = dict(postprocess_params or {})
     probs = predict_probabilities(model, table, size, mode, batch_size,
                                   tta=bool(params.get("tta", False)))
-    per_image = score_table(table, probs, **_postprocess_kwargs(params))
+    per_image = score_table(table, probs, **postprocess_kwargs(params))
     return per_image, summarize(per_image)
 
 
@@ -700,7 +701,7 @@ def evaluate(
     else:
         params = saved
 
-    kwargs = _postprocess_kwargs(params)
+    kwargs = postprocess_kwargs(params)
     per_image = {"val": score_table(val_table, val_probs[bool(params["tta"])], **kwargs,
                                     truths=val_truths)}
     if split != "val":

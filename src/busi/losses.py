@@ -25,7 +25,7 @@ from busi import _keras
 
 DEFAULT_LOSS = "dice_focal"
 THRESHOLD = 0.5
-"""Probability threshold of the thresholded training metrics (the evaluation uses the same)."""
+"""Probability threshold of the training metrics. Evaluation chooses its own on validation."""
 
 METRIC_NAMES = ("iou_score", "f1-score")
 """Names of :func:`get_metrics` as they appear in the training history (keep them stable)."""

@@ -15,7 +15,6 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,14 +99,6 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
     return fetch(path if path is not None else DEFAULT_DEST)
 
 
-def _postprocess_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "threshold": float(params.get("threshold", 0.5)),
-        "min_component_fraction": float(params.get("min_component_fraction", 0.0)),
-        "keep_largest": bool(params.get("keep_largest", False)),
-    }
-
-
 def run_predictions(
     run_dir: str | os.PathLike, split: str = "test", data: str | os.PathLike | None = None
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -122,7 +113,12 @@ def run_predictions(
     """
     from busi import weights
     from busi.config import TrainConfig
-    from busi.evaluation import postprocess, postprocess_for, predict_probabilities
+    from busi.evaluation import (
+        postprocess,
+        postprocess_for,
+        postprocess_kwargs,
+        predict_probabilities,
+    )
     from busi.runs import RunFolder
     from busi.training import prepare_data
 
@@ -135,7 +131,7 @@ def run_predictions(
     model = weights.load_model(run.best, compile=False)
     probs = predict_probabilities(model, table, config.image_size, config.resize,
                                   config.batch_size, tta=bool(params.get("tta", False)))
-    kwargs = _postprocess_kwargs(params)
+    kwargs = postprocess_kwargs(params)
     masks = {image_id: postprocess(prob, **kwargs)
              for image_id, prob in zip(table["id"], probs, strict=True)}
     return table, masks

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from busi.atomic import atomic_write_bytes
+from busi.data.index import IMAGE_SUFFIXES
 from busi.data.masks import read_image
 from busi.errors import DataError
 from busi.evaluation import model_input_size, postprocess, postprocess_for, predict_images
@@ -33,7 +34,6 @@ from busi.evaluation import model_input_size, postprocess, postprocess_for, pred
 log = logging.getLogger(__name__)
 
 #: File types read from an input folder (case-insensitive).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 #: Columns of the table :func:`predict` returns.
 COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_probability",
            "error"]

@@ -51,6 +51,8 @@ def publish_weights(
     defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
                 "keep_largest": False}
     summary = _read(run.evaluation / "summary.json")
+    if summary is not None and summary.get("model_sha1") != file_sha1(run.best):
+        summary = None  # metrics of earlier weights (the run went on after evaluating)
     env = _read(run.env) or {}
     sidecar = {
         **(defaults if chosen is None else {k: chosen[k] for k in POSTPROCESS_KEYS}),

@@ -62,13 +62,14 @@ def write_report(
     Evaluates the run first if it has not been (see :func:`busi.evaluate`).
     """
     from busi import plots
-    from busi.evaluation import evaluate, evaluation_dir
+    from busi.evaluation import evaluate, evaluation_dir, file_sha1
     from busi.notebook import run_predictions
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     summary_path = evaluation_dir(run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if summary is None or split not in summary.get("splits", {}):
+    stale = summary is not None and summary.get("model_sha1") != file_sha1(run_dir / "best.h5")
+    if summary is None or stale or split not in summary.get("splits", {}):
         summary = evaluate(run_dir, split=split, data=data)
     plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
     table, masks = run_predictions(run_dir, split, data)

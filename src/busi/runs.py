@@ -84,14 +84,14 @@ class RunFolder:
         return pd.read_csv(self.history)
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJ_ROOT, capture_output=True, text=True, timeout=5
+            ["git", *args], cwd=PROJ_ROOT, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def environment(fingerprint: str) -> dict[str, Any]:
@@ -109,7 +109,10 @@ def environment(fingerprint: str) -> dict[str, Any]:
         "tf_keras": tf_keras.__version__,
         "segmentation_models": segmentation_models.__version__,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD") or None,
+        # uncommitted changes to tracked files: the commit alone does not say what ran
+        "git_dirty": None if _git("rev-parse", "HEAD") is None
+        else bool(_git("status", "--porcelain", "--untracked-files=no")),
         "dataset_fingerprint": fingerprint,
     }
 

@@ -13,10 +13,12 @@ training on this project's 2-core AVX-512 machine. XLA (``jit_compile``) is a GP
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
 from busi.data.pipeline import make_dataset
+from busi.errors import DataError
 from busi.runs import RunFolder, check_same_config, environment
 
 keras = _keras.keras()
@@ -63,38 +66,49 @@ def precision_policy(name: str) -> str:
     return name
 
 
-def prepare_data(config: TrainConfig, run: RunFolder) -> dict[str, pd.DataFrame]:
-    """Index and check the dataset, make or read the split, save it in the run folder.
+def prepare_data(
+    config: TrainConfig, run: RunFolder, new_run: bool = False
+) -> dict[str, pd.DataFrame]:
+    """Index and check the dataset and return the rows of each part of the run's split.
 
-    Returns the index rows of each part, ``{"train": ..., "val": ..., "test": ...}``.
+    Args:
+        config: the run's settings.
+        run: the run folder.
+        new_run: make the split (or take ``config.split_file``) and write ``split.csv`` and
+            ``env.json``. Otherwise (resuming, evaluating) the run's own ``split.csv`` is read,
+            nothing is written, and the data must have the fingerprint recorded in ``env.json``.
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}`` index rows.
     """
     root = data.locate(config.data)
     table = data.add_groups(data.index(root))
     if config.drop_conflicts:
         table = data.drop_conflicts(table)
-    if run.split.is_file():
-        split = data.load_split(run.split)
-    elif config.split_file:
+    if new_run and config.split_file:
         split = data.load_split(config.split_file)
-    else:
+    elif new_run:
         split = data.make_split(
             table, classes=config.classes, val_fraction=config.val_fraction,
             test_fraction=config.test_fraction, seed=config.seed,
         )
-    if not run.split.is_file():
-        data.save_split(split, run.split)
+    elif run.split.is_file():
+        split = data.load_split(run.split)
+    else:
+        raise DataError(f"{run.split}: the run folder has no split; was it trained?")
     parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
     if config.limit:
         parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
     fingerprint = data.fingerprint(pd.concat(parts.values()))
-    if not run.env.is_file():
+    if new_run:
+        data.save_split(split, run.split)
         run.write_json(run.env, environment(fingerprint))
-    else:
-        recorded = RunFolder(run.root).env.read_text()
-        if fingerprint not in recorded:
-            raise ValueError(
-                f"{run.env}: the run was trained on other data (fingerprint differs from "
-                f"{fingerprint}); point `data` at the dataset it was made with"
+    elif run.env.is_file():
+        recorded = json.loads(run.env.read_text()).get("dataset_fingerprint")
+        if recorded != fingerprint:
+            raise DataError(
+                f"{run.env}: the run was made with other data (fingerprint {recorded}, this "
+                f"data {fingerprint}); point `data` at the dataset it was trained on"
             )
     return parts
 
@@ -119,15 +133,12 @@ def build(config: TrainConfig, frozen: bool = False) -> keras.Model:
     """The model of a config, compiled with its loss, metrics and optimizer."""
     shape = (config.image_size, config.image_size, 3)
     if config.architecture == "unet":
-        model = models.build_model(
-            encoder=config.encoder, input_shape=shape, encoder_weights=config.encoder_weights,
-            freeze_encoder=frozen,
-        )
+        options = {"encoder": config.encoder, "encoder_weights": config.encoder_weights,
+                   "freeze_encoder": frozen}
     else:
-        model = models.classic_unet(
-            input_shape=shape, base_filters=config.base_filters, depth=config.depth,
-            dropout=config.dropout,
-        )
+        options = {"base_filters": config.base_filters, "depth": config.depth,
+                   "dropout": config.dropout}
+    model = models.make_model(config.architecture, input_shape=shape, **options)
     compile_model(model, config)
     return model
 
@@ -246,8 +257,15 @@ class RunCheckpoint(keras.callbacks.Callback):
         })
 
 
+@dataclass
+class _Callbacks:
+    early: EarlyStopping
+    time_limit: TimeLimit
+    all: list
+
+
 def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
-               deadline: float | None) -> list:
+               deadline: float | None) -> _Callbacks:
     restored = state.get("callbacks", [{}, {}])
     mode = _mode(config.monitor)
     early = EarlyStopping(
@@ -258,20 +276,28 @@ def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
         monitor=config.monitor, mode=mode, factor=config.reduce_lr_factor,
         patience=config.reduce_lr_patience, min_lr=config.min_learning_rate, restore=restored[1],
     )
-    checkpoint = RunCheckpoint(run, config, run.read_history(), state.get("best"), [early, plateau])
-    return [
-        _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, plateau, checkpoint,
-        TimeLimit(deadline),
+    # Rows past the last recorded epoch come from an epoch whose state was never written.
+    history = run.read_history()
+    if len(history):
+        history = history[history["epoch"] <= int(state.get("epoch", 0))]
+    checkpoint = RunCheckpoint(run, config, history, state.get("best"), [early, plateau])
+    time_limit = TimeLimit(deadline)
+    return _Callbacks(early, time_limit, [
+        _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, plateau, checkpoint, time_limit,
         keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0, write_graph=False),
-    ]
+    ])
 
 
-def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame]):
+def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
+    """Training and validation data. The seed moves on with the epochs already done, so a
+    resumed run does not replay the shuffles and augmentations of its first epochs."""
     common = {"size": config.image_size, "mode": config.resize, "batch_size": config.batch_size}
     train_data = make_dataset(
-        parts["train"], training=True, seed=config.seed,
+        parts["train"], training=True, seed=config.seed + 1000 * done,
         augment_config=None if config.augment else NO_AUGMENTATION, **common,
     )
+    if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
+        train_data = train_data.repeat()
     val_data = make_dataset(parts["val"], **common)
     return train_data, val_data
 
@@ -281,11 +307,11 @@ def _fit(model, config, run, train_data, val_data, initial_epoch, epochs, deadli
     callbacks = _callbacks(config, run, run.read_state(), deadline)
     model.fit(
         train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
-        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2,
+        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks.all, verbose=2,
     )
-    if callbacks[2].stopped_epoch:
+    if callbacks.early.stopped_epoch:
         return "early"
-    return "time" if callbacks[-2].stopped else ""
+    return "time" if callbacks.time_limit.stopped else ""
 
 
 def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -> Path:
@@ -304,40 +330,51 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
     state = run.read_state()
     if run.config.is_file() and not resume:
         raise FileExistsError(f"{run.root}: run folder exists; pass resume=True or a new name")
-    check_same_config(run, config)
+    if state:
+        check_same_config(run, config)
+    elif run.history.is_file():
+        raise ValueError(
+            f"{run.root}: history.csv but no state.json or last.h5; the run folder is incomplete. "
+            "Delete it or choose another run name."
+        )
+    # A run without a finished epoch starts afresh: settings that failed (say, ImageNet weights
+    # offline) can be changed under the same name.
     run.root.mkdir(parents=True, exist_ok=True)
     config.save(run.config)
 
     gpus = configure_devices()
-    keras.utils.set_random_seed(config.seed)
+    done = int(state.get("epoch", 0))
+    keras.utils.set_random_seed(config.seed + 1000 * done)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     policy = precision_policy(config.mixed_precision)
     keras.mixed_precision.set_global_policy(policy)
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
-    parts = prepare_data(config, run)
-    train_data, val_data = _datasets(config, parts)
-    done = int(state.get("epoch", 0))
-    if state.get("stopped_early") or done >= config.epochs:
-        log.info("run %s already finished (%d epochs)", run.root, done)
-    else:
+    parts = prepare_data(config, run, new_run=not state)
+    train_data, val_data = _datasets(config, parts, done)
+    finished = bool(state.get("stopped_early")) or done >= config.epochs
+    if not finished:
         strategy = distribution_strategy(config.extra.get("devices"))
+        deadline = None
+        if config.max_minutes is not None:
+            deadline = time.perf_counter() + 60.0 * config.max_minutes
+        # Warm-up with a frozen encoder only makes sense for a pretrained one.
+        warmup = 0
+        if config.architecture == "unet" and config.encoder_weights is not None:
+            warmup = min(config.freeze_encoder_epochs, config.epochs)
         with strategy.scope():
             if done:
                 model = weights.load_model(run.last, compile=True)
             else:
-                frozen = config.freeze_encoder_epochs > 0 and config.architecture == "unet"
-                model = build(config, frozen=frozen)
-            deadline = None
-            if config.max_minutes is not None:
-                deadline = time.perf_counter() + 60.0 * config.max_minutes
+                model = build(config, frozen=done < warmup)
             stopped = ""
-            warmup = min(config.freeze_encoder_epochs, config.epochs)
-            if config.architecture == "unet" and done < warmup:
+            if done < warmup:
                 stopped = _fit(model, config, run, train_data, val_data, done, warmup, deadline)
+                stopped = "" if stopped == "early" else stopped  # fine-tuning still to come
                 done = int(run.read_state().get("epoch", done))
-            if config.architecture == "unet" and warmup and done == warmup and not stopped:
+            frozen = warmup and any(not layer.trainable for layer in models.encoder_layers(model))
+            if frozen and not stopped:
                 models.set_encoder_trainable(model, True)
                 compile_model(model, config)  # a new optimizer for the whole network
             if not stopped and done < config.epochs:
@@ -347,7 +384,8 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
         final["stopped_early"] = stopped == "early"
         run.write_json(run.state, final)
         keras.backend.clear_session()
-    if config.evaluate and run.best.is_file():
+        finished = stopped != "time"
+    if config.evaluate and finished and run.best.is_file():
         from busi.evaluation import evaluate
 
         evaluate(run.root)

@@ -133,9 +133,14 @@ def _warp(array: tf.Tensor, transform: tf.Tensor, interpolation: str) -> tf.Tens
 def _intensity(image: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
     if config.intensity:
         image = tf.clip_by_value(image * _uniform(seeds[5], *config.brightness_range), 0.0, 255.0)
-        mean = tf.reduce_mean(image)
+        # Contrast around the mean of the scan itself; black pixels (letterbox padding, areas
+        # moved in by the affine transform) stay black, as they are at evaluation time.
+        inside = image > 0
+        count = tf.maximum(tf.reduce_sum(tf.cast(inside, tf.float32)), 1.0)
+        mean = tf.reduce_sum(image) / count
         contrast = _uniform(seeds[6], *config.contrast_range)
-        image = tf.clip_by_value(mean + contrast * (image - mean), 0.0, 255.0)
+        stretched = tf.clip_by_value(mean + contrast * (image - mean), 0.0, 255.0)
+        image = tf.where(inside, stretched, 0.0)
         low, high = (math.log(g) for g in config.gamma_range)
         gamma = tf.exp(_uniform(seeds[7], low, high))
         image = 255.0 * tf.pow(image / 255.0, gamma)

@@ -13,6 +13,7 @@ import inspect
 import os
 from pathlib import Path
 
+from busi.data.index import LABELS
 from busi.errors import DataError
 from busi.paths import DATA_DIR
 
@@ -20,7 +21,6 @@ KAGGLE_HANDLE = "aryashah2k/breast-ultrasound-images-dataset"
 FOLDER_NAME = "Dataset_BUSI_with_GT"
 ENV_VAR = "BUSI_DATA"
 DEFAULT_DEST = DATA_DIR / "raw"
-_CLASSES = ("benign", "malignant", "normal")
 
 MANUAL_STEPS = (
     "Download it by hand from https://www.kaggle.com/datasets/{handle} (or the original site of "
@@ -30,7 +30,7 @@ MANUAL_STEPS = (
 
 
 def _is_root(folder: Path) -> bool:
-    return sum((folder / c).is_dir() for c in _CLASSES) >= 2
+    return sum((folder / c).is_dir() for c in LABELS) >= 2
 
 
 def _candidates(path: Path) -> list[Path]:

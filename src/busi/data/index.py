@@ -2,7 +2,8 @@
 
 Pairing is by file name inside each class folder (``X.png`` with ``X_mask.png``,
 ``X_mask_1.png``, ...), never by position in a listing. Every problem (an image with no mask, a
-mask with no image, a mask whose size differs from its image, an unreadable file) is collected and
+mask with no image, a mask whose size differs from its image, an unreadable file, a normal image
+with a lesion marked or a lesion image with an empty mask) is collected and
 reported by file name at once, in the manner of nnU-Net's dataset check: ``strict=True`` raises,
 the default warns and leaves the affected images out.
 """
@@ -30,7 +31,7 @@ COLUMNS = [
     "lesion_fraction", "hash", "phash",
 ]
 _MASK = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<number>\d+))?$", re.IGNORECASE)
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -45,7 +46,7 @@ def _scan_folder(folder: Path, problems: list[str]) -> dict[str, tuple[Path, lis
     images: dict[str, Path] = {}
     masks: dict[str, list[tuple[int, Path]]] = defaultdict(list)
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in _IMAGE_SUFFIXES:
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         match = _MASK.match(path.stem)
         if match:
@@ -76,6 +77,10 @@ def _describe(item: tuple[str, str, Path, list[Path]]) -> dict | str:
         image, mask = load_example(row)
     except DataError as error:
         return str(error)
+    if label == "normal" and mask.any():
+        return f"{mask_paths[0]}: a normal image's mask marks {int(mask.sum())} lesion pixels"
+    if label != "normal" and not mask.any():
+        return f"{mask_paths[0]}: the mask of a {label} image is empty"
     height, width = image.shape
     return {
         **row, "height": height, "width": width,
