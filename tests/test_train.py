@@ -48,7 +48,7 @@ def test_run_folder_holds_everything(busi_folder, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["dataset_fingerprint"] and env["tensorflow"]
     split = busi.data.load_split(run / "split.csv")
-    assert len(split) == 21
+    assert len(split) == 19  # the cross-class duplicate pair is left out (drop_conflicts)
     assert not list(run.glob(".*.h5*")), "temporary files left behind"
 
 

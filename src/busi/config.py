@@ -38,6 +38,9 @@ class TrainConfig:
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
         limit: use only N images of each split part, classes in proportion (quick runs, CI).
+        precise_bn_batches: before each validation, recompute BatchNorm statistics over this
+            many training batches (0: use Keras' moving averages, which lag badly when training
+            from scratch; see :mod:`busi.batchnorm`).
         max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
             budget); the run can be resumed later with the same command.
     """
@@ -81,6 +84,7 @@ class TrainConfig:
     deterministic: bool = False
     limit: int | None = None
     max_minutes: float | None = None
+    precise_bn_batches: int = 25
     evaluate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

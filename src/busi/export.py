@@ -68,7 +68,11 @@ def _optional(module: str, package: str, purpose: str) -> Any:
 
 
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """Whether ``module`` can be imported, without importing it (imports are slow)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules with no spec (e.g. None)
+        return False
 
 
 def _cores() -> int:
@@ -310,11 +314,10 @@ class KerasPredictor(Predictor):
     def __init__(self, path: Path, precision: str = "float32") -> None:
         import tensorflow as tf
 
-        model = _as_model(path)
-        if precision == "bfloat16":
-            model = bfloat16_model(model)
-        elif precision != "float32":
+        policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+        if precision not in policies:
             raise ValueError(f"Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
+        model = with_policy(_as_model(path), policies[precision])
         super().__init__(path, _model_hw(model), precision)
         self.model = model
         # one traced graph for every batch size: no retracing per batch, no predict() overhead
@@ -327,23 +330,28 @@ class KerasPredictor(Predictor):
         return self._call(batch).numpy()
 
 
-def bfloat16_model(model: Any) -> Any:
-    """The same model rebuilt under the ``mixed_bfloat16`` policy, with the same weights.
+def with_policy(model: Any, policy: str) -> Any:
+    """The same model with every layer under ``policy``, weights copied; ``model`` if already so.
 
-    Why: on CPUs with AVX512_BF16 (or AMX) oneDNN runs bfloat16 convolutions about twice as fast
-    as float32. The input layer, the ``preprocess`` layer and the output layers stay float32:
-    bfloat16 holds only ~3 significant digits, too coarse for pixel normalisation and for
-    probabilities near a threshold. A layer's dtype is fixed in its config, so setting the
-    global policy is not enough; the config is rewritten instead.
+    ``"mixed_bfloat16"``: on CPUs with AVX512_BF16 (or AMX) oneDNN runs bfloat16 convolutions
+    about twice as fast as float32. The input layer, the ``preprocess`` layer and the output
+    layers stay float32: bfloat16 holds only ~3 significant digits, too coarse for pixel
+    normalisation and for probabilities near a threshold. ``"float32"`` undoes that for a model
+    saved from mixed-precision training, so "float32" means float32. A layer's dtype is fixed
+    in its config (setting the global policy does not reach it), so the config is rewritten.
     """
     keras = _keras_module()
-    config = model.get_config()
     keep = set(model.output_names) | {"preprocess"}
+    wanted = {
+        layer.name: "float32" if layer.name in keep else policy
+        for layer in model.layers if type(layer).__name__ != "InputLayer"
+    }
+    if all(model.get_layer(name).dtype_policy.name == p for name, p in wanted.items()):
+        return model
+    config = model.get_config()
     for layer in config["layers"]:
-        if layer["class_name"] == "InputLayer" or layer["name"] in keep:
-            continue
-        if "dtype" in layer["config"]:
-            layer["config"]["dtype"] = "mixed_bfloat16"
+        if layer["name"] in wanted and "dtype" in layer["config"]:
+            layer["config"]["dtype"] = wanted[layer["name"]]
     from busi import models
 
     try:
@@ -375,8 +383,10 @@ class OpenVinoPredictor(Predictor):
         hint = "bf16" if precision == "bfloat16" else "f32"  # int8 QDQ files run int8 anyway
         self._compiled = core.compile_model(
             model, "CPU",
+            # no pinning of threads to cores: on a shared machine a pinned thread waits for its
+            # busy core, and the whole layer with it (measured: half the speed under load)
             {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-             "PERFORMANCE_HINT": "LATENCY"},
+             "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False},
         )
         actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         if precision == "bfloat16" and "bf" not in actual.lower():
@@ -398,6 +408,9 @@ class OnnxRuntimePredictor(Predictor):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning, which would take CPU from other processes
+        # (and from the next backend in a benchmark) for a small latency gain
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # tf2onnx writes nearest Resize with an attribute onnxruntime calls deprecated; it warns
         # once per upsampling layer at load time through the default logger. Errors only.

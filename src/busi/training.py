@@ -27,9 +27,10 @@ import tensorflow as tf
 
 from busi import _keras, data, losses, models, weights
 from busi.atomic import atomic_write_text
+from busi.batchnorm import PreciseValidation
 from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
-from busi.data.pipeline import make_dataset
+from busi.data.pipeline import load_arrays, make_dataset
 from busi.errors import DataError
 from busi.runs import RunFolder, check_same_config, environment
 
@@ -265,7 +266,7 @@ class _Callbacks:
 
 
 def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
-               deadline: float | None) -> _Callbacks:
+               deadline: float | None, validation: PreciseValidation) -> _Callbacks:
     restored = state.get("callbacks", [{}, {}])
     mode = _mode(config.monitor)
     early = EarlyStopping(
@@ -283,30 +284,40 @@ def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
     checkpoint = RunCheckpoint(run, config, history, state.get("best"), [early, plateau])
     time_limit = TimeLimit(deadline)
     return _Callbacks(early, time_limit, [
-        _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, plateau, checkpoint, time_limit,
+        validation, _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, plateau, checkpoint,
+        time_limit,
         keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0, write_graph=False),
     ])
 
 
 def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
-    """Training and validation data. The seed moves on with the epochs already done, so a
-    resumed run does not replay the shuffles and augmentations of its first epochs."""
+    """Training data, and the validation callback with its BatchNorm calibration data.
+
+    The seed moves on with the epochs already done, so a resumed run does not replay the
+    shuffles and augmentations of its first epochs. Calibration uses training images as the
+    model sees them at inference: not augmented, in a fixed shuffled order.
+    """
     common = {"size": config.image_size, "mode": config.resize, "batch_size": config.batch_size}
+    arrays = load_arrays(parts["train"], size=config.image_size, mode=config.resize)
     train_data = make_dataset(
-        parts["train"], training=True, seed=config.seed + 1000 * done,
+        parts["train"], training=True, seed=config.seed + 1000 * done, cache_arrays=arrays,
+        drop_remainder=len(parts["train"]) > config.batch_size,
         augment_config=None if config.augment else NO_AUGMENTATION, **common,
     )
     if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
         train_data = train_data.repeat()
-    val_data = make_dataset(parts["val"], **common)
-    return train_data, val_data
+    calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
+                               cache_arrays=arrays, **common)
+    validation = PreciseValidation(calibration, make_dataset(parts["val"], **common),
+                                   config.precise_bn_batches)
+    return train_data, validation
 
 
-def _fit(model, config, run, train_data, val_data, initial_epoch, epochs, deadline) -> str:
+def _fit(model, config, run, train_data, validation, initial_epoch, epochs, deadline) -> str:
     """One call of ``model.fit``; returns why it ended: "early", "time" or "" (all epochs)."""
-    callbacks = _callbacks(config, run, run.read_state(), deadline)
+    callbacks = _callbacks(config, run, run.read_state(), deadline, validation)
     model.fit(
-        train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
+        train_data, epochs=epochs, initial_epoch=initial_epoch,
         steps_per_epoch=config.steps_per_epoch, callbacks=callbacks.all, verbose=2,
     )
     if callbacks.early.stopped_epoch:
@@ -352,7 +363,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
     parts = prepare_data(config, run, new_run=not state)
-    train_data, val_data = _datasets(config, parts, done)
+    train_data, validation = _datasets(config, parts, done)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
     if not finished:
         strategy = distribution_strategy(config.extra.get("devices"))
@@ -370,7 +381,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
                 model = build(config, frozen=done < warmup)
             stopped = ""
             if done < warmup:
-                stopped = _fit(model, config, run, train_data, val_data, done, warmup, deadline)
+                stopped = _fit(model, config, run, train_data, validation, done, warmup, deadline)
                 stopped = "" if stopped == "early" else stopped  # fine-tuning still to come
                 done = int(run.read_state().get("epoch", done))
             frozen = warmup and any(not layer.trainable for layer in models.encoder_layers(model))
@@ -378,7 +389,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
                 models.set_encoder_trainable(model, True)
                 compile_model(model, config)  # a new optimizer for the whole network
             if not stopped and done < config.epochs:
-                stopped = _fit(model, config, run, train_data, val_data, done, config.epochs,
+                stopped = _fit(model, config, run, train_data, validation, done, config.epochs,
                                deadline)
         final = run.read_state()
         final["stopped_early"] = stopped == "early"

@@ -131,6 +131,7 @@ def make_dataset(
     seed: int = 0,
     shuffle: bool | None = None,
     cache_arrays: Arrays | tuple[np.ndarray, np.ndarray] | None = None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Batches of ``(image, mask)`` for ``model.fit`` / ``model.predict``.
 
@@ -156,6 +157,9 @@ def make_dataset(
         shuffle: override the shuffling (default: same as ``training``).
         cache_arrays: the result of :func:`load_arrays` for this ``table``, size and mode, to
             reuse arrays already decoded (e.g. by the throughput benchmark, or across folds).
+        drop_remainder: leave out the last partial batch. For training under several replicas:
+            a batch smaller than the replica count leaves a replica an empty batch, which
+            BatchNorm rejects. Shuffled every epoch, every image is still seen.
 
     Returns:
         A dataset of ``(image float32 [B, H, W, 3] in [0, 255], mask float32 [B, H, W, 1] in
@@ -188,6 +192,6 @@ def make_dataset(
             num_parallel_calls=autotune,
             deterministic=True,
         )
-    dataset = dataset.batch(batch_size, drop_remainder=False)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(_to_model_input, num_parallel_calls=autotune, deterministic=True)
     return dataset.prefetch(autotune)
