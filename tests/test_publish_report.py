@@ -37,6 +37,9 @@ def test_sidecar_carries_the_chosen_settings(evaluated_run, tmp_path):
     assert sidecar["resize"] == "stretch" and sidecar["image_size"] == 32
     assert sidecar["metrics"]["test"]["lesion"]["n"] > 0
     assert postprocess_for(weights)["threshold"] == chosen["threshold"]
+    card = weights.with_suffix(".md").read_text()
+    assert "not for clinical use" in card and sidecar["model_sha1"] in card
+    assert f"| lesion | {sidecar['metrics']['test']['lesion']['n']} |" in card
 
 
 def test_sidecar_of_other_weights_is_ignored(evaluated_run, tmp_path):

@@ -70,4 +70,59 @@ def publish_weights(
         "not_for_clinical_use": True,
     }
     atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(target.with_suffix(".md"), model_card(sidecar, summary))
     return target
+
+
+def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
+    """A human-readable model card, written from the sidecar's facts (nothing typed by hand)."""
+    from busi.report import metrics_table
+
+    config = sidecar["config"]
+    encoder = (f"{config['encoder']} encoder ({config['encoder_weights'] or 'from scratch'})"
+               if config["architecture"] == "unet" else
+               f"{config['base_filters']} base filters, depth {config['depth']}")
+    lines = [
+        f"# Model card: {Path(sidecar['model']).stem}",
+        "",
+        "**Research software, not a medical device: not for clinical use or clinical decisions.**",
+        "",
+        "## Model",
+        f"- Architecture: {config['architecture']} ({encoder}), input {sidecar['image_size']}x"
+        f"{sidecar['image_size']} ({sidecar['resize']}), {sidecar['input']}.",
+        f"- Loss {config['loss']}, optimizer {config['optimizer']} (learning rate "
+        f"{config['learning_rate']}), batch {config['batch_size']}, up to {config['epochs']} "
+        f"epochs, augmentation {'on' if config['augment'] else 'off'}, seed {config['seed']}.",
+        f"- Post-processing (chosen on {sidecar['chosen_on'] or 'nothing: defaults'}): "
+        f"threshold {sidecar['threshold']}, flip TTA {sidecar['tta']}, min component fraction "
+        f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
+        f"- Weights SHA-1 {sidecar['model_sha1']}; code commit {sidecar.get('git_commit')}.",
+        "",
+        "## Data",
+        "- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound images of 600 women "
+        "aged 25-75, one device family, one hospital (Baheya, Cairo), 2018.",
+        f"- Classes {', '.join(config['classes'])}; duplicate-grouped, label-stratified split "
+        f"(val {config['val_fraction']}, test {config['test_fraction']}, seed {config['seed']}); "
+        f"label-conflicting duplicates {'left out' if config.get('drop_conflicts') else 'kept'}. "
+        f"Dataset fingerprint {sidecar.get('dataset_fingerprint')}.",
+        "",
+        "## Metrics",
+    ]
+    if summary is not None and "test" in summary.get("splits", {}):
+        lines += ["Per image at the original resolution, on the held-out test split; lesion = "
+                  "benign + malignant; normal images only as false-positive rate.", "",
+                  metrics_table(summary, "test")]
+    else:
+        lines += ["Not evaluated yet (run `busi evaluate` on the run folder, then publish again).",
+                  ""]
+    lines += [
+        "## Limits",
+        "- Trained and tested on one public dataset from one centre; no external validation. "
+        "Expect lower scores on other scanners, settings and populations.",
+        "- Some BUSI images carry calliper marks and text near the lesion; a model can learn "
+        "them as cues.",
+        "- Masks are single hand-drawn outlines; inter-observer variability is not captured.",
+        "- Not for diagnosis, triage or any clinical decision.",
+        "",
+    ]
+    return "\n".join(lines)
