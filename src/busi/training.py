@@ -82,17 +82,11 @@ def prepare_data(
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` index rows.
     """
-    root = data.locate(config.data)
-    table = data.add_groups(data.index(root))
+    table = data.add_groups(data.index(data.locate(config.data)))
     if config.drop_conflicts:
         table = data.drop_conflicts(table)
-    if new_run and config.split_file:
-        split = data.load_split(config.split_file)
-    elif new_run:
-        split = data.make_split(
-            table, classes=config.classes, val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction, seed=config.seed,
-        )
+    if new_run:
+        split = make_run_split(config, table)
     elif run.split.is_file():
         split = data.load_split(run.split)
     else:
@@ -112,6 +106,20 @@ def prepare_data(
                 f"data {fingerprint}); point `data` at the dataset it was trained on"
             )
     return parts
+
+
+def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """The split a new run with ``config`` trains on: ``config.split_file`` if given, else a
+    grouped, stratified split of ``table`` (label-conflicting duplicates left out first when
+    ``config.drop_conflicts``)."""
+    if config.split_file:
+        return data.load_split(config.split_file)
+    if config.drop_conflicts:
+        table = data.drop_conflicts(table)
+    return data.make_split(
+        table, classes=config.classes, val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction, seed=config.seed,
+    )
 
 
 def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -408,4 +416,4 @@ def history(run_dir: str | os.PathLike) -> pd.DataFrame:
     return RunFolder(Path(run_dir)).read_history()
 
 
-__all__ = ["build", "compile_model", "history", "prepare_data", "train"]
+__all__ = ["build", "compile_model", "history", "make_run_split", "prepare_data", "train"]
