@@ -81,3 +81,21 @@ def test_report_has_figures_and_a_table_from_the_summary(evaluated_run, tmp_path
     lesion = summary["splits"]["test"]["lesion"]
     table = (out / "metrics.md").read_text()
     assert f"| lesion | {lesion['n']} | {lesion['dice_mean']:.3f} |" in table
+
+
+def test_exported_model_keeps_the_sidecar_settings(evaluated_run, busi_table, tmp_path):
+    weights = busi.publish_weights(evaluated_run, tmp_path / "weights", "model")
+    exported = busi.publish_export(weights, backend="tflite", quantize=None)
+    assert exported.name == "model.tflite"
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    assert "model.tflite" in sidecar["exports"]
+    assert postprocess_for(exported)["threshold"] == sidecar["threshold"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in busi_table["image_path"][:2]:
+        cv2.imwrite(str(images / path.rsplit("/", 1)[1]), cv2.imread(path))
+    keras_masks = busi.predict(weights, images, tmp_path / "keras")["pred"]
+    lite_masks = busi.predict(exported, images, tmp_path / "lite")["pred"]
+    for a, b in zip(keras_masks, lite_masks, strict=True):
+        ka, kb = cv2.imread(a, 0) > 0, cv2.imread(b, 0) > 0
+        assert (ka != kb).mean() < 0.01  # float32 TFLite: the same masks but for rounding

@@ -1,4 +1,4 @@
-"""The ``busi`` command: download, index, train, evaluate, report, predict.
+"""The ``busi`` command: download, index, train, evaluate, report, publish, predict.
 
 Each subcommand is a thin wrapper over the same function the notebooks call. TensorFlow is
 imported only by the subcommands that need it, so ``busi --help`` and ``busi index`` are quick.
@@ -16,7 +16,7 @@ from typing import Any
 import busi
 from busi.data.download import DEFAULT_DEST
 from busi.errors import DataError
-from busi.paths import PROJ_ROOT
+from busi.paths import PROJ_ROOT, WEIGHTS_DIR
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -87,6 +87,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _publish(args: argparse.Namespace) -> None:
+    weights = busi.publish_weights(args.run, args.dest, args.name)
+    print(f"wrote {weights} with {weights.with_suffix('.json').name} and "
+          f"{weights.with_suffix('.md').name}")
+    if args.export != "none":
+        backend, _, quantize = args.export.partition(":")
+        out = busi.publish_export(weights, backend=backend, quantize=quantize or None)
+        print(f"wrote {out} (same post-processing, for fast CPU inference)")
+
+
 def _report(args: argparse.Namespace) -> None:
     from busi.report import write_report
 
@@ -151,6 +161,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("publish", help="copy a run's best weights with sidecar and model card")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--dest", default=str(WEIGHTS_DIR), help="default: %(default)s")
+    p.add_argument("--name", help="file name stem (default: the run's name)")
+    p.add_argument("--export", default="tflite:dynamic",
+                   help="also export for fast CPU inference: tflite:dynamic (default), "
+                   "tflite, onnx, onnx:bfloat16, or none")
+    p.set_defaults(func=_publish)
+
     p = sub.add_parser("report", help="figures and metrics table of an evaluated run")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="output folder (default: reports/<run name>)")
@@ -161,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new images: mask and overlay PNG per image")
     p.add_argument("inputs", help="an image file or a folder of images")
     p.add_argument("output", help="output folder (never the input folder)")
-    p.add_argument("--weights", required=True, help="model .h5 saved by busi")
+    p.add_argument("--weights", required=True,
+                   help="model saved by busi: .h5, or .tflite/.onnx from `busi publish`")
     p.add_argument("--threshold", type=float,
                    help="probability threshold (default: the one chosen on validation when the "
                    "weights sit in an evaluated run folder, else 0.5)")

@@ -595,7 +595,8 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
     sha1 = file_sha1(model_path)
     for path in found:
         values = _read_json(path)
-        if values and values.get("model_sha1") == sha1:
+        exported = (values or {}).get("exports", {}).values()  # files made by publish_export
+        if values and (values.get("model_sha1") == sha1 or sha1 in exported):
             return values
     log.warning("%s was chosen for other weights than %s; not used", found[0], model_path)
     return None

@@ -1,26 +1,28 @@
 """Fast CPU inference: export a model to ONNX or TFLite, and run ``.h5``, ``.onnx`` and ``.tflite``
 files through one :class:`Predictor`.
 
-Why: float32 Keras runs the ResNet34 U-Net at about 6-12 images/s on 2 CPU cores, which makes
-evaluation, post-processing searches and ``busi predict`` on many images slow. Measured on this
-repo's 2-core AVX-512/VNNI/BF16 machine (``benchmarks/inference_speed.py``), the fast paths are:
+Why: float32 Keras runs the ResNet34 U-Net at about 6-20 images/s on 2 shared CPU cores, which
+makes evaluation, post-processing searches and ``busi predict`` on many images slow. Measured
+with ``benchmarks/inference_speed.py`` (2 shared AVX-512 VNNI/BF16 cores, 256x256, batch 8;
+speed as a ratio to Keras float32 ``predict`` in the same run; agreement = Dice of the
+0.5-thresholded masks vs Keras float32, pooled over 32 real BUSI images, for a from-scratch
+model at val IoU 0.62):
 
-- ``export(..., backend="onnx", quantize="bfloat16")`` run by OpenVINO: weights stay float32 in the
-  file, OpenVINO computes in bfloat16 (AVX512_BF16). About 2.5-3x Keras, masks agree with Keras
-  to Dice > 0.99. This is the recommended path.
-- ``export(..., backend="onnx", quantize="int8")``: static int8 (QDQ) calibrated on real images;
-  about 4-5x Keras under OpenVINO (about 2x under onnxruntime), but agreement is lower; check it
-  with the benchmark on the trained model before using it.
-- ``export(..., backend="tflite", quantize="dynamic")``: int8 weights, about 2-3x Keras with XNNPACK
-  and no extra dependency.
-- ``load_predictor("best.h5", precision="bfloat16")``: Keras rebuilt under ``mixed_bfloat16``,
-  about 2x, no export and no extra dependency.
+- ``export(..., backend="tflite", quantize="dynamic")``: int8 weights, activations quantised per
+  batch at run time by XNNPACK. 2.6-2.9x, Dice 0.997. Needs nothing beyond TensorFlow.
+- ``export(..., backend="onnx", quantize="int8")`` run by OpenVINO: static int8 calibrated on
+  real images. 3.3-3.7x (2.8x under onnxruntime), Dice 0.994; on a weaker checkpoint (val IoU
+  0.27, many probabilities near 0.5) it fell to 0.991, so check agreement on the model at hand.
+- ``export(..., backend="onnx", quantize="bfloat16")`` run by OpenVINO: float32 weights in the
+  file, bfloat16 compute. 2.0-2.4x, Dice 0.998-0.999.
+- ``load_predictor("best.h5", precision="bfloat16")``: Keras under ``mixed_bfloat16``; 1.8x,
+  Dice 0.999, no export and no extra dependency.
 
-Plain float32 ONNX under onnxruntime is *slower* than Keras here (TensorFlow's oneDNN kernels are
-good); float32 under OpenVINO is about 1.3-1.5x.
+Float32 gains nothing worth having: onnxruntime, OpenVINO and TFLite all run at 0.9-1.15x
+(TensorFlow's oneDNN kernels are as good); float16 TFLite weights only halve the file.
 
-onnxruntime, tf2onnx, onnx and openvino are optional (``pip install busi[fast]``) and imported
-only when needed. The model input convention is unchanged: float32 ``[B, H, W, 3]`` in
+onnxruntime, tf2onnx, onnx, openvino and ai-edge-litert are optional (``pip install busi[fast]``),
+imported only when needed. The model input convention is unchanged: float32 ``[B, H, W, 3]`` in
 [0, 255] in, float32 ``[B, H, W, 1]`` sigmoid probabilities out, whatever the file.
 """
 
@@ -139,11 +141,14 @@ def export(
         out_path: the file to write (``.onnx`` or ``.tflite``).
         backend: ``"onnx"`` (tf2onnx; run by OpenVINO or onnxruntime) or ``"tflite"``.
         quantize: None for float32, or
-            - onnx: ``"bfloat16"`` (float32 file marked for bfloat16 compute under OpenVINO; the
-              recommended fast path), ``"int8"`` (static QDQ int8, needs ``calibration``);
-            - tflite: ``"float16"`` (fp16 weights: half the file, no speed-up on x86),
-              ``"dynamic"`` (int8 weights, float activations), ``"int8"`` (full int8 with float
-              input/output, needs ``calibration``).
+            - onnx: ``"bfloat16"`` (float32 file marked for bfloat16 compute under OpenVINO;
+              closest to Keras of the fast paths), ``"int8"`` (static QDQ int8, needs
+              ``calibration``; fastest under OpenVINO);
+            - tflite: ``"dynamic"`` (int8 weights, activations quantised per batch at run time;
+              fast and close to Keras with TensorFlow alone), ``"float16"`` (fp16 weights: half
+              the file, no speed-up on x86), ``"int8"`` (full int8 with float input/output,
+              needs ``calibration``).
+            See the module docstring for measured speed and agreement.
         calibration: float32 ``[N, H, W, 3]`` images in [0, 255] for int8 (activation ranges are
             measured on them, so use real images, resized as for the model, e.g. 32-64).
 
@@ -162,7 +167,9 @@ def export(
             f"quantize={quantize!r} is not available for backend {backend!r}; choose one of "
             f"{BACKENDS[backend]}"
         )
-    model = _as_model(model_or_h5_path)
+    # float32 graph even for a model saved from mixed-precision training: the precision of an
+    # exported file is chosen here (quantize), not inherited from how the model was trained
+    model = with_policy(_as_model(model_or_h5_path), "float32")
     hw = _model_hw(model)
     if quantize == "int8":
         calibration = _check_calibration(calibration, hw)
@@ -501,10 +508,11 @@ def load_predictor(
     Args:
         path: the model file; its suffix decides the format.
         runtime: force one of :data:`RUNTIMES` that can read the format; by default ``.onnx``
-            runs under OpenVINO when installed (faster: float32 about 1.4x onnxruntime, and it
-            honours bfloat16 files), else onnxruntime.
+            runs under OpenVINO when installed (int8 about 1.3x faster than onnxruntime, and
+            only OpenVINO computes bfloat16 files in bfloat16), else onnxruntime.
         precision: ``.h5`` only: ``"bfloat16"`` rebuilds the model under ``mixed_bfloat16``
-            (about 2x on AVX512_BF16 CPUs). ``.onnx`` and ``.tflite`` files carry their precision.
+            (about 1.8x on AVX512_BF16 CPUs). ``.onnx`` and ``.tflite`` files carry their
+            precision.
         threads: CPU threads for ONNX/TFLite runtimes; default all cores this process may use.
 
     Returns:

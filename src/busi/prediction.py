@@ -191,7 +191,12 @@ def predict(
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: model file not found")
         settings = _run_settings(model_path)
-        model = weights.load_model(model_path, compile=False)
+        if model_path.suffix.lower() in (".onnx", ".tflite"):  # exported for fast CPU inference
+            from busi.export import load_predictor
+
+            model = load_predictor(model_path)
+        else:
+            model = weights.load_model(model_path, compile=False)
     size = size if size is not None else model_input_size(model) or settings.get("image_size")
     if size is None:
         raise ValueError("the model has no fixed input size: pass size=")

@@ -126,3 +126,38 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def publish_export(
+    weights: str | os.PathLike, backend: str = "tflite", quantize: str | None = "dynamic",
+    calibration: Any = None,
+) -> Path:
+    """Export published weights for fast CPU inference, next to them, under the same sidecar.
+
+    The default, TFLite with dynamic-range int8 weights, was the fastest path that kept the
+    masks of the Keras model (``benchmarks/inference_speed.py``); see :mod:`busi.export` for the
+    others. The exported file's SHA-1 is added to the sidecar's ``exports``, so
+    :func:`busi.predict` applies the same post-processing to it.
+
+    Returns:
+        The exported file's path (``<name>.tflite`` or ``<name>.onnx``; int8 or bfloat16
+        variants get ``.int8``/``.bf16`` before the suffix).
+    """
+    from busi.evaluation import file_sha1
+    from busi.export import export
+
+    weights = Path(weights)
+    sidecar_path = weights.with_suffix(".json")
+    sidecar = _read(sidecar_path)
+    if sidecar is None or sidecar.get("model_sha1") != file_sha1(weights):
+        raise FileNotFoundError(
+            f"{sidecar_path}: no sidecar for these weights; publish them first "
+            "(busi.publish_weights)"
+        )
+    tag = {"dynamic": ".int8", "int8": ".int8", "bfloat16": ".bf16", "float16": ".fp16"}
+    suffix = ".tflite" if backend == "tflite" else ".onnx"
+    out = weights.with_name(weights.stem + tag.get(quantize or "", "") + suffix)
+    export(weights, out, backend=backend, quantize=quantize, calibration=calibration)
+    sidecar.setdefault("exports", {})[out.name] = file_sha1(out)
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
+    return out
