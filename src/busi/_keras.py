@@ -9,6 +9,7 @@ modules that need it, so ``import busi`` and ``busi --help`` stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from types import ModuleType
@@ -72,7 +73,10 @@ def keras() -> ModuleType:
 def sm() -> ModuleType:
     """segmentation_models, imported with the tf.keras framework."""
     check_keras()
-    import segmentation_models
+    # segmentation-models prints its framework on import; keep stdout for results (the CLI
+    # prints JSON there) and send the notice to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        import segmentation_models
 
     if segmentation_models.framework() != "tf.keras":
         segmentation_models.set_framework("tf.keras")
