@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import command_line, usable_cores
 
 import busi  # first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported
 
@@ -116,13 +115,9 @@ def calibrate_batchnorm(model: Any, images: np.ndarray) -> None:
     Why: untrained statistics (mean 0, variance 1) on 0-255 input give logits in the thousands,
     so every probability is exactly 0 or 1 and no comparison of probabilities means anything.
     """
-    keras = busi._keras.keras()
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer in layers:
-        layer.momentum = 0.99
+    from busi.batchnorm import recalibrate
+
+    recalibrate(model, [images])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -193,10 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import tensorflow as tf
 
-    command = shlex.join([sys.executable, *sys.argv])
-    if args.data is None and os.environ.get("BUSI_DATA"):
-        command = f"BUSI_DATA={shlex.quote(os.environ['BUSI_DATA'])} {command}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    command = command_line(args.data is not None)
+    cores = usable_cores()
     print(f"command: {command}")
     print(f"cpu: {cores} usable cores, flags: {cpu_flags()}")
     print(f"versions: {versions()}")

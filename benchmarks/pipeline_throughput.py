@@ -18,10 +18,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import sys
 import time
+
+from _common import command_line, usable_cores
 
 import busi  # first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported
 
@@ -41,10 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from busi.data.pipeline import load_arrays, make_dataset
 
-    command = shlex.join([sys.executable, *sys.argv])
-    if args.data is None and os.environ.get("BUSI_DATA"):
-        command = f"BUSI_DATA={shlex.quote(os.environ['BUSI_DATA'])} {command}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    command = command_line(args.data is not None)
+    cores = usable_cores()
     print(f"command: {command}")
     print(f"cpu cores available: {cores}")
 

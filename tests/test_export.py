@@ -33,13 +33,9 @@ FLOAT32_ATOL = 1e-4
 
 def _calibrate(model, images: np.ndarray):
     """Set BatchNorm moving statistics to the batch statistics of ``images`` (see module doc)."""
-    keras = busi._keras.keras()
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer in layers:
-        layer.momentum = 0.99
+    from busi.batchnorm import recalibrate
+
+    recalibrate(model, [images])
     return model
 
 
