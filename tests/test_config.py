@@ -39,3 +39,20 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.json").write_text("{epochs: ")
     with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
         TrainConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_classes": ["normal"], "classes": ["benign", "malignant"]}, "train_classes"),
+    ({"train_classes": []}, "train_classes"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs"),
+])
+def test_bad_schedule_and_class_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_train_classes_round_trip(tmp_path):
+    config = TrainConfig(train_classes=("benign", "malignant"), lr_schedule="cosine")
+    path = config.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(path) == config

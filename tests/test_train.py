@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 import busi
+from busi import training
 from busi.config import TrainConfig
+from busi.runs import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +118,36 @@ def test_time_limit_stops_after_a_finished_epoch_and_resumes(busi_folder, tmp_pa
     assert state["epoch"] == 1 and not state["stopped_early"]
     busi.train(tiny(busi_folder, tmp_path, epochs=2))
     assert len(pd.read_csv(run / "history.csv")) == 2
+
+
+def test_cosine_schedule_shapes_and_resumes(busi_folder, tmp_path):
+    config = tiny(busi_folder, tmp_path, epochs=4, lr_schedule="cosine", warmup_epochs=1,
+                  learning_rate=1e-2, min_learning_rate=1e-4)
+    busi.train(config.replace(epochs=2))  # interrupted after two epochs ...
+    run = busi.train(config.replace(epochs=4))  # ... and resumed with the full schedule
+    lr = pd.read_csv(run / "history.csv")["lr"].tolist()
+    # warm-up to half the rate, then cosine from the full rate down to the minimum
+    expected = [5e-3, 1e-2, 1e-4 + 0.5 * (1e-2 - 1e-4), 1e-4]
+    assert lr == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_classes_trains_on_those_but_keeps_the_split(busi_folder, tmp_path):
+    config = tiny(busi_folder, tmp_path, epochs=1, train_classes=["benign", "malignant"])
+    run = RunFolder(config.directory)
+    parts = training.prepare_data(config, run, new_run=True)
+    assert set(parts["train"]["label"]) == {"benign", "malignant"}
+    everything = training.prepare_data(config.replace(train_classes=None), run)
+    assert "normal" in set(everything["train"]["label"])
+    for name in ("val", "test"):  # evaluation still sees the normal images
+        assert parts[name]["id"].tolist() == everything[name]["id"].tolist()
+
+
+def test_best_checkpoint_is_float32_after_bfloat16_training(busi_folder, tmp_path):
+    run = busi.train(tiny(busi_folder, tmp_path, epochs=1, mixed_precision="mixed_bfloat16"))
+    from busi._keras import keras
+
+    assert keras().mixed_precision.global_policy().name == "float32"  # not leaked to later code
+    policies = {layer.dtype_policy.name for layer in busi.load_model(run / "best.h5").layers}
+    assert policies == {"float32"}
+    last = busi.load_model(run / "last.h5")  # the resumable checkpoint keeps training precision
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in last.layers}

@@ -28,6 +28,10 @@ class TrainConfig:
             places and ``$BUSI_DATA``.
         split_file: an existing split CSV to use; None makes one from ``seed`` and the fractions.
         classes: labels that take part. Normal images teach the model to answer "no lesion".
+        train_classes: labels the model is trained on (None: all of ``classes``). Validation and
+            test keep every class of ``classes``, so the split, and the scores on normal images,
+            stay comparable with runs trained on everything. Published BUSI results train on
+            benign + malignant only.
         drop_conflicts: leave out the images of duplicate groups whose labels conflict (the same
             scan filed as benign and malignant, say); kept, they stay together in one part.
         architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".
@@ -41,6 +45,11 @@ class TrainConfig:
         precise_bn_batches: before each validation, recompute BatchNorm statistics over this
             many training batches (0: use Keras' moving averages, which lag badly when training
             from scratch; see :mod:`busi.batchnorm`).
+        lr_schedule: "plateau" halves the learning rate when ``monitor`` stalls
+            (``reduce_lr_*``); "cosine" decays it from ``learning_rate`` to
+            ``min_learning_rate`` over ``epochs``, after ``warmup_epochs`` of linear warm-up. A
+            schedule fixed in advance suits a time budget and does not react to noisy validation
+            scores; it is a function of the epoch, so a resumed run continues it exactly.
         max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
             budget); the run can be resumed later with the same command.
     """
@@ -50,6 +59,7 @@ class TrainConfig:
     run_dir: str | None = None
     split_file: str | None = None
     classes: tuple[str, ...] = LABELS
+    train_classes: tuple[str, ...] | None = None
     drop_conflicts: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -74,6 +84,8 @@ class TrainConfig:
     epochs: int = 50
     steps_per_epoch: int | None = None
     early_stopping_patience: int = 15
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
     reduce_lr_patience: int = 5
     reduce_lr_factor: float = 0.5
     min_learning_rate: float = 1e-6
@@ -93,6 +105,13 @@ class TrainConfig:
         unknown = sorted(set(self.classes) - set(LABELS))
         if unknown or not self.classes:
             raise ValueError(f"classes must be some of {list(LABELS)}, got {list(self.classes)}")
+        if self.train_classes is not None:
+            self.train_classes = tuple(self.train_classes)
+            if not self.train_classes or set(self.train_classes) - set(self.classes):
+                raise ValueError(
+                    f"train_classes must be some of classes {list(self.classes)}, got "
+                    f"{list(self.train_classes)}"
+                )
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None
         choices = {
@@ -100,6 +119,7 @@ class TrainConfig:
             "resize": ("letterbox", "stretch"),
             "mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
             "optimizer": ("adam", "adamw", "sgd"),
+            "lr_schedule": ("plateau", "cosine"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -123,6 +143,11 @@ class TrainConfig:
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} "
+                f"(epochs {self.epochs})"
+            )
 
     @property
     def directory(self) -> Path:
@@ -134,6 +159,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["classes"] = list(self.classes)
+        if self.train_classes is not None:
+            data["train_classes"] = list(self.train_classes)
         return data
 
     @classmethod

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from busi.atomic import atomic_path
+from busi.weights import with_policy
 
 BACKENDS: dict[str, tuple[str | None, ...]] = {
     "onnx": (None, "bfloat16", "int8"),
@@ -335,45 +336,6 @@ class KerasPredictor(Predictor):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._call(batch).numpy()
-
-
-def with_policy(model: Any, policy: str) -> Any:
-    """The same model with every layer under ``policy``, weights copied; ``model`` if already so.
-
-    ``"mixed_bfloat16"``: on CPUs with AVX512_BF16 (or AMX) oneDNN runs bfloat16 convolutions
-    about twice as fast as float32. The input layer, the ``preprocess`` layer and the output
-    layers stay float32: bfloat16 holds only ~3 significant digits, too coarse for pixel
-    normalisation and for probabilities near a threshold. ``"float32"`` undoes that for a model
-    saved from mixed-precision training, so "float32" means float32. A layer's dtype is fixed
-    in its config (setting the global policy does not reach it), so the config is rewritten.
-    """
-    keras = _keras_module()
-    keep = set(model.output_names) | {"preprocess"}
-    wanted = {
-        layer.name: "float32" if layer.name in keep else policy
-        for layer in model.layers if type(layer).__name__ != "InputLayer"
-    }
-    if all(model.get_layer(name).dtype_policy.name == p for name, p in wanted.items()):
-        return model
-    config = model.get_config()
-    for layer in config["layers"]:
-        if layer["name"] in wanted and "dtype" in layer["config"]:
-            layer["config"]["dtype"] = wanted[layer["name"]]
-    from busi import models
-
-    try:
-        custom = models.custom_objects()
-    except ImportError:  # efficientnet (only some encoders need it) is not installed
-        custom = {}
-    rebuilt = keras.Model.from_config(config, custom_objects=custom)
-    rebuilt.set_weights(model.get_weights())
-    return rebuilt
-
-
-def _keras_module() -> Any:
-    from busi import _keras
-
-    return _keras.keras()
 
 
 class OpenVinoPredictor(Predictor):
