@@ -82,4 +82,7 @@ def test_train_evaluate_predict_end_to_end(busi_folder, busi_table, tmp_path, ca
     assert main(["predict", str(images), str(tmp_path / "pred"), "--weights",
                  str(run / "best.h5")]) == 0
     n_images = len(busi_table[busi_table["label"] == "normal"])
-    assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 2 * n_images  # + mask files
+    assert len(list((tmp_path / "pred").glob("*_pred.png"))) == n_images  # masks left out
+    assert main(["predict", str(images), str(tmp_path / "all"), "--weights",
+                 str(run / "best.h5"), "--include-masks"]) == 0
+    assert len(list((tmp_path / "all").glob("*_pred.png"))) == 2 * n_images

@@ -148,3 +148,17 @@ def test_predict_uses_the_threshold_chosen_for_the_weights(tmp_path: Path, input
     chosen["model_sha1"] = "0" * 40
     (run / "evaluation" / "postprocess.json").write_text(json.dumps(chosen))
     assert predict(model_path, image, tmp_path / "d")["lesion_pixels"].iloc[0] == 33 * 81
+
+
+def test_busi_masks_next_to_their_images_are_not_predicted(tmp_path: Path) -> None:
+    folder = tmp_path / "benign"
+    folder.mkdir()
+    picture = np.full((20, 30), 90, np.uint8)
+    for name in ("benign (1).png", "benign (1)_mask.png", "benign (1)_mask_1.png",
+                 "lonely_mask.png"):  # no image "lonely": a user's image with such a name
+        cv2.imwrite(str(folder / name), picture)
+    names = [p.name for p in list_inputs(folder)]
+    assert names == ["benign (1).png", "lonely_mask.png"]
+    assert len(list_inputs(folder, include_masks=True)) == 4
+    table = predict(dark_is_lesion, folder, tmp_path / "out", size=SIZE)
+    assert [Path(p).name for p in table["input"]] == names

@@ -109,7 +109,7 @@ def _report(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     table = busi.predict(
         args.weights, args.inputs, args.output, size=args.size, mode=args.resize,
-        threshold=args.threshold, tta=args.tta,
+        threshold=args.threshold, tta=args.tta, include_masks=args.include_masks,
     )
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
     print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
@@ -190,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
                    help="default: the run's setting, else letterbox")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the flipped image (default: as chosen on validation)")
+    p.add_argument("--include-masks", action="store_true",
+                   help="also segment files named X_mask*.png that sit next to an image X "
+                   "(BUSI ground truth; skipped by default)")
     p.set_defaults(func=_predict)
     return main
 

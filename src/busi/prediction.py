@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from busi.atomic import atomic_write_bytes
-from busi.data.index import IMAGE_SUFFIXES
+from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
 from busi.errors import DataError
 from busi.evaluation import model_input_size, postprocess, postprocess_for, predict_images
@@ -40,12 +40,13 @@ COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_
 OVERLAY_BGR = (0, 0, 255)  # red
 
 
-def list_inputs(inputs: str | os.PathLike) -> list[Path]:
+def list_inputs(inputs: str | os.PathLike, include_masks: bool = False) -> list[Path]:
     """The image files to segment: ``inputs`` itself, or the images directly in that folder.
 
-    A folder is not searched recursively; hidden files are skipped; every other file with an
-    image suffix is predicted, including files named like BUSI masks (``*_mask*.png``): a user's
-    image may well have such a name, so point ``inputs`` at a folder of images only.
+    A folder is not searched recursively and hidden files are skipped. In a folder laid out like
+    BUSI, ``X_mask.png`` (``X_mask_1.png`` ...) next to an image ``X`` is that image's ground
+    truth, not an image to segment, so it is left out unless ``include_masks``; a file named
+    like a mask whose image is not in the folder is predicted like any other.
     """
     path = Path(inputs)
     if path.is_file():
@@ -56,6 +57,9 @@ def list_inputs(inputs: str | os.PathLike) -> list[Path]:
         p for p in path.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
+    if not include_masks:
+        stems = {p.stem for p in files}
+        files = [p for p in files if mask_of(p) not in stems]
     if not files:
         raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files
@@ -149,6 +153,7 @@ def predict(
     min_component_fraction: float | None = None,
     keep_largest: bool | None = None,
     batch_size: int = 8,
+    include_masks: bool = False,
 ) -> pd.DataFrame:
     """Segment an image file or every image of a folder; write mask and overlay PNGs.
 
@@ -167,6 +172,8 @@ def predict(
             on validation for these weights (module docstring), else letterbox, 0.5, no TTA, no
             filtering.
         batch_size: images per forward pass.
+        include_masks: also segment BUSI ground-truth masks found next to their images
+            (see :func:`list_inputs`).
 
     Returns:
         One row per input file (:data:`COLUMNS`): output paths, original size, predicted lesion
@@ -179,7 +186,7 @@ def predict(
     """
     inputs = Path(inputs)
     output_dir = Path(output_dir)
-    files = list_inputs(inputs)
+    files = list_inputs(inputs, include_masks)
     _check_outputs(inputs, files, output_dir)
 
     settings: dict[str, Any] = {}

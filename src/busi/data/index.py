@@ -31,6 +31,12 @@ COLUMNS = [
     "lesion_fraction", "hash", "phash",
 ]
 _MASK = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<number>\d+))?$", re.IGNORECASE)
+
+
+def mask_of(path: Path) -> str | None:
+    """The image stem a file is a BUSI mask of (``X_mask_1.png`` -> ``"X"``), else None."""
+    match = _MASK.match(path.stem)
+    return match["stem"] if match else None
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
