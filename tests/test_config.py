@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from busi.config import TrainConfig
+from busi.paths import PROJ_ROOT
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -56,3 +57,10 @@ def test_train_classes_round_trip(tmp_path):
     config = TrainConfig(train_classes=("benign", "malignant"), lr_schedule="cosine")
     path = config.save(tmp_path / "config.yaml")
     assert TrainConfig.load(path) == config
+
+
+@pytest.mark.parametrize("path", sorted(PROJ_ROOT.joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_their_run_after_the_file(path):
+    config = TrainConfig.load(path)  # a typo in a key or value would raise here
+    assert config.name == path.stem.replace("_", "-")
