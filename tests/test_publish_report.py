@@ -99,3 +99,23 @@ def test_exported_model_keeps_the_sidecar_settings(evaluated_run, busi_table, tm
     for a, b in zip(keras_masks, lite_masks, strict=True):
         ka, kb = cv2.imread(a, 0) > 0, cv2.imread(b, 0) > 0
         assert (ka != kb).mean() < 0.01  # float32 TFLite: the same masks but for rounding
+
+
+def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
+    from busi.cli import main
+    from busi.report import results_table
+
+    summary = json.loads((evaluated_run / "evaluation" / "summary.json").read_text())
+    lesion = summary["splits"]["test"]["lesion"]
+    params = busi.load_model(evaluated_run / "best.h5", compile=False).count_params()
+    table = results_table([evaluated_run])
+    row = table.splitlines()[2]
+    assert row.startswith(f"| `{evaluated_run.name}` | classic U-Net, 4 filters, depth 2")
+    assert f"| {params / 1e6:.1f} M |" in row
+    assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
+    assert f"| {lesion['missed']} of {lesion['n']} |" in row
+    out = tmp_path / "results.md"
+    assert main(["compare", str(evaluated_run), "--out", str(out)]) == 0
+    assert out.read_text() == table
+    with pytest.raises(FileNotFoundError, match="not evaluated"):
+        results_table([tmp_path])

@@ -1,4 +1,4 @@
-"""The ``busi`` command: download, index, train, evaluate, report, publish, predict.
+"""The ``busi`` command: download, index, train, evaluate, report, compare, publish, predict.
 
 Each subcommand is a thin wrapper over the same function the notebooks call. TensorFlow is
 imported only by the subcommands that need it, so ``busi --help`` and ``busi index`` are quick.
@@ -106,6 +106,16 @@ def _report(args: argparse.Namespace) -> None:
     print(f"figures in {out}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from busi.atomic import atomic_write_text
+    from busi.report import results_table
+
+    table = results_table(args.runs, split=args.split)
+    if args.out:
+        atomic_write_text(Path(args.out), table)
+    print(table, end="")
+
+
 def _predict(args: argparse.Namespace) -> None:
     table = busi.predict(
         args.weights, args.inputs, args.output, size=args.size, mode=args.resize,
@@ -176,6 +186,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("compare", help="results table (Markdown) of evaluated runs, one row each")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--out", help="also write the table to this file")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("predict", help="segment new images: mask and overlay PNG per image")
     p.add_argument("inputs", help="an image file or a folder of images")

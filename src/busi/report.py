@@ -47,6 +47,65 @@ def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str:
+    """Markdown table comparing evaluated runs, one row each, read from their run folders.
+
+    This is the README's results table: built from ``summary.json``, ``history.csv``,
+    ``config.json`` and ``best.h5``, so no figure in it is typed by hand. Wall time is the sum
+    of the recorded epochs (training and validation; evaluation excluded).
+    """
+    from busi.config import TrainConfig
+    from busi.evaluation import evaluation_dir
+
+    lines = [
+        "| run | model | params | trained on | epochs, wall time | lesion Dice mean / median "
+        "| IoU mean / median | benign / malignant Dice mean | missed lesions | normal FP rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run_dir in map(Path, run_dirs):
+        summary_path = evaluation_dir(run_dir) / "summary.json"
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
+        part = json.loads(summary_path.read_text())["splits"][split]
+        config = TrainConfig.load(run_dir / "config.json")
+        history = pd.read_csv(run_dir / "history.csv")
+        lesion, normal = part["lesion"], part.get("normal") or {}
+        benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
+        model = (f"classic U-Net, {config.base_filters} filters, depth {config.depth}"
+                 if config.architecture == "classic_unet" else f"U-Net, {config.encoder}")
+        if config.encoder_weights is None or config.architecture == "classic_unet":
+            model += ", from scratch"
+        trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
+            else ", ".join(config.train_classes or config.classes)
+        fp = normal.get("false_positive_rate")
+        lines.append(
+            f"| `{run_dir.name}` | {model} | {_parameter_count(run_dir / 'best.h5') / 1e6:.1f} M "
+            f"| {trained_on} | {len(history)}, {history['seconds'].sum() / 60:.0f} min "
+            f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
+            f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
+            f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
+            f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
+            f"| {normal.get('false_positives', 'n/a')} of {normal.get('n', 0)} ({_fmt(fp, 2)}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _parameter_count(h5_path: Path) -> int:
+    """Number of weights in a Keras ``.h5`` (BatchNorm statistics included), read without
+    building the model."""
+    import h5py
+    import numpy as np
+
+    sizes: list[int] = []
+    with h5py.File(h5_path, "r") as handle:
+        group = handle["model_weights"] if "model_weights" in handle else handle
+        group.visititems(
+            lambda _, item: sizes.append(int(np.prod(item.shape)))
+            if isinstance(item, h5py.Dataset) else None
+        )
+    return sum(sizes)
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
