@@ -158,3 +158,24 @@ def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
     figures = [output for cell in nb.cells if cell.cell_type == "code"
                for output in cell.outputs if "image/png" in output.get("data", {})]
     assert len(figures) == 2, "04_predict should show N_SHOW overlays"
+
+
+@pytest.mark.slow
+def test_predict_notebook_runs_on_a_fresh_clone_with_the_shipped_model(tmp_path, busi_folder):
+    """Nothing trained, no run folder: 04 falls back to the model in weights/ and takes its demo
+    images from the split that the model's sidecar makes again."""
+    from nbclient import NotebookClient
+
+    real = os.environ.get("BUSI_DATA")
+    nb = inject(read("04_predict"), dict(
+        RUN_NAME="never-trained", RUN_DIR=str(tmp_path / "runs" / "never-trained"),
+        WEIGHTS_DIR=str(tmp_path / "no-weights"), DATA=str(Path(real) if real else busi_folder),
+        OUTPUT_DIR=str(tmp_path / "predictions"), N_DEMO=2, N_SHOW=1,
+    ))
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    printed = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                      for output in cell.outputs)
+    assert "using the shipped classic-unet-cpu.h5" in printed
+    assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 2

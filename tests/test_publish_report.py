@@ -119,3 +119,28 @@ def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     assert out.read_text() == table
     with pytest.raises(FileNotFoundError, match="not evaluated"):
         results_table([tmp_path])
+
+
+def test_demo_images_of_published_weights_are_the_runs_test_images(evaluated_run, busi_folder,
+                                                                   tmp_path):
+    from busi.notebook import demo_inputs
+
+    weights = busi.publish_weights(evaluated_run, tmp_path / "weights", "model")
+    from_run = demo_inputs(evaluated_run, tmp_path / "a", n=3)
+    # A fresh clone has the published weights but not the run folder: the sidecar's config
+    # makes the same split again.
+    from_weights = demo_inputs(weights, tmp_path / "b", n=3, data=busi_folder)
+    names = sorted(p.name for p in from_run.iterdir())
+    assert len(names) == 3 and names == sorted(p.name for p in from_weights.iterdir())
+    with pytest.raises(FileNotFoundError, match="INPUTS"):
+        demo_inputs(tmp_path / "nothing.h5", tmp_path / "c")
+
+
+def test_missing_weights_fall_back_to_the_shipped_model(tmp_path, capsys):
+    from busi.notebook import weights_or_shipped
+    from busi.paths import SHIPPED_MODEL
+
+    assert SHIPPED_MODEL.is_file(), "the shipped model is committed with the project"
+    assert weights_or_shipped(tmp_path / "none.h5") == SHIPPED_MODEL
+    assert "using the shipped" in capsys.readouterr().out
+    assert weights_or_shipped(SHIPPED_MODEL) == SHIPPED_MODEL

@@ -350,9 +350,10 @@ notebook("04_predict", [
 **Purpose.** Load saved `.h5` weights and segment images the model has not seen: one binary
 mask and one overlay per image, at the image's own size.
 
-**Inputs.** Weights from `02_train` (`weights/<RUN_NAME>.h5`, or any busi `.h5`), and an image
-or a folder of images (PNG, JPEG, BMP; gray or colour). Without `INPUTS`, a few test images of
-the run are copied to a demo folder.
+**Inputs.** Weights from `02_train` (`weights/<RUN_NAME>.h5`, or any busi `.h5`; on a fresh
+clone with nothing trained, the small model shipped in `weights/`), and an image or a folder of
+images (PNG, JPEG, BMP; gray or colour). Without `INPUTS`, a few test images of the model's split
+are copied to a demo folder (this needs the dataset, see `01_data`).
 
 **Outputs.** `<stem>_pred.png` (mask, 0/255) and `<stem>_overlay.png` per image in
 `OUTPUT_DIR`. Research software: the masks are not for clinical decisions."""),
@@ -364,7 +365,7 @@ RUN_NAME = "unet-resnet34"
 RUN_DIR = None  # the run that made the weights: None: runs/<RUN_NAME> (on Drive with USE_DRIVE)
 WEIGHTS_DIR = None  # None: weights/ (on Drive with USE_DRIVE)
 USE_DRIVE = False  # Colab: the run and the weights are on Google Drive
-WEIGHTS = None  # a .h5 file; None: <WEIGHTS_DIR>/<RUN_NAME>.h5 saved by 02_train
+WEIGHTS = None  # a .h5 file; None: <WEIGHTS_DIR>/<RUN_NAME>.h5 from 02_train, else the shipped one
 INPUTS = None  # an image or a folder of images; None: N_DEMO test images of the run
 OUTPUT_DIR = None  # None: predictions/ in the run folder
 DATA = None  # the dataset, for the demo images, if not where the run's config says
@@ -376,7 +377,8 @@ N_SHOW = 6  # overlays shown""",
     ("md", "The weights file and the run that made it:"),
     ("code", """\
 run_dir, weights_dir = busi.notebook.locations(RUN_NAME, RUN_DIR, WEIGHTS_DIR, USE_DRIVE)
-weights = Path(WEIGHTS) if WEIGHTS else weights_dir / f"{RUN_NAME}.h5"
+weights = Path(WEIGHTS) if WEIGHTS else busi.notebook.weights_or_shipped(
+    weights_dir / f"{RUN_NAME}.h5")
 weights"""),
     ("md", """\
 ## Load the weights
@@ -395,8 +397,9 @@ its SHA-1 matches the weights. Other weights get predict's defaults (letterbox, 
     ("code", "postprocess_for(weights)"),
     ("md", "## The images"),
     ("code", """\
+source = run_dir if (run_dir / "config.json").is_file() else weights  # no run: the sidecar
 inputs = Path(INPUTS) if INPUTS else busi.notebook.demo_inputs(
-    run_dir, run_dir / "demo_inputs", n=N_DEMO, data=DATA)
+    source, run_dir / "demo_inputs", n=N_DEMO, data=DATA)
 output_dir = Path(OUTPUT_DIR) if OUTPUT_DIR else run_dir / "predictions"
 inputs, output_dir"""),
     ("md", """\

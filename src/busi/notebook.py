@@ -12,6 +12,7 @@ The Colab install cell itself cannot live here: it runs before busi is installed
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -137,30 +138,55 @@ def run_predictions(
     return table, masks
 
 
+def weights_or_shipped(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else the model shipped in ``weights/`` (with a notice), so the
+    prediction notebook also runs on a fresh clone where nothing has been trained."""
+    from busi.paths import SHIPPED_MODEL
+
+    path = Path(path)
+    if path.is_file() or not SHIPPED_MODEL.is_file():
+        return path
+    print(f"{path} not found (train with 02_train first); using the shipped {SHIPPED_MODEL.name}")
+    return SHIPPED_MODEL
+
+
 def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
                 split: str = "test", data: str | os.PathLike | None = None) -> Path:
     """Copy ``n`` images (no masks) of a run's split part into ``dest``, to try prediction on.
 
-    Test images by default: the model has not seen them. The dataset is only read.
+    Test images by default: the model has not seen them. ``run_dir`` is a run folder, or
+    published weights (``.h5`` with its sidecar) whose run folder is not at hand (a fresh
+    clone): their split is made again from the config in the sidecar, which gives the same
+    split on the same data. The dataset is only read.
     """
+    from busi import data as busi_data
     from busi.config import TrainConfig
-    from busi.data import index, load_split, locate, select
+    from busi.training import make_run_split
 
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
+    source = Path(run_dir)
+    sidecar = source.with_suffix(".json")
+    if (source / "config.json").is_file():
+        config = TrainConfig.load(source / "config.json")
+        table = busi_data.index(busi_data.locate(data if data is not None else config.data))
+        split_table = busi_data.load_split(source / "split.csv")
+    elif source.suffix == ".h5" and sidecar.is_file():
+        config = TrainConfig.from_dict(json.loads(sidecar.read_text())["config"])
+        table = busi_data.add_groups(busi_data.index(busi_data.locate(data)))
+        split_table = make_run_split(config, table)
+    else:
         raise FileNotFoundError(
-            f"{config_path}: no run folder to take demo images from; set INPUTS to a folder of "
-            "images"
+            f"{source}: neither a run folder nor published weights with a sidecar to take demo "
+            "images from; set INPUTS to a folder of images"
         )
-    config = TrainConfig.load(config_path)
-    table = select(index(locate(data if data is not None else config.data)),
-                   load_split(Path(run_dir) / "split.csv"), split)
     dest = Path(dest)
-    for image_path in table["image_path"].head(n):
-        source = Path(image_path)
-        with atomic_path(dest / source.name) as tmp:
-            tmp.write_bytes(source.read_bytes())
+    for image_path in busi_data.select(table, split_table, split)["image_path"].head(n):
+        source_image = Path(image_path)
+        with atomic_path(dest / source_image.name) as tmp:
+            tmp.write_bytes(source_image.read_bytes())
     return dest
 
 
-__all__ = ["demo_inputs", "drive_folder", "get_data", "in_colab", "locations", "run_predictions"]
+__all__ = [
+    "demo_inputs", "drive_folder", "get_data", "in_colab", "locations", "run_predictions",
+    "weights_or_shipped",
+]
