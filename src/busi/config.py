@@ -49,7 +49,8 @@ class TrainConfig:
             (``reduce_lr_*``); "cosine" decays it from ``learning_rate`` to
             ``min_learning_rate`` over ``epochs``, after ``warmup_epochs`` of linear warm-up. A
             schedule fixed in advance suits a time budget and does not react to noisy validation
-            scores; it is a function of the epoch, so a resumed run continues it exactly.
+            scores; it is a function of the epoch, so a resumed run continues it exactly
+            (raising ``epochs`` when resuming stretches what is left of the decay).
         max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
             budget); the run can be resumed later with the same command.
     """
