@@ -64,3 +64,10 @@ def test_train_classes_round_trip(tmp_path):
 def test_shipped_configs_load_and_name_their_run_after_the_file(path):
     config = TrainConfig.load(path)  # a typo in a key or value would raise here
     assert config.name == path.stem.replace("_", "-")
+
+
+def test_warmup_needs_the_cosine_schedule_and_cosine_decays_downwards():
+    with pytest.raises(ValueError, match="cosine' only"):
+        TrainConfig(warmup_epochs=2)  # plateau schedule
+    with pytest.raises(ValueError, match="must not exceed learning_rate"):
+        TrainConfig(lr_schedule="cosine", learning_rate=1e-4, min_learning_rate=1e-3)

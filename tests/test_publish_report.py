@@ -103,15 +103,15 @@ def test_exported_model_keeps_the_sidecar_settings(evaluated_run, busi_table, tm
 
 def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     from busi.cli import main
-    from busi.report import results_table
+    from busi.report import _parameter_count, results_table
 
     summary = json.loads((evaluated_run / "evaluation" / "summary.json").read_text())
     lesion = summary["splits"]["test"]["lesion"]
-    params = busi.load_model(evaluated_run / "best.h5", compile=False).count_params()
+    model = busi.load_model(evaluated_run / "best.h5", compile=False)
+    assert _parameter_count(evaluated_run / "best.h5") == model.count_params()
     table = results_table([evaluated_run])
     row = table.splitlines()[2]
     assert row.startswith(f"| `{evaluated_run.name}` | classic U-Net, 4 filters, depth 2")
-    assert f"| {params / 1e6:.1f} M |" in row
     assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
     assert f"| {lesion['missed']} of {lesion['n']} |" in row
     out = tmp_path / "results.md"
@@ -119,6 +119,8 @@ def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     assert out.read_text() == table
     with pytest.raises(FileNotFoundError, match="not evaluated"):
         results_table([tmp_path])
+    with pytest.raises(ValueError, match="no 'train' split"):
+        results_table([evaluated_run], split="train")
 
 
 def test_demo_images_of_published_weights_are_the_runs_test_images(evaluated_run, busi_folder,
@@ -143,4 +145,8 @@ def test_missing_weights_fall_back_to_the_shipped_model(tmp_path, capsys):
     assert SHIPPED_MODEL.is_file(), "the shipped model is committed with the project"
     assert weights_or_shipped(tmp_path / "none.h5") == SHIPPED_MODEL
     assert "using the shipped" in capsys.readouterr().out
-    assert weights_or_shipped(SHIPPED_MODEL) == SHIPPED_MODEL
+    capsys.readouterr()
+    own = tmp_path / "own.h5"
+    own.write_bytes(b"weights of a run")
+    assert weights_or_shipped(own) == own  # existing weights are used as they are
+    assert capsys.readouterr().out == ""

@@ -397,7 +397,8 @@ its SHA-1 matches the weights. Other weights get predict's defaults (letterbox, 
     ("code", "postprocess_for(weights)"),
     ("md", "## The images"),
     ("code", """\
-source = run_dir if (run_dir / "config.json").is_file() else weights  # no run: the sidecar
+# The split of the weights' own run: from their sidecar if they have one, else the run folder.
+source = weights if weights.with_suffix(".json").is_file() else run_dir
 inputs = Path(INPUTS) if INPUTS else busi.notebook.demo_inputs(
     source, run_dir / "demo_inputs", n=N_DEMO, data=DATA)
 output_dir = Path(OUTPUT_DIR) if OUTPUT_DIR else run_dir / "predictions"

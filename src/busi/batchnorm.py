@@ -60,7 +60,8 @@ class PreciseValidation(_keras.keras().callbacks.Callback):
 
     Used instead of ``fit(validation_data=...)`` and placed first among the callbacks, so that the
     ``val_*`` values the checkpoint, early stopping and learning-rate callbacks read are those of
-    the model as it will be saved and used.
+    the model as it will be saved and used (computed in the training precision: under mixed
+    precision, ``best.h5`` is then saved in float32).
     """
 
     def __init__(self, calibration: tf.data.Dataset, validation: tf.data.Dataset, batches: int):

@@ -123,6 +123,13 @@ def _predict(args: argparse.Namespace) -> None:
     )
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
     print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
+    if not args.include_masks and Path(args.inputs).is_dir():
+        from busi.prediction import list_inputs
+
+        masks = len(list_inputs(args.inputs, include_masks=True)) - len(table)
+        if masks:
+            print(f"left out {masks} ground-truth mask file(s) (X_mask*.png next to X); "
+                  "--include-masks keeps them")
     if len(failed):
         print(f"skipped {len(failed)} unreadable file(s): see the warnings above")
 

@@ -49,8 +49,9 @@ class TrainConfig:
             (``reduce_lr_*``); "cosine" decays it from ``learning_rate`` to
             ``min_learning_rate`` over ``epochs``, after ``warmup_epochs`` of linear warm-up. A
             schedule fixed in advance suits a time budget and does not react to noisy validation
-            scores; it is a function of the epoch, so a resumed run continues it exactly
-            (raising ``epochs`` when resuming stretches what is left of the decay).
+            scores; it is a function of the epoch and ``epochs``, so a resumed run continues it
+            exactly. Raising ``epochs`` when resuming recomputes it for the new length: the
+            rate jumps back up (a warm restart) and decays again to the new end.
         max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
             budget); the run can be resumed later with the same command.
     """
@@ -148,6 +149,13 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} "
                 f"(epochs {self.epochs})"
+            )
+        if self.lr_schedule != "cosine" and self.warmup_epochs:
+            raise ValueError("warmup_epochs applies to lr_schedule 'cosine' only")
+        if self.lr_schedule == "cosine" and self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"min_learning_rate ({self.min_learning_rate}) must not exceed learning_rate "
+                f"({self.learning_rate}): the cosine schedule decays from one to the other"
             )
 
     @property

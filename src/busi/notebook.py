@@ -156,30 +156,42 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
 
     Test images by default: the model has not seen them. ``run_dir`` is a run folder, or
     published weights (``.h5`` with its sidecar) whose run folder is not at hand (a fresh
-    clone): their split is made again from the config in the sidecar, which gives the same
-    split on the same data. The dataset is only read.
+    clone): their split is made again from the config in the sidecar, and the dataset
+    fingerprint recorded there confirms it is the same split of the same data. The dataset is
+    only read.
     """
     from busi import data as busi_data
     from busi.config import TrainConfig
-    from busi.training import make_run_split
+    from busi.training import make_run_split, split_parts
 
     source = Path(run_dir)
     sidecar = source.with_suffix(".json")
     if (source / "config.json").is_file():
         config = TrainConfig.load(source / "config.json")
         table = busi_data.index(busi_data.locate(data if data is not None else config.data))
-        split_table = busi_data.load_split(source / "split.csv")
+        rows = busi_data.select(table, busi_data.load_split(source / "split.csv"), split)
     elif source.suffix == ".h5" and sidecar.is_file():
-        config = TrainConfig.from_dict(json.loads(sidecar.read_text())["config"])
+        facts = json.loads(sidecar.read_text())
+        config = TrainConfig.from_dict(facts["config"])
         table = busi_data.add_groups(busi_data.index(busi_data.locate(data)))
-        split_table = make_run_split(config, table)
+        if config.drop_conflicts:
+            table = busi_data.drop_conflicts(table)
+        parts = split_parts(config, table, make_run_split(config, table))
+        found = busi_data.fingerprint(pd.concat(parts.values()))
+        if found != facts.get("dataset_fingerprint"):
+            raise DataError(
+                f"{sidecar}: {source.name} was trained on other data (fingerprint "
+                f"{facts.get('dataset_fingerprint')}, this data {found}), so its test images "
+                "cannot be told apart here; set INPUTS to a folder of images"
+            )
+        rows = parts[split]
     else:
         raise FileNotFoundError(
             f"{source}: neither a run folder nor published weights with a sidecar to take demo "
             "images from; set INPUTS to a folder of images"
         )
     dest = Path(dest)
-    for image_path in busi_data.select(table, split_table, split)["image_path"].head(n):
+    for image_path in rows["image_path"].head(n):
         source_image = Path(image_path)
         with atomic_path(dest / source_image.name) as tmp:
             tmp.write_bytes(source_image.read_bytes())

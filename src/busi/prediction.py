@@ -59,7 +59,12 @@ def list_inputs(inputs: str | os.PathLike, include_masks: bool = False) -> list[
     )
     if not include_masks:
         stems = {p.stem for p in files}
-        files = [p for p in files if mask_of(p) not in stems]
+        masks = {p for p in files if (mask := mask_of(p)) is not None and mask[0] in stems}
+        images = [p for p in files if p not in masks]
+        if len(images) < len(files):
+            log.info("%s: left out %d ground-truth mask file(s) of images in the folder "
+                     "(include_masks=True keeps them)", path, len(files) - len(images))
+        files = images
     if not files:
         raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files

@@ -74,6 +74,13 @@ def publish_weights(
     return target
 
 
+def _schedule(config: dict[str, Any]) -> str:
+    if config.get("lr_schedule") == "cosine":
+        return (f"cosine decay to {config['min_learning_rate']} after "
+                f"{config.get('warmup_epochs', 0)} warm-up epochs")
+    return f"halved after {config['reduce_lr_patience']} epochs without improvement"
+
+
 def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     """A human-readable model card, written from the sidecar's facts (nothing typed by hand)."""
     from busi.report import metrics_table
@@ -91,8 +98,9 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"- Architecture: {config['architecture']} ({encoder}), input {sidecar['image_size']}x"
         f"{sidecar['image_size']} ({sidecar['resize']}), {sidecar['input']}.",
         f"- Loss {config['loss']}, optimizer {config['optimizer']} (learning rate "
-        f"{config['learning_rate']}), batch {config['batch_size']}, up to {config['epochs']} "
-        f"epochs, augmentation {'on' if config['augment'] else 'off'}, seed {config['seed']}.",
+        f"{config['learning_rate']}, {_schedule(config)}), batch {config['batch_size']}, up to "
+        f"{config['epochs']} epochs, training precision {config.get('mixed_precision', 'auto')}, "
+        f"augmentation {'on' if config['augment'] else 'off'}, seed {config['seed']}.",
         f"- Post-processing (chosen on {sidecar['chosen_on'] or 'nothing: defaults'}): "
         f"threshold {sidecar['threshold']}, flip TTA {sidecar['tta']}, min component fraction "
         f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
@@ -101,6 +109,8 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "## Data",
         "- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound images of 600 women "
         "aged 25-75, one device family, one hospital (Baheya, Cairo), 2018.",
+        f"- Trained on the {', '.join(config.get('train_classes') or config['classes'])} "
+        "images of the training part.",
         f"- Classes {', '.join(config['classes'])}; duplicate-grouped, label-stratified split "
         f"(val {config['val_fraction']}, test {config['test_fraction']}, seed {config['seed']}); "
         f"label-conflicting duplicates {'left out' if config.get('drop_conflicts') else 'kept'}. "

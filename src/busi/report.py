@@ -50,12 +50,12 @@ def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
 def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str:
     """Markdown table comparing evaluated runs, one row each, read from their run folders.
 
-    This is the README's results table: built from ``summary.json``, ``history.csv``,
-    ``config.json`` and ``best.h5``, so no figure in it is typed by hand. Wall time is the sum
-    of the recorded epochs (training and validation; evaluation excluded).
+    Built from ``summary.json``, ``history.csv``, ``config.json`` and ``best.h5``, so no figure
+    in it is typed by hand (the README's results table is its output). Wall time is the sum of
+    the recorded epochs (training and validation; start-up and evaluation excluded).
     """
     from busi.config import TrainConfig
-    from busi.evaluation import evaluation_dir
+    from busi.evaluation import evaluation_dir, file_sha1
 
     lines = [
         "| run | model | params | trained on | epochs, wall time | lesion Dice mean / median "
@@ -66,7 +66,14 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
         summary_path = evaluation_dir(run_dir) / "summary.json"
         if not summary_path.is_file():
             raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
-        part = json.loads(summary_path.read_text())["splits"][split]
+        summary = json.loads(summary_path.read_text())
+        if summary.get("model_sha1") != file_sha1(run_dir / "best.h5"):
+            raise ValueError(f"{summary_path}: evaluated on other weights than {run_dir}/best.h5 "
+                             "(training went on); run `busi evaluate` again")
+        if split not in summary.get("splits", {}):
+            raise ValueError(f"{summary_path}: no {split!r} split; run `busi evaluate "
+                             f"{run_dir} --split {split}`")
+        part = summary["splits"][split]
         config = TrainConfig.load(run_dir / "config.json")
         history = pd.read_csv(run_dir / "history.csv")
         lesion, normal = part["lesion"], part.get("normal") or {}

@@ -96,9 +96,7 @@ def prepare_data(
         split = data.load_split(run.split)
     else:
         raise DataError(f"{run.split}: the run folder has no split; was it trained?")
-    parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
-    if config.limit:
-        parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
+    parts = split_parts(config, table, split)
     fingerprint = data.fingerprint(pd.concat(parts.values()))
     if new_run:
         data.save_split(split, run.split)
@@ -113,6 +111,19 @@ def prepare_data(
     if config.train_classes is not None:
         train = parts["train"]
         parts["train"] = train[train["label"].isin(config.train_classes)].reset_index(drop=True)
+    return parts
+
+
+def split_parts(
+    config: TrainConfig, table: pd.DataFrame, split: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    """The index rows of each part of ``split`` (in split-file order), ``config.limit`` applied.
+
+    Their :func:`busi.data.fingerprint` is the run's dataset fingerprint (``env.json``).
+    """
+    parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
+    if config.limit:
+        parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
     return parts
 
 
@@ -235,7 +246,8 @@ class ReduceLROnPlateau(_Resumable, keras.callbacks.ReduceLROnPlateau):
 
 class CosineSchedule(keras.callbacks.Callback):
     """Sets each epoch's learning rate from the epoch number alone: linear warm-up, then a
-    cosine decay that reaches ``minimum`` at the last epoch.
+    cosine decay from ``base`` that reaches ``minimum`` at the last epoch (a single epoch after
+    the warm-up runs at ``base``).
 
     Being a function of the epoch, it needs no state to resume. A run on a fixed budget needs
     its learning rate to reach a low value within the budget; halving on plateaus instead reacts
@@ -482,4 +494,7 @@ def history(run_dir: str | os.PathLike) -> pd.DataFrame:
     return RunFolder(Path(run_dir)).read_history()
 
 
-__all__ = ["build", "compile_model", "history", "make_run_split", "prepare_data", "train"]
+__all__ = [
+    "build", "compile_model", "history", "make_run_split", "prepare_data", "split_parts",
+    "train",
+]

@@ -31,13 +31,16 @@ COLUMNS = [
     "lesion_fraction", "hash", "phash",
 ]
 _MASK = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<number>\d+))?$", re.IGNORECASE)
-
-
-def mask_of(path: Path) -> str | None:
-    """The image stem a file is a BUSI mask of (``X_mask_1.png`` -> ``"X"``), else None."""
-    match = _MASK.match(path.stem)
-    return match["stem"] if match else None
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def mask_of(path: Path) -> tuple[str, int] | None:
+    """``(image stem, mask number)`` if the file is named like a BUSI mask (``X_mask.png`` ->
+    ``("X", 0)``, ``X_mask_1.png`` -> ``("X", 1)``), else None."""
+    match = _MASK.match(path.stem)
+    if not match:
+        return None
+    return match["stem"], int(match["number"]) if match["number"] else 0
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -54,10 +57,10 @@ def _scan_folder(folder: Path, problems: list[str]) -> dict[str, tuple[Path, lis
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        match = _MASK.match(path.stem)
-        if match:
-            number = int(match["number"]) if match["number"] else 0
-            masks[match["stem"]].append((number, path))
+        mask = mask_of(path)
+        if mask:
+            stem, number = mask
+            masks[stem].append((number, path))
         else:
             images[path.stem] = path
     pairs = {}
