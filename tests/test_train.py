@@ -151,3 +151,10 @@ def test_best_checkpoint_is_float32_after_bfloat16_training(busi_folder, tmp_pat
     assert policies == {"float32"}
     last = busi.load_model(run / "last.h5")  # the resumable checkpoint keeps training precision
     assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in last.layers}
+
+
+def test_checkpoint_monitor_counts_the_trained_classes_only(busi_folder, tmp_path):
+    val = pd.DataFrame({"id": ["a", "b", "c"], "label": ["benign", "normal", "malignant"]})
+    lesions = tiny(busi_folder, tmp_path, train_classes=["benign", "malignant"])
+    assert training._monitored(lesions, val)["id"].tolist() == ["a", "c"]
+    assert training._monitored(tiny(busi_folder, tmp_path), val)["id"].tolist() == ["a", "b", "c"]

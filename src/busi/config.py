@@ -30,8 +30,9 @@ class TrainConfig:
         classes: labels that take part. Normal images teach the model to answer "no lesion".
         train_classes: labels the model is trained on (None: all of ``classes``). Validation and
             test keep every class of ``classes``, so the split, and the scores on normal images,
-            stay comparable with runs trained on everything. Published BUSI results train on
-            benign + malignant only.
+            stay comparable with runs trained on everything; the validation score that picks
+            ``best.h5`` counts the images of these classes only. Published BUSI results train
+            on benign + malignant only.
         drop_conflicts: leave out the images of duplicate groups whose labels conflict (the same
             scan filed as benign and malignant, say); kept, they stay together in one part.
         architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".

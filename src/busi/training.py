@@ -374,9 +374,24 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
         train_data = train_data.repeat()
     calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
                                cache_arrays=arrays, **common)
-    validation = PreciseValidation(calibration, make_dataset(parts["val"], **common),
+    validation = PreciseValidation(calibration, make_dataset(_monitored(config, parts["val"]),
+                                                             **common),
                                    config.precise_bn_batches)
     return train_data, validation
+
+
+def _monitored(config: TrainConfig, val: pd.DataFrame) -> pd.DataFrame:
+    """The validation images whose score picks ``best.h5``: those of ``train_classes``, if set.
+
+    A model trained on lesion images only marks something on normal images; counted in the
+    pooled validation IoU, those false positives swamped the lesion scores and made the
+    checkpoint choice follow noise (a first run trained on lesions picked an epoch-32 spike
+    while training IoU rose until epoch 120). Post-processing and the reported scores still use
+    every validation and test image.
+    """
+    if config.train_classes is None:
+        return val
+    return val[val["label"].isin(config.train_classes)].reset_index(drop=True)
 
 
 def _fit(model, config, run, train_data, validation, initial_epoch, epochs, deadline) -> str:
