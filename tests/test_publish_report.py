@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 
@@ -150,3 +151,27 @@ def test_missing_weights_fall_back_to_the_shipped_model(tmp_path, capsys):
     own.write_bytes(b"weights of a run")
     assert weights_or_shipped(own) == own  # existing weights are used as they are
     assert capsys.readouterr().out == ""
+
+
+def test_other_weights_of_a_run_are_evaluated_reported_and_published(evaluated_run, tmp_path):
+    from busi.cli import main
+    from busi.report import results_table
+
+    last = evaluated_run / "last.h5"  # saved with its optimizer
+    summary = busi.evaluate(evaluated_run, model_path=last)
+    assert (evaluated_run / "evaluation" / "last" / "summary.json").is_file()
+    row = results_table([last]).splitlines()[2]
+    lesion = summary["splits"]["test"]["lesion"]
+    assert row.startswith(f"| `{evaluated_run.name}/last.h5` |")
+    assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
+    assert main(["report", str(evaluated_run), "--weights", str(last),
+                 "--out", str(tmp_path / "report")]) == 0
+    assert "(last.h5)" in (tmp_path / "report" / "metrics.md").read_text()
+
+    weights = busi.publish_weights(evaluated_run, tmp_path / "w", "from-last", model_path=last)
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    assert sidecar["run_weights"].endswith("/last.h5")
+    assert sidecar["metrics"]["test"]["lesion"]["dice_mean"] == lesion["dice_mean"]
+    with h5py.File(weights, "r") as handle:
+        assert "optimizer_weights" not in handle  # an inference copy
+    assert postprocess_for(weights)["threshold"] == summary["postprocess"]["threshold"]

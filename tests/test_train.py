@@ -15,6 +15,7 @@ import busi
 from busi import training
 from busi.config import TrainConfig
 from busi.runs import RunFolder
+from busi.weights import load_for_inference
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +152,8 @@ def test_best_checkpoint_is_float32_after_bfloat16_training(busi_folder, tmp_pat
     assert policies == {"float32"}
     last = busi.load_model(run / "last.h5")  # the resumable checkpoint keeps training precision
     assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in last.layers}
+    inference = load_for_inference(run / "last.h5")  # as evaluation and prediction load it
+    assert {layer.dtype_policy.name for layer in inference.layers} == {"float32"}
 
 
 def test_checkpoint_monitor_counts_the_trained_classes_only(busi_folder, tmp_path):

@@ -88,7 +88,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    weights = busi.publish_weights(args.run, args.dest, args.name)
+    weights = busi.publish_weights(args.run, args.dest, args.name, model_path=args.weights)
     print(f"wrote {weights} with {weights.with_suffix('.json').name} and "
           f"{weights.with_suffix('.md').name}")
     if args.export != "none":
@@ -101,7 +101,7 @@ def _report(args: argparse.Namespace) -> None:
     from busi.report import write_report
 
     out = write_report(args.run, args.out or PROJ_ROOT / "reports" / Path(args.run).name,
-                       split=args.split, data=args.data)
+                       split=args.split, data=args.data, model_path=args.weights)
     print((out / "metrics.md").read_text())
     print(f"figures in {out}")
 
@@ -182,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--dest", default=str(WEIGHTS_DIR), help="default: %(default)s")
     p.add_argument("--name", help="file name stem (default: the run's name)")
+    p.add_argument("--weights", help="publish these weights of the run (e.g. RUN/last.h5, "
+                   "evaluated first) instead of best.h5")
     p.add_argument("--export", default="tflite:dynamic",
                    help="also export for fast CPU inference: tflite:dynamic (default), "
                    "tflite, onnx, onnx:bfloat16, or none")
@@ -190,12 +192,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="figures and metrics table of an evaluated run")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="output folder (default: reports/<run name>)")
+    p.add_argument("--weights", help="model .h5 of the run (default: its best.h5)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="results table (Markdown) of evaluated runs, one row each")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("runs", nargs="+", help="run folders (their best.h5) or RUN/<weights>.h5")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", help="also write the table to this file")
     p.set_defaults(func=_compare)

@@ -671,7 +671,7 @@ def evaluate(
     batch_size = batch_size or config.batch_size
     out_dir = evaluation_dir(run.root, model_path)
     sha1 = file_sha1(model_path)
-    model = weights.load_model(model_path, compile=False)
+    model = weights.load_for_inference(model_path)
 
     val_table = parts["val"]
     val_truths = load_truths(val_table)

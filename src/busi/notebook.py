@@ -101,13 +101,14 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
 
 
 def run_predictions(
-    run_dir: str | os.PathLike, split: str = "test", data: str | os.PathLike | None = None
+    run_dir: str | os.PathLike, split: str = "test", data: str | os.PathLike | None = None,
+    model_path: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The images of one part of a run's split and the run's binary masks for them.
 
     The images are those :func:`busi.evaluate` scores (the run's split and ``limit``); the masks
-    come from ``best.h5`` at each image's original size, post-processed as evaluation chose on
-    validation (defaults if it has not run). For overlays and worst-case figures.
+    come from ``best.h5`` (or ``model_path``) at each image's original size, post-processed as
+    evaluation chose on validation (defaults if it has not run). For overlays and worst cases.
 
     Returns:
         ``(table, masks)``: the index rows, and ``{id: uint8 (H, W) mask in {0, 1}}``.
@@ -128,8 +129,9 @@ def run_predictions(
     if data is not None:
         config = config.replace(data=str(data))
     table = prepare_data(config, run)[split]
-    params = postprocess_for(run.best) or {}
-    model = weights.load_model(run.best, compile=False)
+    model_path = Path(model_path) if model_path is not None else run.best
+    params = postprocess_for(model_path) or {}
+    model = weights.load_for_inference(model_path)
     probs = predict_probabilities(model, table, config.image_size, config.resize,
                                   config.batch_size, tta=bool(params.get("tta", False)))
     kwargs = postprocess_kwargs(params)

@@ -208,7 +208,7 @@ def predict(
 
             model = load_predictor(model_path)
         else:
-            model = weights.load_model(model_path, compile=False)
+            model = weights.load_for_inference(model_path)
     size = size if size is not None else model_input_size(model) or settings.get("image_size")
     if size is None:
         raise ValueError("the model has no fixed input size: pass size=")

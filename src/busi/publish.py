@@ -25,7 +25,8 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def publish_weights(
-    run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None
+    run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None,
+    model_path: str | os.PathLike | None = None,
 ) -> Path:
     """Copy a run's ``best.h5`` to ``<dest_dir>/<name>.h5`` with its sidecar ``<name>.json``.
 
@@ -33,25 +34,34 @@ def publish_weights(
         run_dir: a run folder with ``best.h5`` (evaluated or not).
         dest_dir: where the weights go, e.g. ``weights/`` (created).
         name: file stem; default the run folder's name.
+        model_path: other weights of the run to publish instead (e.g. its ``last.h5``,
+            evaluated with ``busi evaluate --weights``); written as a float32 model without
+            optimizer state.
 
     Returns:
         The path of the copied ``.h5``.
     """
-    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for
+    from busi.evaluation import POSTPROCESS_KEYS, evaluation_dir, file_sha1, postprocess_for
 
     run = RunFolder(Path(run_dir))
-    if not run.best.is_file():
-        raise FileNotFoundError(f"{run.best}: no best weights in this run folder (trained yet?)")
+    source = Path(model_path) if model_path is not None else run.best
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such weights in this run folder (trained yet?)")
     config = TrainConfig.load(run.config)
     target = Path(dest_dir) / f"{name or run.root.name}.h5"
-    if target.resolve() != run.best.resolve():
-        with atomic_path(target) as tmp:
-            shutil.copyfile(run.best, tmp)
-    chosen = postprocess_for(run.best)
+    if source.resolve() == run.best.resolve():
+        if target.resolve() != source.resolve():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+    else:
+        from busi import weights
+
+        weights.save_model(weights.load_for_inference(source), target, include_optimizer=False)
+    chosen = postprocess_for(source)
     defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
                 "keep_largest": False}
-    summary = _read(run.evaluation / "summary.json")
-    if summary is not None and summary.get("model_sha1") != file_sha1(run.best):
+    summary = _read(evaluation_dir(run.root, source) / "summary.json")
+    if summary is not None and summary.get("model_sha1") != file_sha1(source):
         summary = None  # metrics of earlier weights (the run went on after evaluating)
     env = _read(run.env) or {}
     sidecar = {
@@ -59,6 +69,7 @@ def publish_weights(
         "chosen_on": None if chosen is None else chosen.get("chosen_on", "val"),
         "model": target.name,
         "model_sha1": file_sha1(target),
+        "run_weights": f"{run.root.name}/{source.name}",
         "image_size": config.image_size,
         "resize": config.resize,
         "input": "gray image replicated to 3 channels, float32 in [0, 255]; output: lesion "
@@ -104,7 +115,8 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"- Post-processing (chosen on {sidecar['chosen_on'] or 'nothing: defaults'}): "
         f"threshold {sidecar['threshold']}, flip TTA {sidecar['tta']}, min component fraction "
         f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
-        f"- Weights SHA-1 {sidecar['model_sha1']}; code commit {sidecar.get('git_commit')}.",
+        f"- Weights SHA-1 {sidecar['model_sha1']} (run weights "
+        f"{sidecar.get('run_weights', 'best.h5')}); code commit {sidecar.get('git_commit')}.",
         "",
         "## Data",
         "- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound images of 600 women "

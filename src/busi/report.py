@@ -50,6 +50,8 @@ def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
 def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str:
     """Markdown table comparing evaluated runs, one row each, read from their run folders.
 
+    An entry is a run folder (its ``best.h5``) or a model file inside one (``RUN/last.h5``).
+
     Built from ``summary.json``, ``history.csv``, ``config.json`` and ``best.h5``, so no figure
     in it is typed by hand (the README's results table is its output). Wall time is the sum of
     the recorded epochs (training and validation; start-up and evaluation excluded).
@@ -62,13 +64,15 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
         "| IoU mean / median | benign / malignant Dice mean | missed lesions | normal FP rate |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for run_dir in map(Path, run_dirs):
-        summary_path = evaluation_dir(run_dir) / "summary.json"
+    for entry in map(Path, run_dirs):
+        run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
+            entry, entry / "best.h5")
+        summary_path = evaluation_dir(run_dir, model_path) / "summary.json"
         if not summary_path.is_file():
             raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
         summary = json.loads(summary_path.read_text())
-        if summary.get("model_sha1") != file_sha1(run_dir / "best.h5"):
-            raise ValueError(f"{summary_path}: evaluated on other weights than {run_dir}/best.h5 "
+        if summary.get("model_sha1") != file_sha1(model_path):
+            raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
                              "(training went on); run `busi evaluate` again")
         if split not in summary.get("splits", {}):
             raise ValueError(f"{summary_path}: no {split!r} split; run `busi evaluate "
@@ -86,7 +90,8 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             else ", ".join(config.train_classes or config.classes)
         fp = normal.get("false_positive_rate")
         lines.append(
-            f"| `{run_dir.name}` | {model} | {_parameter_count(run_dir / 'best.h5') / 1e6:.1f} M "
+            f"| `{_label(run_dir, model_path)}` | {model} "
+            f"| {_parameter_count(model_path) / 1e6:.1f} M "
             f"| {trained_on} | {len(history)}, {history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
@@ -95,6 +100,10 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             f"| {normal.get('false_positives', 'n/a')} of {normal.get('n', 0)} ({_fmt(fp, 2)}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _label(run_dir: Path, model_path: Path) -> str:
+    return run_dir.name if model_path.name == "best.h5" else f"{run_dir.name}/{model_path.name}"
 
 
 def _parameter_count(h5_path: Path) -> int:
@@ -122,30 +131,33 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def write_report(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, split: str = "test",
     n_overlays: int = 12, n_worst: int = 6, data: str | os.PathLike | None = None,
+    model_path: str | os.PathLike | None = None,
 ) -> Path:
     """Write curves, overlays, worst cases and ``metrics.md`` of an evaluated run into ``out_dir``.
 
-    Evaluates the run first if it has not been (see :func:`busi.evaluate`).
+    ``model_path``: the weights to report on (default the run's ``best.h5``). They are evaluated
+    first if they have not been (see :func:`busi.evaluate`).
     """
     from busi import plots
     from busi.evaluation import evaluate, evaluation_dir, file_sha1
     from busi.notebook import run_predictions
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    summary_path = evaluation_dir(run_dir) / "summary.json"
+    model_path = Path(model_path) if model_path is not None else run_dir / "best.h5"
+    summary_path = evaluation_dir(run_dir, model_path) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    stale = summary is not None and summary.get("model_sha1") != file_sha1(run_dir / "best.h5")
+    stale = summary is not None and summary.get("model_sha1") != file_sha1(model_path)
     if summary is None or stale or split not in summary.get("splits", {}):
-        summary = evaluate(run_dir, split=split, data=data)
+        summary = evaluate(run_dir, split=split, data=data, model_path=model_path)
     plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
-    table, masks = run_predictions(run_dir, split, data)
-    per_image = pd.read_csv(evaluation_dir(run_dir) / f"per_image_{split}.csv")
+    table, masks = run_predictions(run_dir, split, data, model_path)
+    per_image = pd.read_csv(evaluation_dir(run_dir, model_path) / f"per_image_{split}.csv")
     lesions = table[table["label"] != "normal"]
     plots.overlays(table, masks, ids=list(lesions["id"][:n_overlays]),
                    path=out_dir / f"overlays_{split}.png")
     plots.worst_cases(per_image, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
     text = (
-        f"# {run_dir.name}: {split} split\n\n"
+        f"# {run_dir.name} ({model_path.name}): {split} split\n\n"
         f"Post-processing chosen on val: {json.dumps(summary.get('postprocess'))}\n\n"
         + metrics_table(summary, split)
     )

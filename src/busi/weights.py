@@ -196,3 +196,10 @@ def with_policy(model: Any, policy: str) -> Any:
     rebuilt = keras.Model.from_config(config, custom_objects=custom)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+def load_for_inference(path: str | os.PathLike) -> Any:
+    """A model file loaded for prediction: uncompiled and in float32, whatever precision it was
+    trained in (``last.h5`` of a mixed-precision run keeps the training policy), so evaluation
+    scores are float32 scores and match what published weights give."""
+    return with_policy(load_model(path, compile=False), "float32")
