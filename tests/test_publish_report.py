@@ -113,6 +113,7 @@ def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     table = results_table([evaluated_run])
     row = table.splitlines()[2]
     assert row.startswith(f"| `{evaluated_run.name}` | classic U-Net, 4 filters, depth 2")
+    assert "| 1 (kept 1), " in row  # one epoch trained, its weights kept
     assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
     assert f"| {lesion['missed']} of {lesion['n']} |" in row
     out = tmp_path / "results.md"

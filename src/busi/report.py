@@ -60,8 +60,9 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
     from busi.evaluation import evaluation_dir, file_sha1
 
     lines = [
-        "| run | model | params | trained on | epochs, wall time | lesion Dice mean / median "
-        "| IoU mean / median | benign / malignant Dice mean | missed lesions | normal FP rate |",
+        "| run | model | params | trained on | epochs (kept), wall time "
+        "| lesion Dice mean / median | IoU mean / median | benign / malignant Dice mean "
+        "| missed lesions | normal FP rate |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in map(Path, run_dirs):
@@ -92,7 +93,8 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
         lines.append(
             f"| `{_label(run_dir, model_path)}` | {model} "
             f"| {_parameter_count(model_path) / 1e6:.1f} M "
-            f"| {trained_on} | {len(history)}, {history['seconds'].sum() / 60:.0f} min "
+            f"| {trained_on} | {len(history)} (kept {_kept_epoch(config, history, model_path)}), "
+            f"{history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
@@ -100,6 +102,18 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             f"| {normal.get('false_positives', 'n/a')} of {normal.get('n', 0)} ({_fmt(fp, 2)}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _kept_epoch(config: Any, history: pd.DataFrame, model_path: Path) -> Any:
+    """The epoch whose weights these are: the monitor's best for ``best.h5``, the last for
+    ``last.h5``, unknown ("?") for other files."""
+    if model_path.name == "last.h5":
+        return int(history["epoch"].iloc[-1])
+    if model_path.name != "best.h5" or config.monitor not in history:
+        return "?"
+    scores = history[config.monitor]
+    best = scores.idxmin() if "loss" in config.monitor else scores.idxmax()
+    return int(history["epoch"].loc[best])
 
 
 def _label(run_dir: Path, model_path: Path) -> str:
