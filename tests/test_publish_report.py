@@ -114,6 +114,10 @@ def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     row = table.splitlines()[2]
     assert row.startswith(f"| `{evaluated_run.name}` | classic U-Net, 4 filters, depth 2")
     assert "| 1 (kept 1), " in row  # one epoch trained, its weights kept
+    cells = [cell.strip() for cell in row.split("|")]
+    low, high = map(float, cells[cells.index(f"{lesion['dice_mean']:.3f} / "
+                                             f"{lesion['dice_median']:.3f}") + 1].split("-"))
+    assert low - 0.005 <= lesion["dice_mean"] <= high + 0.005  # the bootstrap CI of the mean
     assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
     assert f"| {lesion['missed']} of {lesion['n']} |" in row
     out = tmp_path / "results.md"

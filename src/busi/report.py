@@ -61,9 +61,10 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
 
     lines = [
         "| run | model | params | trained on | epochs (kept), wall time "
-        "| lesion Dice mean / median | IoU mean / median | benign / malignant Dice mean "
+        "| lesion Dice mean / median | 95% CI of the mean | IoU mean / median "
+        "| benign / malignant Dice mean "
         "| missed lesions | normal FP rate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in map(Path, run_dirs):
         run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
@@ -96,6 +97,7 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             f"| {trained_on} | {len(history)} (kept {_kept_epoch(config, history, model_path)}), "
             f"{history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
+            f"| {_ci(evaluation_dir(run_dir, model_path) / f'per_image_{split}.csv')} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
@@ -114,6 +116,23 @@ def _kept_epoch(config: Any, history: pd.DataFrame, model_path: Path) -> Any:
     scores = history[config.monitor]
     best = scores.idxmin() if "loss" in config.monitor else scores.idxmax()
     return int(history["epoch"].loc[best])
+
+
+def _ci(per_image_csv: Path, resamples: int = 2000, seed: int = 0) -> str:
+    """Bootstrap 95% interval of the mean Dice over the lesion images (images resampled with
+    replacement, fixed seed): how far apart two rows must be before the gap means anything."""
+    import numpy as np
+
+    if not per_image_csv.is_file():
+        return "n/a"
+    table = pd.read_csv(per_image_csv)
+    dice = table.loc[table["label"] != "normal", "dice"].to_numpy(dtype=float)
+    if len(dice) < 2:
+        return "n/a"
+    rng = np.random.default_rng(seed)
+    means = dice[rng.integers(0, len(dice), size=(resamples, len(dice)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return f"{low:.2f}-{high:.2f}"
 
 
 def _label(run_dir: Path, model_path: Path) -> str:
