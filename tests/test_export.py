@@ -113,23 +113,6 @@ def test_keras_bfloat16_is_close(tiny):
     _check_predictor(predictor, tiny, atol=None, mean_atol=0.04)
 
 
-def test_with_policy_float32_undoes_mixed_precision():
-    """A model saved from mixed-precision training must run in float32 when asked for it."""
-    keras = busi._keras.keras()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        mixed = busi.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    assert mixed.layers[2].compute_dtype == "bfloat16"
-    plain = bx.with_policy(mixed, "float32")
-    assert {layer.compute_dtype for layer in plain.layers} == {"float32"}
-    assert bx.with_policy(plain, "float32") is plain  # nothing to do: no rebuild
-    images = _images(2, 32, seed=3)
-    np.testing.assert_allclose(plain.predict(images, verbose=0),
-                               mixed.predict(images, verbose=0), atol=0.05)
-
-
 # --------------------------------------------------------------------------- ONNX
 
 

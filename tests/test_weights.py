@@ -250,3 +250,18 @@ def test_other_keras_users_load_the_h5(saved, external, user, version, atol):
     for path, expected in saved.values():
         got = np.array(result["outputs"][str(path)], dtype="float32")
         np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=str(path))
+
+
+def test_with_policy_float32_undoes_mixed_precision():
+    """A model saved from mixed-precision training must run in float32 when asked for it."""
+    from busi.training import global_policy
+
+    with global_policy("mixed_bfloat16"):
+        mixed = models.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)
+    assert mixed.layers[2].compute_dtype == "bfloat16"
+    plain = weights.with_policy(mixed, "float32")
+    assert {layer.compute_dtype for layer in plain.layers} == {"float32"}
+    assert weights.with_policy(plain, "float32") is plain  # nothing to do: no rebuild
+    images = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(plain.predict(images, verbose=0),
+                               mixed.predict(images, verbose=0), atol=0.05)
