@@ -177,5 +177,5 @@ def test_predict_notebook_runs_on_a_fresh_clone_with_the_shipped_model(tmp_path,
     client.execute()
     printed = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                       for output in cell.outputs)
-    assert "using the shipped classic-unet-cpu.h5" in printed
+    assert "using the shipped classic-unet-cosine-cpu.h5" in printed
     assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 2

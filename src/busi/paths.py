@@ -20,6 +20,6 @@ PROJ_ROOT = _project_root()
 DATA_DIR = PROJ_ROOT / "data"
 WEIGHTS_DIR = Path(os.environ.get("BUSI_WEIGHTS", PROJ_ROOT / "weights"))
 RUNS_DIR = Path(os.environ.get("BUSI_RUNS", PROJ_ROOT / "runs"))
-SHIPPED_MODEL = PROJ_ROOT / "weights" / "classic-unet-cpu.h5"
+SHIPPED_MODEL = PROJ_ROOT / "weights" / "classic-unet-cosine-cpu.h5"
 """The small model committed with the project (see its model card), for prediction with no
 training."""
