@@ -17,3 +17,11 @@ def command_line(data_given: bool) -> str:
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def print_header(data_given: bool) -> int:
+    """Print the command that reproduces the run and the cores it had; return the core count."""
+    cores = usable_cores()
+    print(f"command: {command_line(data_given)}")
+    print(f"cpu: {cores} usable cores")
+    return cores

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import command_line, usable_cores
+from _common import print_header
 
 import busi  # first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported
 
@@ -188,10 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import tensorflow as tf
 
-    command = command_line(args.data is not None)
-    cores = usable_cores()
-    print(f"command: {command}")
-    print(f"cpu: {cores} usable cores, flags: {cpu_flags()}")
+    print_header(args.data is not None)
+    print(f"cpu flags: {cpu_flags()}")
     print(f"versions: {versions()}")
 
     names = [BASELINE, *CANDIDATES]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import command_line, usable_cores
+from _common import print_header
 
 import busi  # first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported
 
@@ -40,10 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from busi.data.pipeline import load_arrays, make_dataset
 
-    command = command_line(args.data is not None)
-    cores = usable_cores()
-    print(f"command: {command}")
-    print(f"cpu cores available: {cores}")
+    print_header(args.data is not None)
 
     start = time.perf_counter()
     table = busi.data.index(busi.data.locate(args.data))

@@ -25,13 +25,13 @@ Figures on a shared machine are noisy: compare ratios measured in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import time
 
 import numpy as np
 import tensorflow as tf
+from _common import print_header, usable_cores
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
 from busi import _keras
@@ -68,7 +68,7 @@ def cpu_peak(flops_per_cycle: float | None) -> tuple[float | None, str]:
             fields.setdefault(key.strip(), value.strip())  # the first processor's values
     vendor, family = fields.get("vendor_id", "?"), int(fields.get("cpu family", "0"))
     mhz = float(fields.get("cpu MHz", "0"))
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     per_cycle = flops_per_cycle or FLOPS_PER_CYCLE.get((vendor, family))
     if per_cycle is None or not mhz:
         return None, f"{vendor} family {family}: unknown FLOPs/cycle (give --flops-per-cycle)"
@@ -130,6 +130,7 @@ def pipeline_rate(data: str | None, size: int, batch_size: int) -> tuple[float, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    print_header(args.data is not None)
     keras = _keras.keras()
     keras.mixed_precision.set_global_policy(args.policy)
     config = TrainConfig(
