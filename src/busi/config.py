@@ -160,6 +160,11 @@ class TrainConfig:
             )
 
     @property
+    def monitor_mode(self) -> str:
+        """"min" for a monitored loss, "max" for a score: which way ``monitor`` improves."""
+        return "min" if "loss" in self.monitor else "max"
+
+    @property
     def directory(self) -> Path:
         """The run folder."""
         from busi.paths import RUNS_DIR

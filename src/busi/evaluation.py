@@ -602,6 +602,18 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
     return None
 
 
+def summary_for(
+    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """The ``summary.json`` of these weights (default the run's ``best.h5``), or None if they
+    have not been evaluated, or the summary was made for earlier weights (training went on)."""
+    model_path = Path(model_path) if model_path is not None else Path(run_dir) / "best.h5"
+    summary = _read_json(evaluation_dir(run_dir, model_path) / "summary.json")
+    if summary is None or summary.get("model_sha1") != file_sha1(model_path):
+        return None
+    return summary
+
+
 def _summary_record(
     model_path: Path, sha1: str, params: Mapping[str, Any], size: Any, mode: str
 ) -> dict[str, Any]:

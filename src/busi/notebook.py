@@ -164,7 +164,7 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     """
     from busi import data as busi_data
     from busi.config import TrainConfig
-    from busi.training import make_run_split, split_parts
+    from busi.training import dataset_table, make_run_split, split_parts
 
     source = Path(run_dir)
     sidecar = source.with_suffix(".json")
@@ -174,10 +174,10 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
         rows = busi_data.select(table, busi_data.load_split(source / "split.csv"), split)
     elif source.suffix == ".h5" and sidecar.is_file():
         facts = json.loads(sidecar.read_text())
-        config = TrainConfig.from_dict(facts["config"])
-        table = busi_data.add_groups(busi_data.index(busi_data.locate(data)))
-        if config.drop_conflicts:
-            table = busi_data.drop_conflicts(table)
+        # The dataset here, not the path the model was trained from on another machine.
+        config = TrainConfig.from_dict(
+            {**facts["config"], "data": None if data is None else str(data)})
+        table = dataset_table(config)
         parts = split_parts(config, table, make_run_split(config, table))
         found = busi_data.fingerprint(pd.concat(parts.values()))
         if found != facts.get("dataset_fingerprint"):

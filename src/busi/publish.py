@@ -41,7 +41,7 @@ def publish_weights(
     Returns:
         The path of the copied ``.h5``.
     """
-    from busi.evaluation import POSTPROCESS_KEYS, evaluation_dir, file_sha1, postprocess_for
+    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for, summary_for
 
     run = RunFolder(Path(run_dir))
     source = Path(model_path) if model_path is not None else run.best
@@ -60,9 +60,7 @@ def publish_weights(
     chosen = postprocess_for(source)
     defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
                 "keep_largest": False}
-    summary = _read(evaluation_dir(run.root, source) / "summary.json")
-    if summary is not None and summary.get("model_sha1") != file_sha1(source):
-        summary = None  # metrics of earlier weights (the run went on after evaluating)
+    summary = summary_for(run.root, source)  # None for metrics of earlier weights
     env = _read(run.env) or {}
     sidecar = {
         **(defaults if chosen is None else {k: chosen[k] for k in POSTPROCESS_KEYS}),

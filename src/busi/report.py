@@ -57,7 +57,7 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
     the recorded epochs (training and validation; start-up and evaluation excluded).
     """
     from busi.config import TrainConfig
-    from busi.evaluation import evaluation_dir, file_sha1
+    from busi.evaluation import evaluation_dir, summary_for
 
     lines = [
         "| run | model | params | trained on | epochs (kept), wall time "
@@ -70,12 +70,12 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
         run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
             entry, entry / "best.h5")
         summary_path = evaluation_dir(run_dir, model_path) / "summary.json"
-        if not summary_path.is_file():
-            raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
-        summary = json.loads(summary_path.read_text())
-        if summary.get("model_sha1") != file_sha1(model_path):
+        summary = summary_for(run_dir, model_path)
+        if summary is None and summary_path.is_file():
             raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
                              "(training went on); run `busi evaluate` again")
+        if summary is None:
+            raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
         if split not in summary.get("splits", {}):
             raise ValueError(f"{summary_path}: no {split!r} split; run `busi evaluate "
                              f"{run_dir} --split {split}`")
@@ -114,7 +114,7 @@ def _kept_epoch(config: Any, history: pd.DataFrame, model_path: Path) -> Any:
     if model_path.name != "best.h5" or config.monitor not in history:
         return "?"
     scores = history[config.monitor]
-    best = scores.idxmin() if "loss" in config.monitor else scores.idxmax()
+    best = scores.idxmin() if config.monitor_mode == "min" else scores.idxmax()
     return int(history["epoch"].loc[best])
 
 
@@ -172,15 +172,13 @@ def write_report(
     first if they have not been (see :func:`busi.evaluate`).
     """
     from busi import plots
-    from busi.evaluation import evaluate, evaluation_dir, file_sha1
+    from busi.evaluation import evaluate, evaluation_dir, summary_for
     from busi.notebook import run_predictions
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model_path = Path(model_path) if model_path is not None else run_dir / "best.h5"
-    summary_path = evaluation_dir(run_dir, model_path) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    stale = summary is not None and summary.get("model_sha1") != file_sha1(model_path)
-    if summary is None or stale or split not in summary.get("splits", {}):
+    summary = summary_for(run_dir, model_path)
+    if summary is None or split not in summary.get("splits", {}):
         summary = evaluate(run_dir, split=split, data=data, model_path=model_path)
     plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
     table, masks = run_predictions(run_dir, split, data, model_path)

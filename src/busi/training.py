@@ -87,9 +87,7 @@ def prepare_data(
         ``{"train": ..., "val": ..., "test": ...}`` index rows; "train" holds only
         ``config.train_classes`` if set.
     """
-    table = data.add_groups(data.index(data.locate(config.data)))
-    if config.drop_conflicts:
-        table = data.drop_conflicts(table)
+    table = dataset_table(config)
     if new_run:
         split = make_run_split(config, table)
     elif run.split.is_file():
@@ -112,6 +110,13 @@ def prepare_data(
         train = parts["train"]
         parts["train"] = train[train["label"].isin(config.train_classes)].reset_index(drop=True)
     return parts
+
+
+def dataset_table(config: TrainConfig) -> pd.DataFrame:
+    """The checked index of ``config.data`` with duplicate groups, label-conflicting groups left
+    out if ``config.drop_conflicts``: the table a run's split is made from and selects in."""
+    table = data.add_groups(data.index(data.locate(config.data)))
+    return data.drop_conflicts(table) if config.drop_conflicts else table
 
 
 def split_parts(
@@ -176,10 +181,6 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
         optimizer=_optimizer(config), loss=losses.get_loss(config.loss),
         metrics=losses.get_metrics(), jit_compile=config.jit_compile,
     )
-
-
-def _mode(monitor: str) -> str:
-    return "min" if "loss" in monitor else "max"
 
 
 class _EpochInfo(keras.callbacks.Callback):
@@ -285,7 +286,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                  best: float | None, tracked: list):
         super().__init__()
         self.run, self.config, self.history = run, config, history
-        self.monitor, self.mode = config.monitor, _mode(config.monitor)
+        self.monitor, self.mode = config.monitor, config.monitor_mode
         self.best = best
         self.tracked = tracked
 
@@ -328,7 +329,7 @@ class _Callbacks:
 def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
                deadline: float | None, validation: PreciseValidation) -> _Callbacks:
     restored = state.get("callbacks", [{}, {}])
-    mode = _mode(config.monitor)
+    mode = config.monitor_mode
     early = EarlyStopping(
         monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
         restore=restored[0],
@@ -510,6 +511,6 @@ def history(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 __all__ = [
-    "build", "compile_model", "history", "make_run_split", "prepare_data", "split_parts",
-    "train",
+    "build", "compile_model", "dataset_table", "history", "make_run_split", "prepare_data",
+    "split_parts", "train",
 ]
