@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from busi.atomic import atomic_write_text
+from busi.data.augment_config import AugmentConfig
 from busi.data.index import LABELS
 
 
@@ -39,6 +40,10 @@ class TrainConfig:
         encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
+        augment: augment the training images (off: every epoch sees the same images).
+        augmentation: strengths that differ from :class:`busi.data.augment_config.AugmentConfig`'s
+            mild defaults, by field name, e.g. ``{"max_rotation_deg": 20, "scale_range":
+            [0.75, 1.3]}``; checked when the config is made, so a typo fails before training.
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
@@ -79,6 +84,7 @@ class TrainConfig:
     image_size: int = 256
     resize: str = "letterbox"
     augment: bool = True
+    augmentation: dict[str, Any] = field(default_factory=dict)
 
     loss: str = "dice_focal"
     optimizer: str = "adam"
@@ -115,6 +121,7 @@ class TrainConfig:
                     f"train_classes must be some of classes {list(self.classes)}, got "
                     f"{list(self.train_classes)}"
                 )
+        self.augment_config()  # fails early, naming the bad field
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None
         choices = {
@@ -158,6 +165,27 @@ class TrainConfig:
                 f"min_learning_rate ({self.min_learning_rate}) must not exceed learning_rate "
                 f"({self.learning_rate}): the cosine schedule decays from one to the other"
             )
+
+    def augment_config(self) -> AugmentConfig:
+        """The augmentation of the training images: defaults plus ``augmentation``."""
+        if not isinstance(self.augmentation, dict):
+            raise ValueError(
+                f"augmentation must be a mapping of AugmentConfig fields, got {self.augmentation!r}"
+            )
+        known = {f.name for f in dataclasses.fields(AugmentConfig)}
+        unknown = sorted(set(self.augmentation) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown augmentation key(s) {unknown}; known keys: {', '.join(sorted(known))}"
+            )
+        values = {  # YAML and JSON give lists where AugmentConfig wants (low, high) tuples
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in self.augmentation.items()
+        }
+        try:
+            return AugmentConfig(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augmentation: {error}") from error
 
     @property
     def monitor_mode(self) -> str:

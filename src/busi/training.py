@@ -369,7 +369,7 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
     train_data = make_dataset(
         parts["train"], training=True, seed=config.seed + 1000 * done, cache_arrays=arrays,
         drop_remainder=len(parts["train"]) > config.batch_size,
-        augment_config=None if config.augment else NO_AUGMENTATION, **common,
+        augment_config=config.augment_config() if config.augment else NO_AUGMENTATION, **common,
     )
     if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
         train_data = train_data.repeat()
