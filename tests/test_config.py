@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from busi.config import TrainConfig
@@ -71,3 +74,29 @@ def test_warmup_needs_the_cosine_schedule_and_cosine_decays_downwards():
         TrainConfig(warmup_epochs=2)  # plateau schedule
     with pytest.raises(ValueError, match="must not exceed learning_rate"):
         TrainConfig(lr_schedule="cosine", learning_rate=1e-4, min_learning_rate=1e-3)
+
+
+def test_augmentation_overrides_reach_the_augment_config_and_survive_yaml(tmp_path):
+    config = TrainConfig(augmentation={"max_rotation_deg": 20, "scale_range": [0.7, 1.4]})
+    loaded = TrainConfig.load(config.save(tmp_path / "c.yaml")).augment_config()
+    assert loaded.max_rotation_deg == 20
+    assert loaded.scale_range == (0.7, 1.4)  # a list in YAML, the (low, high) tuple here
+    assert loaded.contrast_range == TrainConfig().augment_config().contrast_range
+
+
+@pytest.mark.parametrize(("augmentation", "message"), [
+    ({"rotation": 20}, r"unknown augmentation key\(s\) \['rotation'\]"),
+    ({"scale_range": [1.4, 0.7]}, "scale_range must satisfy 0 < low <= high"),
+    ({"max_shift": 1.5}, "max_shift must be in"),
+    ([("max_shift", 0.1)], "augmentation must be a mapping"),
+])
+def test_bad_augmentation_fails_when_the_config_is_made(tmp_path, augmentation, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(augmentation=augmentation)
+
+
+def test_configs_load_without_tensorflow():
+    """`busi index` and config checks must not pay TensorFlow's start-up."""
+    code = "import sys, busi.config; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

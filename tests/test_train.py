@@ -161,3 +161,23 @@ def test_checkpoint_monitor_counts_the_trained_classes_only(busi_folder, tmp_pat
     lesions = tiny(busi_folder, tmp_path, train_classes=["benign", "malignant"])
     assert training._monitored(lesions, val)["id"].tolist() == ["a", "c"]
     assert training._monitored(tiny(busi_folder, tmp_path), val)["id"].tolist() == ["a", "b", "c"]
+
+
+def test_training_data_is_augmented_as_the_config_says(busi_folder, tmp_path, monkeypatch):
+    seen = []
+    real = training.make_dataset
+
+    def spy(*args, **kwargs):
+        if kwargs.get("training"):
+            seen.append(kwargs["augment_config"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_dataset", spy)
+    config = tiny(busi_folder, tmp_path, augment=True, epochs=1,
+                  augmentation={"max_rotation_deg": 25, "gamma_range": [0.6, 1.6]})
+    busi.train(config)
+    assert seen and seen[0] == config.augment_config()
+    assert seen[0].max_rotation_deg == 25 and seen[0].gamma_range == (0.6, 1.6)
+    seen.clear()
+    busi.train(tiny(busi_folder, tmp_path / "off", augment=False, epochs=1))
+    assert seen == [training.NO_AUGMENTATION]
