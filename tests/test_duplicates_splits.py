@@ -61,6 +61,18 @@ def test_split_grouped_stratified_reproducible(busi_table):
     assert not split["split"].equals(other["split"])
 
 
+def test_leaked_flags_test_images_with_a_duplicate_in_train(busi_table):
+    grouped = busi.data.add_groups(busi_table)
+    random_split = grouped.assign(split="train")
+    random_split.loc[random_split["id"].isin(["malignant (6)", "benign (3)"]), "split"] = "test"
+    flags = busi.data.leaked(random_split)
+    by_id = dict(zip(random_split.loc[flags.index, "id"], flags, strict=True))
+    assert by_id == {"malignant (6)": True, "benign (3)": False}  # benign (10) is in train
+    assert not busi.data.leaked(busi.data.make_split(busi_table, seed=3)).any()
+    with pytest.raises(ValueError, match="add_groups"):
+        busi.data.leaked(busi_table.assign(split="test"))
+
+
 def test_split_classes_parameter(busi_table):
     split = busi.data.make_split(busi_table, classes=busi.data.LESION_CLASSES)
     assert set(split["label"]) == {"benign", "malignant"}

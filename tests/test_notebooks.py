@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -162,16 +163,25 @@ def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
 
 @pytest.mark.slow
 def test_predict_notebook_runs_on_a_fresh_clone_with_the_shipped_model(tmp_path, busi_folder):
-    """Nothing trained, no run folder: 04 falls back to the model in weights/ and takes its demo
-    images from the split that the model's sidecar makes again."""
+    """Nothing trained, no run folder: 04 falls back to the model in weights/. With the real
+    data it takes its demo images from the split that the model's sidecar makes again; without
+    it (the sidecar's dataset fingerprint cannot match the synthetic folder) it is given two
+    images, as a user with their own images would."""
     from nbclient import NotebookClient
 
     real = os.environ.get("BUSI_DATA")
-    nb = inject(read("04_predict"), dict(
+    params = dict(
         RUN_NAME="never-trained", RUN_DIR=str(tmp_path / "runs" / "never-trained"),
         WEIGHTS_DIR=str(tmp_path / "no-weights"), DATA=str(Path(real) if real else busi_folder),
         OUTPUT_DIR=str(tmp_path / "predictions"), N_DEMO=2, N_SHOW=1,
-    ))
+    )
+    if not real:
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        for path in sorted((busi_folder / "malignant").glob("malignant ([0-9]).png"))[:2]:
+            shutil.copy(path, inputs / path.name)
+        params["INPUTS"] = str(inputs)
+    nb = inject(read("04_predict"), params)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()

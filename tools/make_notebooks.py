@@ -93,7 +93,7 @@ N_SAMPLES = 12  # images in the sample grid
 SEED = 0  # seed of the sample grid and of the split (training's default seed is 0 too)""",
      ["parameters"]),
     ("md", IMPORT_MD),
-    ("code", imports("import pandas as pd")),
+    ("code", imports("import numpy as np", "import pandas as pd")),
     ("md", "## Get the data\n\nFound where it usually is, or downloaded (about 200 MB)."),
     ("code", "root = busi.notebook.get_data(DATA, download=DOWNLOAD)\nroot"),
     ("md", """\
@@ -176,6 +176,16 @@ print(f"duplicate groups in more than one part: {straddling}")
 pd.crosstab(grouped["label"], grouped["split"], margins=True)"""),
     ("md", "None of the label-conflicting images is in the split:"),
     ("code", 'int(split["id"].isin(conflicts["id"]).sum())'),
+    ("md", """\
+What a random image-level split would do instead (the 80/20 split of lesion images of most BUSI
+notebooks): the share of its test images with a near duplicate in its training images. Those
+are scored on scans the model has already seen."""),
+    ("code", """\
+lesions = table[table["label"] != "normal"]
+is_test = np.random.default_rng(SEED).random(len(lesions)) < 0.2
+random_split = lesions.assign(split=np.where(is_test, "test", "train"))
+print(f"random split: {busi.data.leaked(random_split).mean():.0%} of test images leaked; "
+      f"this project's split: {busi.data.leaked(split).mean():.0%}")"""),
 ])
 
 # -------------------------------------------------------------------------------- 02 train

@@ -11,6 +11,7 @@ from busi.data.masks import load_example, merge_masks, read_image, read_mask
 from busi.data.splits import (
     LESION_CLASSES,
     cross_validation_splits,
+    leaked,
     load_split,
     make_split,
     save_split,
@@ -19,7 +20,7 @@ from busi.data.splits import (
 
 __all__ = [
     "LABELS", "LESION_CLASSES", "add_groups", "conflicting_groups", "cross_validation_splits",
-    "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "load_example",
-    "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask", "save_split",
-    "select",
+    "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
+    "load_example", "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask",
+    "save_split", "select",
 ]

@@ -107,6 +107,29 @@ def cross_validation_splits(
     return splits
 
 
+def leaked(split: pd.DataFrame, train: str = "train", test: str = "test") -> pd.Series:
+    """Whether each ``test`` image has a duplicate (same ``group``) among the ``train`` images.
+
+    For judging a split made elsewhere, e.g. the random image-level split of most BUSI papers
+    (build its frame from a table with :func:`busi.data.add_groups`' ``group`` column): such
+    test images are scored on scans the model has seen, so their scores measure memory, not
+    generalisation. Splits of :func:`make_split` leak none by construction.
+
+    Args:
+        split: rows with ``group`` and ``split`` columns (like :func:`make_split`'s result).
+        train, test: the names of the two parts.
+
+    Returns:
+        Boolean Series over the ``test`` rows, with their index; ``.mean()`` is the leaked share.
+    """
+    missing = [c for c in ("group", "split") if c not in split]
+    if missing:
+        raise ValueError(f"split lacks columns {missing}; add groups with busi.data.add_groups")
+    train_groups = set(split.loc[split["split"] == train, "group"])
+    test_rows = split[split["split"] == test]
+    return test_rows["group"].isin(train_groups).rename("leaked")
+
+
 def save_split(split: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a split as CSV, atomically."""
     return atomic_write_text(path, split[SPLIT_COLUMNS].to_csv(index=False))
