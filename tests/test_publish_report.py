@@ -41,6 +41,19 @@ def test_sidecar_carries_the_chosen_settings(evaluated_run, tmp_path):
     card = weights.with_suffix(".md").read_text()
     assert "not for clinical use" in card and sidecar["model_sha1"] in card
     assert f"| lesion | {sidecar['metrics']['test']['lesion']['n']} |" in card
+    assert "augmentation off" in card
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ({"augment": True}, "on (busi's defaults)"),
+    ({"augment": True, "augmentation": {"max_rotation_deg": 20, "scale_range": [0.7, 1.4]}},
+     "on (defaults but max_rotation_deg 20, scale_range [0.7, 1.4])"),
+    ({"augment": False, "augmentation": {"max_rotation_deg": 20}}, "off"),
+])
+def test_model_card_names_the_augmentation_strengths(config, said):
+    from busi.publish import _augmentation
+
+    assert _augmentation(config) == said
 
 
 def test_sidecar_of_other_weights_is_ignored(evaluated_run, tmp_path):

@@ -109,7 +109,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"- Loss {config['loss']}, optimizer {config['optimizer']} (learning rate "
         f"{config['learning_rate']}, {_schedule(config)}), batch {config['batch_size']}, up to "
         f"{config['epochs']} epochs, training precision {config.get('mixed_precision', 'auto')}, "
-        f"augmentation {'on' if config['augment'] else 'off'}, seed {config['seed']}.",
+        f"augmentation {_augmentation(config)}, seed {config['seed']}.",
         f"- Post-processing (chosen on {sidecar['chosen_on'] or 'nothing: defaults'}): "
         f"threshold {sidecar['threshold']}, flip TTA {sidecar['tta']}, min component fraction "
         f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
@@ -142,10 +142,21 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "- Some BUSI images carry calliper marks and text near the lesion; a model can learn "
         "them as cues.",
         "- Masks are single hand-drawn outlines; inter-observer variability is not captured.",
+        "- BUSI files axillary views (lymph nodes) as benign. The from-scratch "
+        "models of this project miss most of them in the test split (busi README, Results).",
         "- Not for diagnosis, triage or any clinical decision.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _augmentation(config: dict[str, Any]) -> str:
+    if not config["augment"]:
+        return "off"
+    changed = config.get("augmentation") or {}
+    if not changed:
+        return "on (busi's defaults)"
+    return "on (defaults but " + ", ".join(f"{k} {v}" for k, v in changed.items()) + ")"
 
 
 def publish_export(
