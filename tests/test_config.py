@@ -89,14 +89,30 @@ def test_augmentation_overrides_reach_the_augment_config_and_survive_yaml(tmp_pa
     ({"scale_range": [1.4, 0.7]}, "scale_range must satisfy 0 < low <= high"),
     ({"max_shift": 1.5}, "max_shift must be in"),
     ([("max_shift", 0.1)], "augmentation must be a mapping"),
+    ({"flip_vertical": "false"}, "flip_vertical must be true or false"),
+    ({"scale_range": 0.7}, r"scale_range must be two finite numbers \(low, high\)"),
+    ({"gamma_range": [0.7, float("inf")]}, "gamma_range must be two finite numbers"),
+    ({"max_rotation_deg": "20"}, "max_rotation_deg must be a finite number"),
 ])
 def test_bad_augmentation_fails_when_the_config_is_made(tmp_path, augmentation, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(augmentation=augmentation)
 
 
-def test_configs_load_without_tensorflow():
-    """`busi index` and config checks must not pay TensorFlow's start-up."""
+def test_augmentation_is_kept_in_one_form_so_a_saved_config_equals_itself(tmp_path):
+    """A resumed run compares its saved config with the new one: tuples (Python) and lists
+    (JSON) of the same range, or a default written out, must not make them differ."""
+    given = {"scale_range": (0.7, 1.4), "max_rotation_deg": 10.0}  # 10 is the default
+    config = TrainConfig(architecture="classic_unet", augmentation=given)
+    assert config.augmentation == {"scale_range": [0.7, 1.4]}
+    assert given == {"scale_range": (0.7, 1.4), "max_rotation_deg": 10.0}  # caller's dict intact
+    for suffix in (".json", ".yaml"):
+        assert TrainConfig.load(config.save(tmp_path / f"c{suffix}")) == config
+    assert TrainConfig(architecture="classic_unet", augmentation=None).augmentation == {}
+
+
+def test_importing_the_config_module_does_not_load_tensorflow():
+    """`busi index` and classic U-Net configs must not pay TensorFlow's start-up."""
     code = "import sys, busi.config; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -27,12 +27,21 @@ def batchnorm_layers(model: Any) -> list:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+def dropout_layers(model: Any) -> list:
+    """Dropout layers of any kind (Keras' own, spatial, segmentation-models' FixedDropout)."""
+    keras = _keras.keras()
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+
+
 def recalibrate(model: Any, batches: Iterable) -> int:
     """Set every BatchNorm's moving mean and variance to their average over ``batches``.
 
     Each batch goes forward in training mode (batch statistics, no weight update) with the
     momentum set so that the running value is the plain mean of the batches seen: after batch k
-    (from 0) the momentum is k / (k + 1). Momenta are restored afterwards.
+    (from 0) the momentum is k / (k + 1). Dropout is switched off meanwhile: a BatchNorm behind a
+    dropout layer would otherwise measure the larger variance of dropped-out activations, not
+    the variance it sees at inference (the "variance shift" of Li et al., CVPR 2019). Momenta
+    and dropout rates are restored afterwards.
 
     Returns:
         The number of batches used.
@@ -41,8 +50,12 @@ def recalibrate(model: Any, batches: Iterable) -> int:
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
+    dropouts = dropout_layers(model)
+    rates = [layer.rate for layer in dropouts]
     count = 0
     try:
+        for layer in dropouts:
+            layer.rate = 0.0  # eager call: read at call time
         for count, batch in enumerate(batches):
             images = batch[0] if isinstance(batch, tuple | list) else batch
             for layer in layers:
@@ -52,6 +65,8 @@ def recalibrate(model: Any, batches: Iterable) -> int:
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates, strict=True):
+            layer.rate = rate
     return count
 
 

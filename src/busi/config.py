@@ -19,6 +19,31 @@ from busi.data.augment_config import AugmentConfig
 from busi.data.index import LABELS
 
 
+def _augmentation_overrides(values: Any) -> dict[str, Any]:
+    """``augmentation`` checked (so a typo fails before training, naming the field) and in one
+    form: a new dict, ranges as lists (as JSON gives them back) and defaults left out, so a
+    config equals itself after a save and load, and a resumed run recognises its config."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"augmentation must be a mapping of AugmentConfig fields, got {values!r}")
+    known = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown augmentation key(s) {unknown}; known keys: {', '.join(sorted(known))}"
+        )
+    try:
+        checked = AugmentConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"augmentation: {error}") from error
+    return {
+        name: list(getattr(checked, name)) if isinstance(getattr(checked, name), tuple)
+        else getattr(checked, name)
+        for name in values if getattr(checked, name) != known[name]
+    }
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on.
@@ -41,9 +66,10 @@ class TrainConfig:
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
-        augmentation: strengths that differ from :class:`busi.data.augment_config.AugmentConfig`'s
-            mild defaults, by field name, e.g. ``{"max_rotation_deg": 20, "scale_range":
-            [0.75, 1.3]}``; checked when the config is made, so a typo fails before training.
+        augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and
+            strengths) that differ from its mild defaults, e.g. ``{"max_rotation_deg": 20,
+            "scale_range": [0.75, 1.3]}``; checked when the config is made, so a typo fails
+            before training. ``--set augmentation={...}`` (JSON) replaces the whole mapping.
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
@@ -121,7 +147,7 @@ class TrainConfig:
                     f"train_classes must be some of classes {list(self.classes)}, got "
                     f"{list(self.train_classes)}"
                 )
-        self.augment_config()  # fails early, naming the bad field
+        self.augmentation = _augmentation_overrides(self.augmentation)
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None
         choices = {
@@ -168,24 +194,7 @@ class TrainConfig:
 
     def augment_config(self) -> AugmentConfig:
         """The augmentation of the training images: defaults plus ``augmentation``."""
-        if not isinstance(self.augmentation, dict):
-            raise ValueError(
-                f"augmentation must be a mapping of AugmentConfig fields, got {self.augmentation!r}"
-            )
-        known = {f.name for f in dataclasses.fields(AugmentConfig)}
-        unknown = sorted(set(self.augmentation) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown augmentation key(s) {unknown}; known keys: {', '.join(sorted(known))}"
-            )
-        values = {  # YAML and JSON give lists where AugmentConfig wants (low, high) tuples
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in self.augmentation.items()
-        }
-        try:
-            return AugmentConfig(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"augmentation: {error}") from error
+        return AugmentConfig(**self.augmentation)
 
     @property
     def monitor_mode(self) -> str:

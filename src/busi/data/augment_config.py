@@ -3,7 +3,14 @@ TensorFlow (the ops that apply it are in :mod:`busi.data.augment`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class AugmentConfig:
     max_speckle_std: float = 0.1  # std of the multiplicative noise, drawn from [0, max]
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("scale_range", "brightness_range", "contrast_range", "gamma_range"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -45,6 +53,27 @@ class AugmentConfig:
             raise ValueError(
                 f"AugmentConfig.max_speckle_std must be in [0, 1], got {self.max_speckle_std!r}"
             )
+
+    def _check_types(self) -> None:
+        """Switches must be booleans (the string "false" is truthy) and strengths finite
+        numbers; a ``(low, high)`` range may come as a list (YAML, JSON) and is stored as a
+        tuple."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool":
+                ok = isinstance(value, bool)
+                wanted = "true or false"
+            elif field.type == "float":
+                ok = _number(value)
+                wanted = "a finite number"
+            else:
+                ok = (isinstance(value, tuple | list) and len(value) == 2
+                      and all(_number(v) for v in value))
+                wanted = "two finite numbers (low, high)"
+                if ok:
+                    object.__setattr__(self, field.name, tuple(value))
+            if not ok:
+                raise ValueError(f"AugmentConfig.{field.name} must be {wanted}, got {value!r}")
 
     @property
     def geometric(self) -> bool:
