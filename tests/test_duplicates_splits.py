@@ -71,6 +71,8 @@ def test_leaked_flags_test_images_with_a_duplicate_in_train(busi_table):
     assert not busi.data.leaked(busi.data.make_split(busi_table, seed=3)).any()
     with pytest.raises(ValueError, match="add_groups"):
         busi.data.leaked(busi_table.assign(split="test"))
+    with pytest.raises(ValueError, match="no 'train' or no 'test' rows"):
+        busi.data.leaked(random_split.assign(split="train"))
 
 
 def test_split_classes_parameter(busi_table):

@@ -108,7 +108,8 @@ def cross_validation_splits(
 
 
 def leaked(split: pd.DataFrame, train: str = "train", test: str = "test") -> pd.Series:
-    """Whether each ``test`` image has a duplicate (same ``group``) among the ``train`` images.
+    """Whether each ``test`` image has a duplicate (same ``group``: a near duplicate, or one of a
+    chain of them) among the ``train`` images.
 
     For judging a split made elsewhere, e.g. the random image-level split of most BUSI papers
     (build its frame from a table with :func:`busi.data.add_groups`' ``group`` column): such
@@ -125,8 +126,12 @@ def leaked(split: pd.DataFrame, train: str = "train", test: str = "test") -> pd.
     missing = [c for c in ("group", "split") if c not in split]
     if missing:
         raise ValueError(f"split lacks columns {missing}; add groups with busi.data.add_groups")
-    train_groups = set(split.loc[split["split"] == train, "group"])
     test_rows = split[split["split"] == test]
+    if test_rows.empty or not (split["split"] == train).any():
+        raise ValueError(
+            f"the split has no {train!r} or no {test!r} rows (parts: {sorted(set(split['split']))})"
+        )
+    train_groups = set(split.loc[split["split"] == train, "group"])
     return test_rows["group"].isin(train_groups).rename("leaked")
 
 
