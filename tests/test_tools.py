@@ -1,0 +1,51 @@
+"""tools/ensemble_eval.py on two tiny runs of one split: it scores every model and combination."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import busi
+from busi.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "ensemble_eval.py"
+
+
+def _run(busi_folder, root, name, seed):
+    return busi.train(TrainConfig(
+        name=name, data=str(busi_folder), run_dir=str(root / name),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, augment=False, evaluate=False, seed=seed,
+    ))
+
+
+def _ensemble(*weights):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, weights)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ensemble_eval_scores_singles_and_pairs(busi_folder, tmp_path):
+    first = _run(busi_folder, tmp_path, "a", seed=1)
+    second = _run(busi_folder, tmp_path, "b", seed=1)
+    out = _ensemble(first / "best.h5", second / "best.h5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if "best.h5 |" in line]
+    assert len(rows) == 3  # a, b, a + b
+    assert " + " in rows[2]
+    for row in rows:
+        val, test = row.split(" | ")[1:3]
+        assert 0.0 <= float(val) <= 1.0 and 0.0 <= float(test.split(" / ")[0]) <= 1.0
+
+
+def test_ensemble_eval_refuses_runs_of_different_splits(busi_folder, tmp_path):
+    first = _run(busi_folder, tmp_path, "a", seed=1)
+    other = _run(busi_folder, tmp_path, "c", seed=2)
+    out = _ensemble(first / "best.h5", other / "best.h5")
+    assert out.returncode != 0 and "do not share one split.csv" in out.stderr
