@@ -70,6 +70,7 @@ class TrainConfig:
             strengths) that differ from its mild defaults, e.g. ``{"max_rotation_deg": 20,
             "scale_range": [0.75, 1.3]}``; checked when the config is made, so a typo fails
             before training. ``--set augmentation={...}`` (JSON) replaces the whole mapping.
+            Ignored when ``augment`` is false.
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
