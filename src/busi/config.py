@@ -27,21 +27,25 @@ def _augmentation_overrides(values: Any) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"augmentation must be a mapping of AugmentConfig fields, got {values!r}")
-    known = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown augmentation key(s) {unknown}; known keys: {', '.join(sorted(known))}"
-        )
+    defaults = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
+    _reject_unknown(values, defaults, "augmentation")
     try:
         checked = AugmentConfig(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"augmentation: {error}") from error
-    return {
-        name: list(getattr(checked, name)) if isinstance(getattr(checked, name), tuple)
-        else getattr(checked, name)
-        for name in values if getattr(checked, name) != known[name]
-    }
+    overrides = {}
+    for name in values:
+        value = getattr(checked, name)
+        if value != defaults[name]:
+            overrides[name] = list(value) if isinstance(value, tuple) else value
+    return overrides
+
+
+def _reject_unknown(values: Any, known: Any, what: str) -> None:
+    """An error naming the keys of ``values`` not in ``known``, and the known ones."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -219,12 +223,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping; an unknown key is an error that names it and the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}"
-            )
+        _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "config")
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -69,7 +69,8 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
     for entry in map(Path, run_dirs):
         run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
             entry, entry / "best.h5")
-        summary_path = evaluation_dir(run_dir, model_path) / "summary.json"
+        out_dir = evaluation_dir(run_dir, model_path)
+        summary_path = out_dir / "summary.json"
         summary = summary_for(run_dir, model_path)
         if summary is None and summary_path.is_file():
             raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
@@ -97,7 +98,7 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             f"| {trained_on} | {len(history)} (kept {_kept_epoch(config, history, model_path)}), "
             f"{history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
-            f"| {_ci(evaluation_dir(run_dir, model_path) / f'per_image_{split}.csv')} "
+            f"| {_ci(out_dir / f'per_image_{split}.csv')} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "

@@ -126,13 +126,12 @@ def leaked(split: pd.DataFrame, train: str = "train", test: str = "test") -> pd.
     missing = [c for c in ("group", "split") if c not in split]
     if missing:
         raise ValueError(f"split lacks columns {missing}; add groups with busi.data.add_groups")
-    test_rows = split[split["split"] == test]
-    if test_rows.empty or not (split["split"] == train).any():
+    is_train, is_test = split["split"] == train, split["split"] == test
+    if not is_train.any() or not is_test.any():
         raise ValueError(
             f"the split has no {train!r} or no {test!r} rows (parts: {sorted(set(split['split']))})"
         )
-    train_groups = set(split.loc[split["split"] == train, "group"])
-    return test_rows["group"].isin(train_groups).rename("leaked")
+    return split.loc[is_test, "group"].isin(set(split.loc[is_train, "group"])).rename("leaked")
 
 
 def save_split(split: pd.DataFrame, path: str | os.PathLike) -> Path:
