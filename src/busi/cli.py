@@ -165,7 +165,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--architecture", choices=["unet", "classic_unet"])
-    p.add_argument("--encoder", help="segmentation-models backbone, e.g. resnet34")
+    p.add_argument("--encoder", help="efficientnet-lite0/1/2 (ImageNet weights from "
+                   "busi[pretrained], no network) or a segmentation-models backbone, e.g. resnet34")
     p.add_argument("--encoder-weights", help="imagenet or none (train the encoder from scratch)")
     p.add_argument("--restart", action="store_true",
                    help="refuse to resume an existing run folder")

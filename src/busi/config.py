@@ -68,6 +68,10 @@ class TrainConfig:
         architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".
         encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
+        decoder_filters: filters of the five decoder stages of the "unet" architecture
+            (segmentation-models' default 256, 128, 64, 32, 16). Smaller ones shrink the model
+            file and the training time most, since the first stage sees the encoder's widest
+            features.
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
         augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and
@@ -108,6 +112,7 @@ class TrainConfig:
     encoder: str = "resnet34"
     encoder_weights: str | None = "imagenet"
     freeze_encoder_epochs: int = 0
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     base_filters: int = 32
     depth: int = 4
     dropout: float = 0.0
@@ -142,6 +147,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
+        self.decoder_filters = tuple(self.decoder_filters)
+        if len(self.decoder_filters) != 5 or not all(
+            isinstance(f, int) and f > 0 for f in self.decoder_filters
+        ):
+            raise ValueError(f"decoder_filters must be 5 positive integers, got "
+                             f"{list(self.decoder_filters)}")
         unknown = sorted(set(self.classes) - set(LABELS))
         if unknown or not self.classes:
             raise ValueError(f"classes must be some of {list(LABELS)}, got {list(self.classes)}")
@@ -178,8 +189,8 @@ class TrainConfig:
 
             if self.encoder not in available_encoders():
                 raise ValueError(
-                    f"unknown encoder {self.encoder!r}; choose one of segmentation-models' "
-                    f"backbones: {', '.join(available_encoders())}"
+                    f"unknown encoder {self.encoder!r}; choose one of busi's and "
+                    f"segmentation-models' encoders: {', '.join(available_encoders())}"
                 )
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
@@ -216,6 +227,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["classes"] = list(self.classes)
+        data["decoder_filters"] = list(self.decoder_filters)
         if self.train_classes is not None:
             data["train_classes"] = list(self.train_classes)
         return data

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from busi import _keras
+from busi.encoders import ENCODERS
 
 SM_DOWNSAMPLING = 2**5
 """segmentation-models encoders halve the resolution five times: H and W must divide by 32."""
@@ -44,7 +45,8 @@ _FAMILY_PREPROCESSING = {
 PREPROCESSING_MODES: dict[str, str] = {
     encoder: mode for mode, encoders in _FAMILY_PREPROCESSING.items() for encoder in encoders
 }
-"""Encoder name -> preprocessing mode of keras_applications ("none", "tf", "torch", "caffe")."""
+"""segmentation-models encoder name -> preprocessing mode of keras_applications ("none", "tf",
+"torch", "caffe"). busi's own encoders (:mod:`busi.encoders`) bring their preprocessing layer."""
 
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
@@ -59,8 +61,9 @@ class WeightsDownloadError(RuntimeError):
 
 
 def available_encoders() -> list[str]:
-    """Encoder names accepted by :func:`build_model` (those of segmentation-models)."""
-    return list(_keras.sm().get_available_backbone_names())
+    """Encoder names accepted by :func:`build_model`: busi's own (EfficientNet-Lite, ImageNet
+    weights without network) and segmentation-models' backbones."""
+    return list(ENCODERS) + list(_keras.sm().get_available_backbone_names())
 
 
 def preprocessing_layer(encoder: str) -> Any:
@@ -219,14 +222,18 @@ def build_model(
     """segmentation-models' U-Net on ``encoder``, taking [0, 255] images, giving a float32 mask.
 
     Args:
-        encoder: any name of :func:`available_encoders` (sm's backbones).
+        encoder: any name of :func:`available_encoders`: "efficientnet-lite0/1/2" (busi's own,
+            ImageNet weights from ``pip install "busi[pretrained]"``, no network) or one of
+            sm's backbones.
         input_shape: (H, W, 3); H and W multiples of 32, or None for any such size.
-        encoder_weights: "imagenet" (downloaded once to ``~/.keras/models``) or None (random).
+        encoder_weights: "imagenet" or None (random). sm's encoders download ImageNet weights
+            once to ``~/.keras/models``; busi's convert them from the installed wheel.
         freeze_encoder: make the encoder layers non-trainable except BatchNorm, as sm does, for a
             warm-up of the decoder; undo with :func:`set_encoder_trainable`.
         decoder_filters: filters of the 5 decoder stages (5 so the mask has the input size).
         decoder_block_type: "upsampling" (UpSampling2D + 2 convs) or "transpose"
-            (Conv2DTranspose: such a model's ``.h5`` loads in tf-keras only, not Keras 3).
+            (Conv2DTranspose: such a model's ``.h5`` loads in tf-keras only, not Keras 3;
+            sm's encoders only).
         decoder_use_batchnorm: BatchNorm in the decoder blocks.
 
     Returns:
@@ -236,8 +243,9 @@ def build_model(
     Raises:
         ValueError: unknown encoder, bad input shape or decoder_filters.
         WeightsDownloadError: the ImageNet weights could not be downloaded.
+        busi.encoders.imagenet.PretrainedWeightsMissing: the wheel with the weights of a busi
+            encoder is not installed (the message names the pip command).
     """
-    sm = _keras.sm()
     encoders = available_encoders()
     if encoder not in encoders:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(encoders)}")
@@ -247,8 +255,18 @@ def build_model(
             f"decoder_filters needs 5 values (one per upsampling stage, so the mask has the "
             f"input's size), got {tuple(decoder_filters)!r}"
         )
+    if encoder in ENCODERS:
+        if decoder_block_type != "upsampling":
+            raise ValueError(f"encoder {encoder} supports decoder_block_type 'upsampling' only")
+        from busi.encoders import unet as lite_unet
+
+        model = lite_unet.build(encoder, shape, encoder_weights, decoder_filters,
+                                decoder_use_batchnorm)
+        if freeze_encoder:
+            set_encoder_trainable(model, False)
+        return model
     try:
-        unet = sm.Unet(
+        unet = _keras.sm().Unet(
             encoder,
             input_shape=shape,
             classes=1,

@@ -167,7 +167,7 @@ def build(config: TrainConfig, frozen: bool = False) -> keras.Model:
     shape = (config.image_size, config.image_size, 3)
     if config.architecture == "unet":
         options = {"encoder": config.encoder, "encoder_weights": config.encoder_weights,
-                   "freeze_encoder": frozen}
+                   "freeze_encoder": frozen, "decoder_filters": config.decoder_filters}
     else:
         options = {"base_filters": config.base_filters, "depth": config.depth,
                    "dropout": config.dropout}
