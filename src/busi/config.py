@@ -3,8 +3,8 @@
 One config describes one run completely; it is saved into the run folder so that a run can be
 resumed, evaluated and reproduced from it. Every field is checked for type and range when the
 config is made (:mod:`busi.config_fields`), from YAML, JSON, ``--set`` or Python alike, so a bad
-value fails with one message before a run folder exists. The defaults reproduce the main notebook: a ResNet34
-U-Net at 256x256 with Dice + focal loss and Adam.
+value fails with one message before a run folder exists. The defaults reproduce the main
+notebook: a ResNet34 U-Net at 256x256 with Dice + focal loss and Adam.
 """
 
 from __future__ import annotations
