@@ -89,13 +89,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    weights = busi.publish_weights(args.run, args.dest, args.name, model_path=args.weights)
-    print(f"wrote {weights} with {weights.with_suffix('.json').name} and "
-          f"{weights.with_suffix('.md').name}")
-    if args.export != "none":
-        backend, _, quantize = args.export.partition(":")
-        out = busi.publish_export(weights, backend=backend, quantize=quantize or None)
-        print(f"wrote {out} (same post-processing, for fast CPU inference)")
+    from busi.publish import publish
+
+    written = publish(args.run, args.dest, args.name, model_path=args.weights,
+                      export=args.export)
+    weights, others = written[0], written[1:]
+    print(f"wrote {weights} with {', '.join(path.name for path in others)} (an export keeps the "
+          "same post-processing, for fast CPU inference)")
 
 
 def _report(args: argparse.Namespace) -> None:

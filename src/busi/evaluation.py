@@ -579,11 +579,16 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
     Looks for the sidecar ``<stem>.json`` of published weights (:mod:`busi.publish`), then
     ``evaluation/postprocess.json`` and ``evaluation/<stem>/postprocess.json`` beside the model
     file, and returns the one recorded for this very file (same SHA-1): settings chosen for other
-    weights (e.g. before training resumed) are ignored with a warning.
+    weights (e.g. before training resumed) are ignored with a warning. An export
+    (``X.int8.tflite``, ``X.bf16.onnx``) is found in the ``exports`` of its weights' sidecar
+    ``X.json``, so it keeps the threshold and TTA chosen for them.
     """
     model_path = Path(model_path)
     run_dir = model_path.parent
-    candidates = [model_path.with_suffix(".json"),
+    names = model_path.name.split(".")
+    sidecars = [model_path.with_name(".".join(names[:end]) + ".json")
+                for end in range(len(names) - 1, 0, -1)]  # X.int8.json, then X.json
+    candidates = [*sidecars,
                   evaluation_dir(run_dir, model_path) / "postprocess.json",
                   run_dir / "evaluation" / "postprocess.json"]
     found = [path for path in dict.fromkeys(candidates) if path.is_file()]
