@@ -80,9 +80,9 @@ def publish(
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such weights in this run folder (trained yet?)")
     dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
     with run.lock("publishing"):
         model = verify_checkpoint(run, source)
+        dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=dest))
         try:
             weights = _stage(run, source, model, staging / f"{name or run.root.name}.h5")
