@@ -164,3 +164,21 @@ def test_a_read_only_output_folder_is_named_before_inference(tmp_path, images):
             prediction.predict(no_inference, images, out, size=32)
     finally:
         out.chmod(0o700)
+
+
+def test_a_file_this_process_saved_loads_but_not_in_another_process(tmp_path):
+    """An sm encoder with its own Lambda layers: training must evaluate the best.h5 it just
+    wrote; the same file opened by a new process (a downloaded run) is refused as usual."""
+    import subprocess
+    import sys
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1)(
+        keras.layers.Lambda(lambda x: x / 2, name="halve")(inputs)))
+    path = weights.save_model(model, tmp_path / "own.h5", include_optimizer=False)
+    weights.load_model(path, compile=False)
+    code = ("import sys, busi.weights as w\ntry:\n    w.load_model(sys.argv[1])\n"
+            "except Exception as e:\n    print(type(e).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip() == "UnsafeModelError"

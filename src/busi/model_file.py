@@ -48,6 +48,7 @@ UNSAFE_HINT = (
 )
 
 _unsafe_allowed = False
+_written_here: set[str] = set()  # SHA-256 of model files this process saved with such layers
 
 
 class UnsafeModelError(DataError):
@@ -76,6 +77,40 @@ def unsafe_deserialization() -> Iterator[None]:
 def safe_mode_default(safe_mode: bool | None) -> bool:
     """``safe_mode``, or when None, True unless :func:`enable_unsafe_deserialization` was called."""
     return (not _unsafe_allowed) if safe_mode is None else bool(safe_mode)
+
+
+def remember_if_unsafe(model: Any, path: str | os.PathLike) -> None:
+    """Record the SHA-256 of ``path``, just saved from ``model``, if a safe load would refuse it.
+
+    Some segmentation-models encoders (SE-ResNet50+, ResNeXt, ...) build ``Lambda`` layers
+    themselves: ``busi train`` with them must still evaluate the ``best.h5`` it has just
+    written. A file whose bytes this very process wrote cannot carry anyone else's code; a
+    copy from elsewhere, or the same file in a later process, is checked as usual.
+    """
+    try:
+        check_model_config(json.loads(model.to_json()), path)
+    except UnsafeModelError:
+        from busi.runs import file_digest
+
+        _written_here.add(file_digest(path))
+
+
+def _written_by_this_process(path: Path) -> bool:
+    if not _written_here:
+        return False
+    from busi.runs import file_digest
+
+    return file_digest(path) in _written_here
+
+
+def check_file(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """:func:`check_model_config` for the file ``path`` (architecture ``config``), passing a
+    file this process saved itself (see :func:`remember_if_unsafe`)."""
+    try:
+        check_model_config(config, path)
+    except UnsafeModelError:
+        if not _written_by_this_process(Path(path)):
+            raise
 
 
 def open_h5(path: Path) -> Any:
@@ -170,6 +205,7 @@ def check_model_config(config: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "ALLOWED_LAYERS", "UnsafeModelError", "check_model_config", "enable_unsafe_deserialization",
+    "ALLOWED_LAYERS", "UnsafeModelError", "check_file", "check_model_config",
+    "enable_unsafe_deserialization", "remember_if_unsafe",
     "open_h5", "read_model_config", "safe_mode_default", "unsafe_deserialization",
 ]

@@ -45,6 +45,7 @@ def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = Tr
         # .h5 is chosen on purpose (readable by tf-keras and Keras 3): silence "legacy format".
         warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
         model.save(tmp, include_optimizer=include_optimizer, save_format="h5")
+    model_file.remember_if_unsafe(model, path)  # an encoder's own Lambda layers: see there
     return path
 
 
@@ -98,7 +99,7 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             "the file with busi.weights.load_weights_into(model, path)"
         )
     if model_file.safe_mode_default(safe_mode):
-        model_file.check_model_config(config, path)
+        model_file.check_file(path, config)
     keras = _keras.keras()
     try:
         return keras.models.load_model(path, custom_objects=_custom_objects(), compile=compile)
