@@ -41,7 +41,7 @@ def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         TrainConfig.load(tmp_path / "nothing.json")
     (tmp_path / "bad.json").write_text("{epochs: ")
-    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.json:1:2: not valid JSON: Expecting property name"):
         TrainConfig.load(tmp_path / "bad.json")
 
 
@@ -116,3 +116,56 @@ def test_importing_the_config_module_does_not_load_tensorflow():
     code = "import sys, busi.config; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("limit: -5", r"limit must be >= 1 images per split part \(or null: all\), got -5"),
+    ("learning_rate: abc", "learning_rate must be a number, got 'abc'"),
+    ("batch_size: 2.5", "batch_size must be an integer, got 2.5"),
+    ('epochs: "two"', "epochs must be an integer, got 'two'"),
+    ('evaluate: "no"', "evaluate must be true or false"),
+    ("classes: benign", "classes must be a list of strings, e.g. \\[benign, malignant\\], got "
+                        "'benign'"),
+    ("augment: 1", "augment must be true or false"),
+    ("dropout: 1.0", r"dropout must be in \[0, 1\), got 1.0"),
+    ("name: ../elsewhere", "name must be a plain folder name"),
+    ("val_fraction: 0.5\ntest_fraction: 0.5", "val_fraction \\+ test_fraction must be below 1"),
+    ("learning_rate: .nan", "learning_rate must be a finite number"),
+    ("max_minutes: 0", "max_minutes must be > 0"),
+])
+def test_every_field_is_checked_when_the_config_is_made(tmp_path, text, message):
+    """One message naming the file, the field, the value and what is allowed (these values
+    trained on the wrong images, died in TensorFlow, or were silently read as true)."""
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    with pytest.raises(ValueError, match=rf"c\.yaml: {message}"):
+        TrainConfig.load(tmp_path / "c.yaml")
+
+
+def test_checked_values_come_in_one_form(tmp_path):
+    """YAML reads 1e-4 (no dot) as a string, Python gives ints for floats and 2.0 for ints."""
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nbatch_size: 4.0\nmax_minutes: 26\n")
+    config = TrainConfig.load(tmp_path / "c.yaml")
+    assert (config.learning_rate, config.batch_size, config.max_minutes) == (1e-4, 4, 26.0)
+    assert type(config.batch_size) is int and type(config.learning_rate) is float
+    assert TrainConfig(data=tmp_path).data == str(tmp_path)  # a Path from Python
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("epochs: 3\nclasses: [benign\n", r"c\.yaml:3:1: not valid YAML: while parsing a flow "
+                                      "sequence expected ',' or ']'"),
+    ("epochs: 3\n  seed: 1\n", r"c\.yaml:2:7: not valid YAML: mapping values are not allowed"),
+])
+def test_yaml_errors_name_the_file_line_and_column(tmp_path, text, where):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=where):
+        TrainConfig.load(tmp_path / "c.yaml")
+
+
+def test_bad_set_values_fail_before_a_run_folder_is_made(tmp_path, capsys):
+    from busi.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "--run-dir", str(run), "--architecture", "classic_unet",
+                 "--set", "learning_rate=abc"])
+    assert code == 2 and not run.exists()
+    assert "learning_rate must be a number, got 'abc'" in capsys.readouterr().err

@@ -185,7 +185,7 @@ def test_cache_is_written_once_checked_and_rebuilt_when_corrupted(tmp_path, capl
     again = imagenet.imagenet_weights("efficientnet-lite0")  # from the cache: not rewritten
     assert cached.stat().st_mtime_ns == stamp
     for name, values in first.items():
-        for a, b in zip(values, again[name]):
+        for a, b in zip(values, again[name], strict=True):
             np.testing.assert_array_equal(a, b)
     # flip bytes inside the cache file: the checksum catches it, and it is converted again
     raw = bytearray(cached.read_bytes())
@@ -229,7 +229,7 @@ def test_unet_gets_the_imagenet_encoder_and_a_fresh_decoder():
                                decoder_filters=(16, 8, 8, 4, 4))
     weights = imagenet.imagenet_weights("efficientnet-lite0")
     for name in ("stem_conv", "block5_dw_conv", "head_bn"):
-        for got, expected in zip(model.get_layer(name).get_weights(), weights[name]):
+        for got, expected in zip(model.get_layer(name).get_weights(), weights[name], strict=True):
             np.testing.assert_array_equal(got, expected)
     assert model.layers[1].name == "preprocess"
     assert model.output_shape == (None, 64, 64, 1) and model.layers[-1].name == "mask"

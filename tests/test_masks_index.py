@@ -140,3 +140,21 @@ def test_fingerprint_changes_with_content(busi_table):
     first = busi.data.fingerprint(busi_table)
     assert first == busi.data.fingerprint(busi_table.iloc[::-1])
     assert first != busi.data.fingerprint(busi_table.iloc[1:])
+
+
+def test_an_empty_class_folder_is_warned_about(busi_folder, tmp_path):
+    root = _copy(busi_folder, tmp_path)
+    for path in (root / "normal").iterdir():
+        path.unlink()
+    with pytest.warns(UserWarning, match=r"normal: no normal images \(the folder is empty\).*no "
+                                         r"false-positive rate on normal images"):
+        table = busi.data.index(root)
+    assert set(table["label"]) == {"benign", "malignant"}
+
+
+def test_a_dataset_without_images_is_a_named_error(tmp_path):
+    for label in ("benign", "malignant", "normal"):
+        (tmp_path / label).mkdir()
+    (tmp_path / "benign" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"no usable images in benign/, malignant/, normal/"):
+        busi.data.index(tmp_path)

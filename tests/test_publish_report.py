@@ -193,3 +193,79 @@ def test_other_weights_of_a_run_are_evaluated_reported_and_published(evaluated_r
     with h5py.File(weights, "r") as handle:
         assert "optimizer_weights" not in handle  # an inference copy
     assert postprocess_for(weights)["threshold"] == summary["postprocess"]["threshold"]
+
+
+def _images(busi_table, folder, n=2):
+    folder.mkdir()
+    for path in busi_table["image_path"][:n]:
+        cv2.imwrite(str(folder / path.rsplit("/", 1)[1]), cv2.imread(path))
+    return folder
+
+
+def test_an_int8_export_applies_the_threshold_of_its_sidecar(evaluated_run, busi_table, tmp_path):
+    """``X.int8.tflite`` takes its post-processing from ``X.json`` (its ``exports`` entry): with
+    a sidecar threshold of 1.0 no pixel is lesion, with 0.0 some are; the default (0.5) cannot
+    give both."""
+    from busi.publish import publish
+
+    written = publish(evaluated_run, tmp_path / "w", "model", export="tflite:dynamic")
+    exported = tmp_path / "w" / "model.int8.tflite"
+    assert [p.name for p in written] == ["model.h5", "model.json", "model.md", exported.name]
+    images = _images(busi_table, tmp_path / "images")
+    sidecar = exported.with_name("model.json")
+    values = json.loads(sidecar.read_text())
+    pixels = {}
+    for threshold in (1.0, 0.0):
+        sidecar.write_text(json.dumps({**values, "threshold": threshold}))
+        table = busi.predict(exported, images, tmp_path / f"out{threshold}")
+        pixels[threshold] = int(table["lesion_pixels"].sum())
+    assert pixels[1.0] == 0 and pixels[0.0] > 0
+
+
+def test_training_records_each_checkpoints_sha256(evaluated_run):
+    from busi.runs import file_digest
+
+    state = json.loads((evaluated_run / "state.json").read_text())
+    for name in ("best.h5", "last.h5"):
+        assert state["sha256"][name] == file_digest(evaluated_run / name)
+
+
+@pytest.fixture()
+def run_copy(evaluated_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(evaluated_run, tmp_path / "run")
+
+
+def test_a_truncated_checkpoint_is_not_published(run_copy, tmp_path, capsys):
+    from busi.cli import main
+
+    best = run_copy / "best.h5"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    dest = tmp_path / "dest"
+    assert main(["publish", str(run_copy), "--dest", str(dest), "--export", "none"]) == 2
+    assert "best.h5: its SHA-256 differs from the one training recorded" in capsys.readouterr().err
+    assert not dest.exists()  # nothing written, not even the folder
+    # a run that recorded no hash (made by an older busi): the file must still load
+    state = json.loads((run_copy / "state.json").read_text())
+    del state["sha256"]
+    (run_copy / "state.json").write_text(json.dumps(state))
+    assert main(["publish", str(run_copy), "--dest", str(dest), "--export", "none"]) == 2
+    assert "best.h5: cannot read" in capsys.readouterr().err
+    assert not dest.exists()  # nothing written, not even the folder
+
+
+def test_a_failed_export_publishes_nothing(run_copy, tmp_path, monkeypatch):
+    from busi import export
+    from busi.publish import publish
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(export, "export", broken)
+    dest = tmp_path / "dest"
+    (dest).mkdir()
+    (dest / "other.txt").write_text("kept")
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        publish(run_copy, dest, "model", export="tflite:dynamic")
+    assert sorted(p.name for p in dest.iterdir()) == ["other.txt"]  # no staging folder left

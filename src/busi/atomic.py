@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,27 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>.*)")
+
+
+def leftover_temp_file(path: Path) -> bool:
+    """Whether ``path`` is named like a temporary file of :func:`atomic_path`
+    (``.<final name>.<8 random characters><final suffix>``), which only a killed write leaves."""
+    match = _TEMP_NAME.fullmatch(path.name)
+    return bool(match) and Path(match["name"]).suffix == match["suffix"]
+
+
+def remove_leftover_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files interrupted atomic writes left in ``folder`` and below; return
+    them. Only safe while no other process writes there (see :mod:`busi.runlock`)."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*")):
+        if path.is_file() and not path.is_symlink() and leftover_temp_file(path):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

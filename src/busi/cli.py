@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    weights = busi.publish_weights(args.run, args.dest, args.name, model_path=args.weights)
-    print(f"wrote {weights} with {weights.with_suffix('.json').name} and "
-          f"{weights.with_suffix('.md').name}")
-    if args.export != "none":
-        backend, _, quantize = args.export.partition(":")
-        out = busi.publish_export(weights, backend=backend, quantize=quantize or None)
-        print(f"wrote {out} (same post-processing, for fast CPU inference)")
+    from busi.publish import publish
+
+    written = publish(args.run, args.dest, args.name, model_path=args.weights,
+                      export=args.export)
+    weights, others = written[0], written[1:]
+    print(f"wrote {weights} with {', '.join(path.name for path in others)} (an export keeps the "
+          "same post-processing, for fast CPU inference)")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -221,13 +222,22 @@ def parser() -> argparse.ArgumentParser:
                    help="also segment files named X_mask*.png that sit next to an image X "
                    "(BUSI ground truth; skipped by default)")
     p.set_defaults(func=_predict)
+    for command, p in sub.choices.items():
+        if command not in ("download", "index"):  # the others load model files
+            p.add_argument(
+                "--unsafe-weights", action="store_true",
+                help="load model files with any layer, Lambda layers (which run code stored in "
+                "the file) included: only for files you trust (default: refuse them)")
     return main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from busi.model_file import unsafe_deserialization
+
     try:
-        args.func(args)
+        with unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext():
+            args.func(args)
     except (DataError, ValueError, OSError, RuntimeError, ImportError) as error:
         # Bad input, missing files, ImageNet weights out of reach, optional extras missing:
         # the message says what to do; a traceback would only hide it.

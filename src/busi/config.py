@@ -1,8 +1,10 @@
 """Training settings as one dataclass that reads and writes JSON or YAML.
 
 One config describes one run completely; it is saved into the run folder so that a run can be
-resumed, evaluated and reproduced from it. The defaults reproduce the main notebook: a ResNet34
-U-Net at 256x256 with Dice + focal loss and Adam.
+resumed, evaluated and reproduced from it. Every field is checked for type and range when the
+config is made (:mod:`busi.config_fields`), from YAML, JSON, ``--set`` or Python alike, so a bad
+value fails with one message before a run folder exists. The defaults reproduce the main
+notebook: a ResNet34 U-Net at 256x256 with Dice + focal loss and Adam.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from busi.atomic import atomic_write_text
+from busi.config_fields import check_fields
 from busi.data.augment_config import AugmentConfig
 from busi.data.index import LABELS
 
@@ -46,6 +49,24 @@ def _reject_unknown(values: Any, known: Any, what: str) -> None:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {', '.join(sorted(known))}")
+
+
+def _where(path: Path, error: Exception) -> str:
+    """``file:line:column`` of a JSON or YAML syntax error (1-based, as editors count), else the
+    file: PyYAML's own message names ``<unicode string>``, not the file."""
+    mark = getattr(error, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}"
+    if hasattr(error, "lineno") and hasattr(error, "colno"):  # json.JSONDecodeError
+        return f"{path}:{error.lineno}:{error.colno}"
+    return str(path)
+
+
+def _problem(error: Exception) -> str:
+    """What a parser says is wrong, without its position (given by :func:`_where`)."""
+    if getattr(error, "problem_mark", None) is not None:
+        return " ".join(filter(None, (getattr(error, "context", None), error.problem)))
+    return getattr(error, "msg", None) or str(error)
 
 
 @dataclass
@@ -146,18 +167,13 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.classes = tuple(self.classes)
-        self.decoder_filters = tuple(self.decoder_filters)
-        if len(self.decoder_filters) != 5 or not all(
-            isinstance(f, int) and f > 0 for f in self.decoder_filters
-        ):
-            raise ValueError(f"decoder_filters must be 5 positive integers, got "
-                             f"{list(self.decoder_filters)}")
+        if self.augmentation is None:  # "augmentation:" left empty in YAML
+            self.augmentation = {}
+        check_fields(self)  # types and ranges of every field (busi.config_fields)
         unknown = sorted(set(self.classes) - set(LABELS))
         if unknown or not self.classes:
             raise ValueError(f"classes must be some of {list(LABELS)}, got {list(self.classes)}")
         if self.train_classes is not None:
-            self.train_classes = tuple(self.train_classes)
             if not self.train_classes or set(self.train_classes) - set(self.classes):
                 raise ValueError(
                     f"train_classes must be some of classes {list(self.classes)}, got "
@@ -192,10 +208,12 @@ class TrainConfig:
                     f"unknown encoder {self.encoder!r}; choose one of busi's and "
                     f"segmentation-models' encoders: {', '.join(available_encoders())}"
                 )
-        for name in ("image_size", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1 (some images must be left to "
+                f"train on), got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} "
                 f"(epochs {self.epochs})"
@@ -257,16 +275,17 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
+        import yaml
+
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
-                import yaml
-
                 values = yaml.safe_load(text) or {}
             else:
                 values = json.loads(text)
-        except ValueError as error:  # json and yaml errors both derive from ValueError
-            raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from error
+        except (ValueError, yaml.YAMLError) as error:
+            raise ValueError(f"{_where(path, error)}: not valid {path.suffix[1:].upper()}: "
+                             f"{_problem(error)}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
         try:

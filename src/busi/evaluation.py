@@ -29,7 +29,6 @@ The run-level entry point :func:`evaluate` reads a run folder and writes ``evalu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -529,11 +528,9 @@ def evaluate_model(
 
 def file_sha1(path: str | os.PathLike) -> str:
     """SHA-1 of a file, to tie ``postprocess.json`` to the exact weights it was chosen for."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from busi.runs import file_digest
+
+    return file_digest(path, "sha1")
 
 
 def evaluation_dir(run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None) -> Path:
@@ -582,11 +579,16 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
     Looks for the sidecar ``<stem>.json`` of published weights (:mod:`busi.publish`), then
     ``evaluation/postprocess.json`` and ``evaluation/<stem>/postprocess.json`` beside the model
     file, and returns the one recorded for this very file (same SHA-1): settings chosen for other
-    weights (e.g. before training resumed) are ignored with a warning.
+    weights (e.g. before training resumed) are ignored with a warning. An export
+    (``X.int8.tflite``, ``X.bf16.onnx``) is found in the ``exports`` of its weights' sidecar
+    ``X.json``, so it keeps the threshold and TTA chosen for them.
     """
     model_path = Path(model_path)
     run_dir = model_path.parent
-    candidates = [model_path.with_suffix(".json"),
+    names = model_path.name.split(".")
+    sidecars = [model_path.with_name(".".join(names[:end]) + ".json")
+                for end in range(len(names) - 1, 0, -1)]  # X.int8.json, then X.json
+    candidates = [*sidecars,
                   evaluation_dir(run_dir, model_path) / "postprocess.json",
                   run_dir / "evaluation" / "postprocess.json"]
     found = [path for path in dict.fromkeys(candidates) if path.is_file()]
@@ -664,14 +666,26 @@ def evaluate(
         The content of ``summary.json``: model, post-processing, and per part the
         :func:`summarize` dict.
     """
-    from busi import weights
-    from busi.config import TrainConfig
     from busi.runs import RunFolder
-    from busi.training import prepare_data
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     run = RunFolder(Path(run_dir))
+    if not run.config.is_file():
+        raise FileNotFoundError(f"{run.config}: not a run folder (no config.json)")
+    with run.lock("evaluation"):  # one writer: not while the run trains or is published
+        return _evaluate(run, split, model_path, data, batch_size, rechoose)
+
+
+def _evaluate(
+    run: Any, split: str, model_path: str | os.PathLike | None,
+    data: str | os.PathLike | None, batch_size: int | None, rechoose: bool,
+) -> dict[str, Any]:
+    """:func:`evaluate` with the run folder's lock held."""
+    from busi import weights
+    from busi.config import TrainConfig
+    from busi.training import prepare_data
+
     config = TrainConfig.load(run.config)
     if data is not None:
         config = config.replace(data=str(data))

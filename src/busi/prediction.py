@@ -98,6 +98,31 @@ def _check_outputs(inputs: Path, files: Sequence[Path], output_dir: Path) -> Non
             seen[target] = file
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early, before a model is loaded, if ``output_dir`` cannot become an output folder:
+    it is a file, or the folder (or the first existing folder above it) is not writable."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"{output_dir}: the output folder is a file; choose a folder")
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "output folder" if existing == output_dir else f"folder above {output_dir}"
+        raise DataError(f"{existing}: the {what} is not writable")
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and prove it takes a file (a read-only file system passes
+    :func:`check_output_dir`'s permission test), so no inference runs for nothing."""
+    import tempfile
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise DataError(f"{output_dir}: cannot write to the output folder: "
+                        f"{error.strerror or error}") from error
+
+
 def overlay_image(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = OVERLAY_BGR
                   ) -> np.ndarray:
     """BGR picture of a gray image with the mask tinted and outlined, for a quick visual check.
@@ -159,6 +184,7 @@ def predict(
     keep_largest: bool | None = None,
     batch_size: int = 8,
     include_masks: bool = False,
+    safe_mode: bool | None = None,
 ) -> pd.DataFrame:
     """Segment an image file or every image of a folder; write mask and overlay PNGs.
 
@@ -179,6 +205,8 @@ def predict(
         batch_size: images per forward pass.
         include_masks: also segment BUSI ground-truth masks found next to their images
             (see :func:`list_inputs`).
+        safe_mode: for a ``.h5`` path, refuse layers that can run code stored in the file
+            (:func:`busi.weights.load_model`); False only for files you trust.
 
     Returns:
         One row per input file (:data:`COLUMNS`): output paths, original size, predicted lesion
@@ -188,11 +216,14 @@ def predict(
     Raises:
         ValueError: ``output_dir`` is the input folder, an output would overwrite an input, or
             two inputs would write the same output (``a.png`` and ``a.jpg``).
+        busi.errors.DataError: ``output_dir`` is a file or cannot be written (found before
+            the model is loaded or anything predicted), or the model file is not a busi model.
     """
     inputs = Path(inputs)
     output_dir = Path(output_dir)
     files = list_inputs(inputs, include_masks)
     _check_outputs(inputs, files, output_dir)
+    check_output_dir(output_dir)
 
     settings: dict[str, Any] = {}
     model = model_or_path
@@ -208,7 +239,7 @@ def predict(
 
             model = load_predictor(model_path)
         else:
-            model = weights.load_for_inference(model_path)
+            model = weights.load_for_inference(model_path, safe_mode=safe_mode)
     size = size if size is not None else model_input_size(model) or settings.get("image_size")
     if size is None:
         raise ValueError("the model has no fixed input size: pass size=")
@@ -220,7 +251,7 @@ def predict(
             _pick(min_component_fraction, settings, "min_component_fraction", 0.0)),
         "keep_largest": bool(_pick(keep_largest, settings, "keep_largest", False)),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
 
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):

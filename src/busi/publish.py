@@ -5,19 +5,27 @@ validation (threshold, flip TTA, component filtering) and the input size and res
 trained with. :func:`publish_weights` writes ``<name>.h5`` and ``<name>.json`` side by side; the
 JSON holds those settings tied to the weights by SHA-1, the training config and the test
 metrics, and :func:`busi.predict` reads it (see :func:`busi.evaluation.postprocess_for`).
+
+A published file travels, so it is checked before anything is written (the SHA-256 training
+recorded for it, that it loads safely as a busi model, its shapes), and the weights, sidecar,
+card and export are written as one unit: all of them, or nothing (:func:`publish`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from busi.atomic import atomic_path, atomic_write_text
+from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
 from busi.runs import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -28,7 +36,8 @@ def publish_weights(
     run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None,
     model_path: str | os.PathLike | None = None,
 ) -> Path:
-    """Copy a run's ``best.h5`` to ``<dest_dir>/<name>.h5`` with its sidecar ``<name>.json``.
+    """Copy a run's ``best.h5`` to ``<dest_dir>/<name>.h5`` with its sidecar ``<name>.json`` and
+    model card ``<name>.md``, verified and written as one unit (see :func:`publish`).
 
     Args:
         run_dir: a run folder with ``best.h5`` (evaluated or not).
@@ -41,22 +50,101 @@ def publish_weights(
     Returns:
         The path of the copied ``.h5``.
     """
-    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for, summary_for
+    return publish(run_dir, dest_dir, name, model_path, export=None)[0]
 
+
+def publish(
+    run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None,
+    model_path: str | os.PathLike | None = None, export: str | None = "tflite:dynamic",
+) -> list[Path]:
+    """Publish a run's weights with sidecar, model card and an export, all or nothing.
+
+    The checkpoint is verified before anything is written (:func:`verify_checkpoint`: the
+    SHA-256 training recorded, that it loads as a busi model, its shapes). Everything is then
+    made in a hidden staging folder inside ``dest_dir`` and moved into place only when all of it
+    exists, the sidecar last, so a failed export or a damaged file leaves ``dest_dir`` as it
+    was. The run folder's writer lock is held throughout: training cannot replace ``best.h5``
+    meanwhile.
+
+    Args:
+        run_dir, dest_dir, name, model_path: as for :func:`publish_weights`.
+        export: also export for fast CPU inference (:func:`publish_export`):
+            ``"backend[:quantize]"``, e.g. "tflite:dynamic", "tflite", "onnx",
+            "onnx:bfloat16"; None or "none" for none.
+
+    Returns:
+        The written files: weights ``.h5``, sidecar ``.json``, card ``.md``, then the export.
+    """
     run = RunFolder(Path(run_dir))
     source = Path(model_path) if model_path is not None else run.best
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such weights in this run folder (trained yet?)")
+    dest = Path(dest_dir)
+    with run.lock("publishing"):
+        model = verify_checkpoint(run, source)
+        dest.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=dest))
+        try:
+            weights = _stage(run, source, model, staging / f"{name or run.root.name}.h5")
+            staged = [weights, weights.with_suffix(".md")]
+            if export not in (None, "none"):
+                backend, _, quantize = export.partition(":")
+                staged.append(publish_export(weights, backend=backend, quantize=quantize or None))
+            staged.append(weights.with_suffix(".json"))  # last: it vouches for the others
+            written = []
+            for path in staged:
+                os.replace(path, dest / path.name)
+                written.append(dest / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    order = [".h5", ".json", ".md"]
+    return sorted(written, key=lambda p: order.index(p.suffix) if p.suffix in order else 3)
+
+
+def verify_checkpoint(run: RunFolder, source: Path) -> Any:
+    """The model in ``source``, loaded for inference after checking that the file is the one
+    training wrote (its SHA-256 in ``state.json``), loads safely as a busi segmentation model,
+    and takes the run's image size. Raises DataError naming the file otherwise."""
+    from busi import weights
+    from busi.errors import DataError
+    from busi.evaluation import model_input_size
+    from busi.runs import file_digest
+
+    recorded = None
+    if source.parent.resolve() == run.root.resolve():
+        recorded = (run.read_state().get("sha256") or {}).get(source.name)
+    if recorded is not None and file_digest(source) != recorded:
+        raise DataError(
+            f"{source}: its SHA-256 differs from the one training recorded in {run.state}; the "
+            "file is damaged or was replaced since. Not published"
+        )
+    if recorded is None:
+        log.warning("%s: no SHA-256 recorded by training (run made before busi recorded them, "
+                    "or weights from elsewhere); checking only that it loads", source)
+    model = weights.load_for_inference(source)
     config = TrainConfig.load(run.config)
-    target = Path(dest_dir) / f"{name or run.root.name}.h5"
+    size = model_input_size(model)
+    shapes = (model.input_shape, model.output_shape)
+    if size not in (None, (config.image_size, config.image_size)) or \
+            tuple(shapes[1][1:3]) != tuple(shapes[0][1:3]):
+        raise DataError(
+            f"{source}: maps {shapes[0]} to {shapes[1]}; the run ({run.config}) trains on "
+            f"{config.image_size}x{config.image_size} images and predicts masks of that size"
+        )
+    return model
+
+
+def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
+    """Write the weights, sidecar and card of ``source`` as ``target`` (+ .json, .md)."""
+    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for, summary_for
+
+    config = TrainConfig.load(run.config)
     if source.resolve() == run.best.resolve():
-        if target.resolve() != source.resolve():
-            with atomic_path(target) as tmp:
-                shutil.copyfile(source, tmp)
+        shutil.copyfile(source, target)
     else:
         from busi import weights
 
-        weights.save_model(weights.load_for_inference(source), target, include_optimizer=False)
+        weights.save_model(model, target, include_optimizer=False)
     chosen = postprocess_for(source)
     defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
                 "keep_largest": False}

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ class RunFolder:
     def figures(self) -> Path:
         return self.root / "figures"
 
+    def lock(self, purpose: str) -> AbstractContextManager[None]:
+        """The run's writer lock (:func:`busi.runlock.run_lock`): ``with run.lock("training"):``.
+        Refuses a second writer; cleans temporary files of interrupted writes."""
+        from busi.runlock import run_lock
+
+        return run_lock(self.root, purpose)
+
     def read_state(self) -> dict[str, Any]:
         """What the last finished epoch recorded; empty for a new run."""
         if not self.state.is_file() or not self.last.is_file():
@@ -82,6 +90,19 @@ class RunFolder:
         if not self.history.is_file():
             return pd.DataFrame()
         return pd.read_csv(self.history)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in blocks). SHA-256 is recorded for each checkpoint in
+    ``state.json`` when training writes it and checked before the file is published; SHA-1
+    ties post-processing choices and sidecars to weights (:func:`busi.evaluation.file_sha1`)."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _git(*args: str) -> str | None:

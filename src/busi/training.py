@@ -36,7 +36,7 @@ from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.errors import DataError
-from busi.runs import RunFolder, check_same_config, environment
+from busi.runs import RunFolder, check_same_config, environment, file_digest
 
 keras = _keras.keras()
 log = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.monitor, self.mode = config.monitor, config.monitor_mode
         self.best = best
         self.tracked = tracked
+        self.checkpoints: dict[str, str] = dict(run.read_state().get("sha256", {}))
 
     def _improved(self, value: float) -> bool:
         if self.best is None or math.isnan(self.best):
@@ -308,7 +309,9 @@ class RunCheckpoint(keras.callbacks.Callback):
             # so that reported scores are float32 scores and the file runs fast on any device.
             best = weights.with_policy(self.model, "float32")
             weights.save_model(best, self.run.best, include_optimizer=False)
+            self.checkpoints[self.run.best.name] = file_digest(self.run.best)
         weights.save_model(self.model, self.run.last, include_optimizer=True)
+        self.checkpoints[self.run.last.name] = file_digest(self.run.last)
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
         self.history = pd.concat([self.history, pd.DataFrame([row])], ignore_index=True)
         atomic_write_text(self.run.history, self.history.to_csv(index=False))
@@ -316,6 +319,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             "epoch": epoch + 1, "best": self.best, "monitor": self.monitor,
             "callbacks": [cb.counters() for cb in self.tracked],
             "stopped_early": False,
+            # what was written, so that publishing can tell a damaged or replaced checkpoint
+            "sha256": dict(self.checkpoints),
         })
 
 
@@ -469,9 +474,16 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
     elif not isinstance(config, TrainConfig):
         config = TrainConfig.load(config)
     run = RunFolder(config.directory)
-    state = run.read_state()
     if run.config.is_file() and not resume:
         raise FileExistsError(f"{run.root}: run folder exists; pass resume=True or a new name")
+    # One writer per run folder: a second training (or an evaluation) of it is refused.
+    with run.lock("training"):
+        return _train_locked(config, run)
+
+
+def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
+    """:func:`train` with the run folder's lock held: the state is read under the lock."""
+    state = run.read_state()
     if state:
         check_same_config(run, config)
     elif run.history.is_file():

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from busi import _keras
+from busi import _keras, model_file
 from busi.atomic import atomic_path
 from busi.errors import DataError
 
@@ -45,6 +45,7 @@ def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = Tr
         # .h5 is chosen on purpose (readable by tf-keras and Keras 3): silence "legacy format".
         warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
         model.save(tmp, include_optimizer=include_optimizer, save_format="h5")
+    model_file.remember_if_unsafe(model, path)  # an encoder's own Lambda layers: see there
     return path
 
 
@@ -68,43 +69,53 @@ def _weights_group(handle: Any, path: Path) -> Any:
     return group
 
 
-def load_model(path: str | os.PathLike, compile: bool = True) -> Any:
+def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | None = None
+               ) -> Any:
     """Load a full model saved by :func:`save_model` (or ``model.save("x.h5")``).
 
     Args:
         path: the ``.h5`` file.
         compile: restore the loss, metrics and optimizer state as saved, so training can go on.
             Use False for prediction only (faster, and independent of the loss code).
+        safe_mode: refuse, before anything is built, a file with a layer outside the standard
+            Keras layers busi's models use (a ``Lambda`` layer runs code stored in the file;
+            see :mod:`busi.model_file`). False loads any layer: only for files you trust. None:
+            True unless :func:`busi.model_file.enable_unsafe_deserialization` was called.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        busi.errors.DataError: not an HDF5 Keras file, or a weights-only file.
+        busi.errors.DataError: not an HDF5 Keras file, a damaged one, or a weights-only file.
+        busi.model_file.UnsafeModelError: safe mode and a layer that is not allowed.
     """
-    import h5py
-
     path = Path(path)
     _check_h5(path)
-    with h5py.File(path, "r") as handle:
-        if "model_config" not in handle.attrs:
+    config = model_file.read_model_config(path)
+    if config is None:
+        with model_file.open_h5(path) as handle:
             _weights_group(handle, path)
-            raise DataError(
-                f"{path} holds weights only, no model architecture. Build the model with the "
-                "same configuration (busi.models.build_model(...) / make_model(...)) and load "
-                "the file with busi.weights.load_weights_into(model, path)"
-            )
+        raise DataError(
+            f"{path} holds weights only, no model architecture. Build the model with the "
+            "same configuration (busi.models.build_model(...) / make_model(...)) and load "
+            "the file with busi.weights.load_weights_into(model, path)"
+        )
+    if model_file.safe_mode_default(safe_mode):
+        model_file.check_file(path, config)
     keras = _keras.keras()
-    return keras.models.load_model(path, custom_objects=_custom_objects(), compile=compile)
+    try:
+        return keras.models.load_model(path, custom_objects=_custom_objects(), compile=compile)
+    except (OSError, KeyError) as error:  # h5py: a dataset cut short or missing
+        raise DataError(f"{path}: cannot read the model, the file is damaged or incomplete: "
+                        f"{error}") from error
 
 
 def _file_layers(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
     """(layer name, weight shapes) of each layer with weights in a Keras ``.h5``, in order."""
-    import h5py
 
     def text(value: Any) -> str:
         return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
     layers = []
-    with h5py.File(path, "r") as handle:
+    with model_file.open_h5(path) as handle:
         group = _weights_group(handle, path)
         for name in map(text, group.attrs["layer_names"]):
             names = [text(weight) for weight in group[name].attrs["weight_names"]]
@@ -198,8 +209,26 @@ def with_policy(model: Any, policy: str) -> Any:
     return rebuilt
 
 
-def load_for_inference(path: str | os.PathLike) -> Any:
+def check_segmentation_model(model: Any, path: str | os.PathLike) -> None:
+    """Raise DataError unless ``model`` maps images (B, H, W, 3) to one probability map
+    (B, H, W, 1), as every busi model does: another Keras model (a classifier, say) would
+    otherwise fail deep in prediction, with a shape and no file name."""
+    inputs, outputs = model.input_shape, model.output_shape
+    if (isinstance(inputs, list) or isinstance(outputs, list) or len(inputs) != 4
+            or len(outputs) != 4 or inputs[-1] != 3 or outputs[-1] != 1):
+        raise DataError(
+            f"{path}: not a busi segmentation model: it maps inputs of shape {inputs} to "
+            f"{outputs}; busi models map images (batch, height, width, 3) to lesion "
+            "probabilities (batch, height, width, 1)"
+        )
+
+
+def load_for_inference(path: str | os.PathLike, safe_mode: bool | None = None) -> Any:
     """A model file loaded for prediction: uncompiled and in float32, whatever precision it was
     trained in (``last.h5`` of a mixed-precision run keeps the training policy), so evaluation
-    scores are float32 scores and match what published weights give."""
-    return with_policy(load_model(path, compile=False), "float32")
+    scores are float32 scores and match what published weights give. Checked to be a
+    segmentation model (:func:`check_segmentation_model`); ``safe_mode`` as in
+    :func:`load_model`."""
+    model = load_model(path, compile=False, safe_mode=safe_mode)
+    check_segmentation_model(model, path)
+    return with_policy(model, "float32")

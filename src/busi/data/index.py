@@ -134,7 +134,28 @@ def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd
             raise DataError(report)
         warnings.warn(report + "\nThese images are left out.", stacklevel=2)
     table = pd.DataFrame(rows, columns=COLUMNS)
+    if table.empty:
+        raise DataError(
+            f"{root}: no usable images in {', '.join(f.name + '/' for f in folders)}; expected "
+            "'<class> (N).png' files, each with its '<class> (N)_mask.png'"
+        )
+    _warn_missing_classes(root, table)
     return sort_table(table)
+
+
+def _warn_missing_classes(root: Path, table: pd.DataFrame) -> None:
+    """Warn for each class with no images: an empty ``normal/`` would otherwise go unnoticed
+    until a run's summary quietly lacks the false-positive rate on normal images."""
+    counts = table["label"].value_counts()
+    for label in LABELS:
+        if not counts.get(label, 0):
+            where = "folder is empty" if (root / label).is_dir() else "folder is missing"
+            warnings.warn(
+                f"{root / label}: no {label} images (the {where}); runs on this data have no "
+                f"{label} images to train on or to score"
+                + (", and no false-positive rate on normal images" if label == "normal" else ""),
+                stacklevel=3,
+            )
 
 
 def _natural_key(value: str) -> tuple:

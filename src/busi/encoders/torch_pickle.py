@@ -61,7 +61,8 @@ class _PendingTensor:
         if data is None:
             raise TorchFileError(f"{path}: a tensor refers to a storage that the file lacks")
         itemsize = data.dtype.itemsize
-        needed = self.offset + 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        last = sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        needed = self.offset + 1 + last
         if any(n == 0 for n in self.size):
             return np.zeros(self.size, dtype=data.dtype)
         if self.offset < 0 or needed > data.size or min(self.stride, default=0) < 0:
