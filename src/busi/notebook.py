@@ -133,7 +133,8 @@ def run_predictions(
     params = postprocess_for(model_path) or {}
     model = weights.load_for_inference(model_path)
     probs = predict_probabilities(model, table, config.image_size, config.resize,
-                                  config.batch_size, tta=bool(params.get("tta", False)))
+                                  config.batch_size, tta=bool(params.get("tta", False)),
+                                  desc=split)
     kwargs = postprocess_kwargs(params)
     masks = {image_id: postprocess(prob, **kwargs)
              for image_id, prob in zip(table["id"], probs, strict=True)}
