@@ -232,3 +232,18 @@ def test_training_data_is_augmented_as_the_config_says(busi_folder, tmp_path, mo
     seen.clear()
     busi.train(tiny(busi_folder, tmp_path / "off", augment=False, epochs=1))
     assert seen == [training.NO_AUGMENTATION]
+
+
+def test_a_split_with_the_left_out_conflicts_is_explained(busi_folder, tmp_path):
+    """A split made from the whole index keeps the label-conflicting pair (benign (10) =
+    malignant (6)) that runs leave out: the error says so instead of blaming the data."""
+    table = busi.data.add_groups(busi.data.index(busi_folder))
+    busi.data.save_split(busi.data.make_split(table, seed=0), tmp_path / "split.csv")
+    config = tiny(busi_folder, tmp_path, split_file=str(tmp_path / "split.csv"))
+    with pytest.raises(busi.errors.DataError, match=r"split\.csv: the split holds 2 image\(s\) "
+                       r"of label-conflicting duplicate groups.*drop_conflicts\(table\)"):
+        training.split_parts(config, training.dataset_table(config), training.make_run_split(
+            config, table))
+    kept = training.split_parts(config.replace(drop_conflicts=False), table,
+                                training.make_run_split(config, table))
+    assert sum(len(part) for part in kept.values()) == len(table)

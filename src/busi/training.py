@@ -125,11 +125,38 @@ def split_parts(
     """The index rows of each part of ``split`` (in split-file order), ``config.limit`` applied.
 
     Their :func:`busi.data.fingerprint` is the run's dataset fingerprint (``env.json``).
+
+    Raises:
+        DataError: the split names images ``table`` lacks; the message tells whether they are
+            label-conflicting duplicates the run leaves out or images of another dataset.
     """
+    missing = sorted(set(split["id"]) - set(table["id"]))
+    if missing:
+        raise DataError(_missing_images(config, missing))
     parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
     if config.limit:
         parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
     return parts
+
+
+def _missing_images(config: TrainConfig, missing: list[str]) -> str:
+    """Why a split names images a run's table lacks, for the error message (an error path, so
+    indexing the dataset again to find the label-conflicting images is affordable)."""
+    source = f"{config.split_file}: " if config.split_file else ""
+    if config.drop_conflicts:
+        full = data.add_groups(data.index(data.locate(config.data)))
+        conflicting = set(data.conflicting_groups(full)["id"])
+        if set(missing) <= conflicting:
+            return (
+                f"{source}the split holds {len(missing)} image(s) of label-conflicting duplicate "
+                f"groups, e.g. {missing[:3]}, which training leaves out (drop_conflicts=True, "
+                "the default). Make the split from busi.data.drop_conflicts(table), as "
+                "busi.training.make_run_split does, or set drop_conflicts=False to keep them."
+            )
+    return (
+        f"{source}the split names {len(missing)} image(s) not in this dataset, e.g. "
+        f"{missing[:3]}; was it made for another copy of BUSI?"
+    )
 
 
 def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
