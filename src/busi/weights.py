@@ -74,7 +74,9 @@ def load_model(path: str | os.PathLike, compile: bool = True) -> Any:
     Args:
         path: the ``.h5`` file.
         compile: restore the loss, metrics and optimizer state as saved, so training can go on.
-            Use False for prediction only (faster, and independent of the loss code).
+            Use False for prediction only (faster, and independent of the loss code). A file
+            saved without them (``best.h5``, published weights) loads uncompiled either way,
+            without Keras' warning to "compile it manually": there is nothing to restore.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -85,6 +87,7 @@ def load_model(path: str | os.PathLike, compile: bool = True) -> Any:
     path = Path(path)
     _check_h5(path)
     with h5py.File(path, "r") as handle:
+        compile = compile and "training_config" in handle.attrs
         if "model_config" not in handle.attrs:
             _weights_group(handle, path)
             raise DataError(
