@@ -52,11 +52,13 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     post-processing chosen on val, and :func:`metrics_table` of ``split`` (``--json`` of the CLI
     prints the whole summary instead)."""
     post = summary.get("postprocess") or {}
-    chosen = (
-        f"threshold {_fmt(post.get('threshold'), 2)}, flip TTA {'on' if post.get('tta') else 'off'}"
-        f", components under {_fmt(post.get('min_component_fraction'), 3)} of the image "
-        f"removed{', largest kept' if post.get('keep_largest') else ''}"
-    )
+    fraction = post.get("min_component_fraction") or 0
+    chosen = ", ".join(part for part in (
+        f"threshold {_fmt(post.get('threshold'), 2)}",
+        f"flip TTA {'on' if post.get('tta') else 'off'}",
+        f"components under {fraction:.1%} of the image removed" if fraction else "",
+        "largest component kept" if post.get("keep_largest") else "",
+    ) if part)
     return (
         f"{summary.get('model', 'model')} on the {split} images ({summary.get('image_size')} px, "
         f"{summary.get('resize')}); post-processing chosen on val: {chosen}\n"

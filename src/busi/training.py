@@ -266,10 +266,12 @@ class TimeLimit(keras.callbacks.Callback):
         projected = self.epoch_start + (now - self.epoch_start) * steps / (batch + 1)
         if projected > self.deadline:
             self.warned = True
+            left = self.deadline - now
             log.warning(
                 "time budget: this epoch will take about %s (training alone), past the time "
-                "budget (%s left); it will be finished, then training stops",
-                _minutes(projected - self.epoch_start), _minutes(self.deadline - now),
+                "budget (%s); it will be finished, then training stops",
+                _minutes(projected - self.epoch_start),
+                f"{_minutes(left)} left" if left > 0 else "already used up",
             )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
