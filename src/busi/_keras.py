@@ -20,6 +20,7 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import io
 import os
 import re
 import sys
@@ -179,9 +180,9 @@ def keras() -> ModuleType:
 def sm() -> ModuleType:
     """segmentation_models, imported with the tf.keras framework."""
     check_keras()
-    # segmentation-models prints its framework on import; keep stdout for results (the CLI
-    # prints JSON there) and send the notice to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # segmentation-models prints "using `tf.keras` framework" on import, in every command and
+    # notebook; the framework is checked (and set) right below, so the notice is dropped.
+    with contextlib.redirect_stdout(io.StringIO()):
         import segmentation_models
 
     if segmentation_models.framework() != "tf.keras":

@@ -2,18 +2,21 @@
 evaluation, training), shown where someone watches and off where output is a log.
 
 Shown in a terminal and in a Jupyter or Colab kernel; off when output goes to a pipe or a file
-(CI logs stay short). ``BUSI_PROGRESS=1`` or ``0`` forces them on or off. Bars come from
-``tqdm.auto`` (a widget in notebooks, text in a terminal); training uses Keras' own bar.
+(CI logs stay short). ``BUSI_PROGRESS=1`` or ``0`` forces them on or off. Bars come from tqdm:
+a widget in notebooks where ipywidgets is installed (Colab, the ``notebooks`` extra), else text
+(what ``tqdm.auto`` does, without its warning when ipywidgets is missing); training uses Keras'
+own bar.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 
 def in_notebook() -> bool:
@@ -44,7 +47,10 @@ def enabled(stream: TextIO | None = None) -> bool:
 def bar(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
         unit: str = "img", **kwargs: Any) -> tqdm:
     """A tqdm bar, disabled (drawing nothing) where :func:`enabled` says so."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled(),
+    kind = tqdm
+    if in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as kind
+    return kind(iterable, total=total, desc=desc, unit=unit, disable=not enabled(),
                 dynamic_ncols=True, **kwargs)
 
 
