@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import busi
 from busi.cli import main
 
 
@@ -18,6 +19,16 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: busi " + command in capsys.readouterr().out
+
+
+def test_every_option_of_train_is_explained(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--epochs EPOCHS", "--batch-size BATCH_SIZE", "--image-size IMAGE_SIZE"):
+        line = text.split(option, 1)[1].split("\n  -", 1)[0]
+        assert "default" in line, option  # a help text follows the option
+    assert "max_minutes" in text and "limit" in text
 
 
 def test_console_script_is_installed():
@@ -31,6 +42,10 @@ def test_index_reports_counts_and_writes_csv(busi_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images: 21  masks: 24  with several masks: 2" in out
     assert "(1 exact)" in out
+    # the second fingerprint is the one a default run records (env.json)
+    table = busi.data.drop_conflicts(busi.data.add_groups(busi.data.index(busi_folder)))
+    assert "fingerprint of all 21 images: " in out
+    assert "images a default run uses" in out and busi.data.fingerprint(table) in out
     assert (tmp_path / "out" / "index.csv").is_file()
     assert (tmp_path / "out" / "duplicates.csv").is_file()
 
@@ -74,10 +89,15 @@ def test_train_evaluate_predict_end_to_end(busi_folder, busi_table, tmp_path, ca
                  "--run-dir", str(run), "--set", "learning_rate=0.01"]) == 0
     assert (run / "best.h5").is_file() and (run / "evaluation" / "summary.json").is_file()
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 0.01
-    capsys.readouterr()
-    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "best.h5 on the test images" in out and "| lesion |" in out  # a table, not JSON
+    assert main(["evaluate", str(run), "--split", "val", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "val" in summary["splits"]
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("best.h5 on the val images (32 px, letterbox)")
+    assert f"| lesion | {summary['splits']['val']['lesion']['n']} |" in out
     images = busi_folder / "normal"
     assert main(["predict", str(images), str(tmp_path / "pred"), "--weights",
                  str(run / "best.h5")]) == 0

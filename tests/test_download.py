@@ -46,6 +46,22 @@ def test_download_offline_fails_fast_with_manual_steps(tmp_path, monkeypatch):
     assert "Dataset_BUSI_with_GT" in text and "BUSI_DATA" in text
 
 
+def test_a_long_download_error_is_shortened_between_words(tmp_path, monkeypatch):
+    import kagglehub
+
+    reason = " ".join(f"word{i:03d}" for i in range(100))  # 799 characters
+
+    def offline(*args, **kwargs):
+        raise ConnectionError(reason)
+
+    monkeypatch.setattr(kagglehub, "dataset_download", offline)
+    with pytest.raises(DataError) as error:
+        busi.data.download(tmp_path / "dest")
+    shown = str(error.value).split("ConnectionError: ", 1)[1].split("\n", 1)[0]
+    assert shown.endswith(" ...") and len(shown) <= 400
+    assert all(word.startswith("word") and len(word) == 7 for word in shown[:-4].split())
+
+
 def test_download_reuses_an_existing_copy(busi_folder, monkeypatch):
     import kagglehub
 

@@ -48,3 +48,43 @@ def test_keras3_already_bound_raises_a_clear_error():
     assert result.returncode != 0
     assert "busi needs Keras 2" in result.stderr
     assert "import busi` before `import tensorflow`" in result.stderr
+
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return {**env, **values}
+
+
+DEVICES = "import busi\nimport tensorflow as tf\nprint(tf.config.list_physical_devices('CPU'))\n"
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_noise_is_off_by_default():
+    result = subprocess.run([sys.executable, "-c", DEVICES], capture_output=True, text=True,
+                            env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CPU" in result.stdout
+    assert result.stderr.strip() == "", result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_tensorflow_logs_come_back_with_a_low_log_level():
+    """TF_CPP_MIN_LOG_LEVEL=0 set by the user wins: TensorFlow's own lines (I/W/E + date) show."""
+    import re
+
+    result = subprocess.run([sys.executable, "-c", DEVICES], capture_output=True, text=True,
+                            env=_env(TF_CPP_MIN_LOG_LEVEL="0"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^[IWE]\d{4} ", result.stderr, re.MULTILINE), result.stderr[-2000:]
+
+
+def test_filtered_stderr_drops_the_noise_and_keeps_other_lines(capfd):
+    from busi._keras import _filtered_stderr
+
+    with _filtered_stderr():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\nI0000 00:00:17.1 42 cudart_stub.cc:31] Could not find "
+                    b"cuda drivers on your machine, GPU will not be used.\nreal problem here\n")
+    err = capfd.readouterr().err
+    assert err == "real problem here\n"

@@ -162,4 +162,4 @@ def test_imagenet_download_failure_is_explained(monkeypatch, tmp_path):
     assert ("https://github.com/qubvel/classification_models/releases/download/0.0.1/"
             "resnet18_imagenet_1000_no_top.h5") in message
     assert str(tmp_path / ".keras" / "models" / "resnet18_imagenet_1000_no_top.h5") in message
-    assert "encoder_weights=None" in message
+    assert "encoder_weights=None" in message and "--encoder-weights none" in message

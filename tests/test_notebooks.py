@@ -87,7 +87,7 @@ def test_shape_of_a_notebook(name):
     for part in ("**Purpose.**", "**Inputs.**", "**Outputs.**"):
         assert part in nb.cells[0].source, f"{name}: header lacks {part}"
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert "google.colab" in code[0].source and "pip" in code[0].source
+    assert "google.colab" in code[0].source and "%pip install" in code[0].source
     parameters = nb.cells[parameters_cell(nb)].source
     for node in ast.parse(parameters).body:  # literals only, so values can be replaced
         assert isinstance(node, ast.Assign), f"{name}: parameters cell holds {ast.dump(node)}"
@@ -98,6 +98,108 @@ def test_shape_of_a_notebook(name):
     for number, cell in enumerate(nb.cells[1:], start=1):  # prose before each code cell
         if cell.cell_type == "code":
             assert nb.cells[number - 1].cell_type == "markdown", f"{name}: cell {number}"
+
+
+# ------------------------------------------------------------------------------ Colab
+
+
+def tool_repo() -> str:
+    """``REPO`` of tools/make_notebooks.py, read without running the script."""
+    tree = ast.parse((ROOT / "tools" / "make_notebooks.py").read_text())
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "REPO" for t in node.targets))
+
+
+def test_the_repository_name_is_the_tools_in_every_notebook_and_badge():
+    repo = tool_repo()
+    readme = (ROOT / "README.md").read_text()
+    badges = re.findall(r"colab\.research\.google\.com/github/([^/\s]+/[^/\s]+)/blob/main/"
+                        r"notebooks/(\w+)\.ipynb", readme)
+    assert sorted(name for _, name in badges) == sorted(ORDER)
+    assert {owner_name for owner_name, _ in badges} == {repo}
+    for name in ORDER:
+        first = next(cell for cell in read(name).cells if cell.cell_type == "code")
+        assert f'REPO = "{repo}"' in first.source, name
+
+
+class _FakeShell:
+    def __init__(self):
+        self.magics = []
+
+    def run_line_magic(self, name, line, *args, **kwargs):
+        self.magics.append(f"%{name} {line}")
+
+
+def run_colab_cell(monkeypatch, tmp_path, in_colab: bool, repo: str | None = None, git=None):
+    """Execute the first code cell of 01_data as IPython would (its %pip line transformed),
+    as if in Colab (or not), with busi not installed, git replaced by ``git`` and the clone
+    going to tmp_path. Returns the fake shell (its magics) and the cell's namespace."""
+    import importlib.util
+    import subprocess
+    import sys
+    import types
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    source = next(c for c in read("01_data").cells if c.cell_type == "code").source
+    source = source.replace('CLONE = "/content/busi"', f"CLONE = {str(tmp_path / 'busi')!r}")
+    if repo is not None:
+        source = re.sub(r'^REPO = ".*?"', f"REPO = {repo!r}", source, flags=re.M)
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    # a "google" module that is no package (protobuf-like): find_spec("google.colab") raises
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    if in_colab:
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    else:
+        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "busi" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "run", git or pytest.fail)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    shell = _FakeShell()
+    namespace = {"get_ipython": lambda: shell}
+    exec(TransformerManager().transform_cell(source), namespace)
+    return shell, namespace
+
+
+def test_colab_cell_does_nothing_outside_colab(monkeypatch, tmp_path):
+    shell, _ = run_colab_cell(monkeypatch, tmp_path, in_colab=False)
+    assert shell.magics == [] and not (tmp_path / "busi").exists()
+
+
+def test_colab_cell_asks_for_the_repository_while_it_is_a_placeholder(monkeypatch, tmp_path):
+    with pytest.raises(RuntimeError, match=r"Set REPO in this cell .* owner/name"):
+        run_colab_cell(monkeypatch, tmp_path, in_colab=True, repo="<owner>/busi")
+
+
+def test_colab_cell_explains_a_failed_clone(monkeypatch, tmp_path):
+    import subprocess
+
+    def git(command, **kwargs):
+        return subprocess.CompletedProcess(command, 128, "", "fatal: repository not found\n")
+
+    with pytest.raises(RuntimeError, match=r"Could not clone https://github.com/alice/busi: "
+                       r"fatal: repository not found\. Is REPO right"):
+        run_colab_cell(monkeypatch, tmp_path, in_colab=True, repo="alice/busi", git=git)
+
+
+def test_colab_cell_clones_then_installs_with_pip_magic(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    calls = []
+
+    def git(command, **kwargs):
+        calls.append(command)
+        Path(command[-1]).mkdir()
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    shell, _ = run_colab_cell(monkeypatch, tmp_path, in_colab=True, repo="alice/busi", git=git)
+    clone = str(tmp_path / "busi")
+    assert calls == [["git", "clone", "--depth", "1", "https://github.com/alice/busi", clone]]
+    assert shell.magics == ["%pip install -q -e {CLONE}"]  # IPython expands {CLONE}
+    assert sys.path[0] == f"{clone}/src"
 
 
 # ------------------------------------------------------------------------------ execution

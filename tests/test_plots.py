@@ -91,6 +91,14 @@ def test_training_curves_from_csv(tmp_path: Path) -> None:
         plots.training_curves(pd.DataFrame({"epoch": [1]}))
 
 
+def test_curves_of_one_epoch_have_whole_epoch_ticks() -> None:
+    figure = plots.training_curves(pd.DataFrame({"epoch": [1], "loss": [0.5], "val_loss": [0.6]}))
+    ax = figure.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [tick for tick in ax.get_xticks() if lo <= tick <= hi]
+    assert 1 in ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
 def test_worst_cases_shows_lowest_dice_lesions(
     busi_table: pd.DataFrame, truths, tmp_path: Path
 ) -> None:

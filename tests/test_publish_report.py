@@ -153,6 +153,11 @@ def test_demo_images_of_published_weights_are_the_runs_test_images(evaluated_run
     from_weights = demo_inputs(weights, tmp_path / "b", n=3, data=busi_folder)
     names = sorted(p.name for p in from_run.iterdir())
     assert len(names) == 3 and names == sorted(p.name for p in from_weights.iterdir())
+    test = busi.data.select(busi.data.index(busi_folder),
+                            busi.data.load_split(evaluated_run / "split.csv"), "test")
+    assert len(set(test["label"])) > 1  # so the demo can show more than one class ...
+    labels = {name.split(" (")[0] for name in names}
+    assert len(labels) > 1, names  # ... and does (the first test rows are all benign)
     with pytest.raises(FileNotFoundError, match="INPUTS"):
         demo_inputs(tmp_path / "nothing.h5", tmp_path / "c")
 

@@ -112,13 +112,64 @@ def test_mirrored_strategy_on_two_logical_cpus(busi_folder, tmp_path):
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1
 
 
-def test_time_limit_stops_after_a_finished_epoch_and_resumes(busi_folder, tmp_path):
-    run = busi.train(tiny(busi_folder, tmp_path, epochs=5, max_minutes=1e-4))
+def test_time_limit_stops_after_a_finished_epoch_and_resumes(busi_folder, tmp_path, caplog):
+    # A budget of 6 ms is shorter than any epoch: the first epoch of a new run cannot be
+    # predicted, so it is finished, and the user is told that it overran the budget.
+    run = busi.train(tiny(busi_folder, tmp_path, epochs=5, max_minutes=1e-4, evaluate=True))
     assert len(pd.read_csv(run / "history.csv")) == 1  # the first epoch is always finished
     state = json.loads((run / "state.json").read_text())
     assert state["epoch"] == 1 and not state["stopped_early"]
+    assert not (run / "evaluation").exists()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("stopped by the time budget (0.0001 min) after 1 epoch(s) (epoch 1 of 5" in m
+               and "run the same command" in m and "evaluation skipped" in m
+               and "That epoch alone took longer than the whole budget" in m for m in said), said
+    caplog.clear()
+    # Resumed on the same budget: the measured epoch does not fit, so no epoch is started.
+    busi.train(tiny(busi_folder, tmp_path, epochs=5, max_minutes=1e-4, evaluate=True))
+    assert len(pd.read_csv(run / "history.csv")) == 1
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("before epoch 2 of 5" in m and "raise max_minutes" in m for m in said), said
     busi.train(tiny(busi_folder, tmp_path, epochs=2))
     assert len(pd.read_csv(run / "history.csv")) == 2
+
+
+class _FakeModel:
+    stop_training = False
+
+
+def test_time_limit_does_not_start_an_epoch_predicted_to_overrun(monkeypatch):
+    """With a clock in hand: epochs of 10 s, deadline at 35 s. After epoch 3 (t=30) another
+    10 s epoch would end at 40 s, past the deadline, so training stops after epoch 3 (it does
+    not run to t=40); after epoch 2 (t=20) a third still fits (ends at 30)."""
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    limit = training.TimeLimit(deadline=35.0)
+    limit.set_model(_FakeModel())
+    for epoch in range(3):
+        assert limit.next_epoch_fits()
+        limit.on_epoch_begin(epoch)
+        clock[0] += 10.0
+        limit.on_epoch_end(epoch)
+        assert limit.model.stop_training == (epoch == 2), epoch
+    assert limit.stopped and limit.durations == [10.0, 10.0, 10.0]
+    resumed = training.TimeLimit(deadline=clock[0] + 9.0, durations=[10.0])
+    assert not resumed.next_epoch_fits()  # a resumed run knows its epoch length
+
+
+def test_time_limit_warns_early_when_the_first_epoch_will_overrun(monkeypatch, caplog):
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    limit = training.TimeLimit(deadline=60.0)
+    limit.set_model(_FakeModel())
+    limit.set_params({"steps": 100, "epochs": 1})
+    limit.on_epoch_begin(0)
+    for batch in range(3):  # 2 s a batch: 100 batches take 200 s, past the 60 s budget
+        clock[0] += 2.0
+        limit.on_train_batch_end(batch)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["time budget: this epoch will take about 3.3 min (training alone), past the "
+                    "time budget (54 s left); it will be finished, then training stops"]
 
 
 def test_cosine_schedule_is_followed_across_an_interruption(busi_folder, tmp_path):
@@ -181,3 +232,18 @@ def test_training_data_is_augmented_as_the_config_says(busi_folder, tmp_path, mo
     seen.clear()
     busi.train(tiny(busi_folder, tmp_path / "off", augment=False, epochs=1))
     assert seen == [training.NO_AUGMENTATION]
+
+
+def test_a_split_with_the_left_out_conflicts_is_explained(busi_folder, tmp_path):
+    """A split made from the whole index keeps the label-conflicting pair (benign (10) =
+    malignant (6)) that runs leave out: the error says so instead of blaming the data."""
+    table = busi.data.add_groups(busi.data.index(busi_folder))
+    busi.data.save_split(busi.data.make_split(table, seed=0), tmp_path / "split.csv")
+    config = tiny(busi_folder, tmp_path, split_file=str(tmp_path / "split.csv"))
+    with pytest.raises(busi.errors.DataError, match=r"split\.csv: the split holds 2 image\(s\) "
+                       r"of label-conflicting duplicate groups.*drop_conflicts\(table\)"):
+        training.split_parts(config, training.dataset_table(config), training.make_run_split(
+            config, table))
+    kept = training.split_parts(config.replace(drop_conflicts=False), table,
+                                training.make_run_split(config, table))
+    assert sum(len(part) for part in kept.values()) == len(table)

@@ -95,6 +95,18 @@ def test_reload_gives_identical_predictions(saved, name):
     np.testing.assert_array_equal(predict(uncompiled), expected)
 
 
+def test_a_file_without_training_state_loads_without_a_warning(saved, tmp_path, caplog):
+    """best.h5 and published weights are saved without the optimizer: load_model's default
+    compile=True must not make Keras warn "No training configuration found"."""
+    path, expected = saved["classic_unet"]
+    model = weights.load_model(path, compile=False)
+    bare = weights.save_model(model, tmp_path / "best.h5", include_optimizer=False)
+    caplog.clear()
+    loaded = weights.load_model(bare)
+    np.testing.assert_array_equal(predict(loaded), expected)
+    assert not [r for r in caplog.records if "training configuration" in r.getMessage()]
+
+
 def test_save_is_atomic_and_needs_h5(saved, tmp_path):
     path, _ = saved["classic_unet"]
     model = weights.load_model(path, compile=False)

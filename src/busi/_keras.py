@@ -5,14 +5,29 @@ before ``tf.keras`` is first touched, and segmentation-models picks its backend 
 ``SM_FRAMEWORK`` when it is imported. Both are read once, so they are set here, when ``busi`` is
 imported, before anything of TensorFlow is used. Importing TensorFlow itself is left to the
 modules that need it, so ``import busi`` and ``busi --help`` stay fast.
+
+TensorFlow's C++ start-up lines (oneDNN notices, CUDA probing, and on a machine without an
+NVIDIA driver ``E0000 ... failed call to cuInit: UNKNOWN ERROR (303)``) look like failures to a
+new user and drown notebook output, so they are off by default: ``TF_CPP_MIN_LOG_LEVEL`` is set
+unless the user set it, and the lines TensorFlow writes before that level applies are dropped at
+the first ``import tensorflow`` of the process (:class:`_QuietTensorFlowFinder`).
+``TF_CPP_MIN_LOG_LEVEL=0`` before ``import busi`` turns all of it back on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 ENV = {"TF_USE_LEGACY_KERAS": "1", "SM_FRAMEWORK": "tf.keras"}
 
@@ -30,8 +45,100 @@ def set_environment() -> None:
     setting would only break segmentation-models)."""
     for name, value in ENV.items():
         os.environ[name] = value
-    # TensorFlow's C++ INFO lines (oneDNN, CUDA probing) drown notebook output; warnings stay.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", default_log_level())
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+NVIDIA_DRIVER = "/proc/driver/nvidia"
+
+# Lines TensorFlow's C++ code prints while it is imported, before TF_CPP_MIN_LOG_LEVEL applies
+# (absl logs everything to stderr until it is initialised): noise, whatever the level.
+IMPORT_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|cudart_stub\.cc.*Could not find cuda drivers"
+    r"|oneDNN custom operations are on"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions|TF-TRT Warning: Could not find TensorRT"
+)
+
+
+def default_log_level(driver: str = NVIDIA_DRIVER) -> str:
+    """TensorFlow's C++ log level busi sets unless the user set one.
+
+    "2" (errors only) on a machine with an NVIDIA driver, where an error may explain a failing
+    GPU; "3" (none) without one, where the only error TensorFlow logs is the failed CUDA probe.
+    """
+    return "2" if os.path.exists(driver) else "3"
+
+
+def quiet_requested() -> bool:
+    """False when the user asked for TensorFlow's C++ logs (TF_CPP_MIN_LOG_LEVEL below 2)."""
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") not in ("0", "1")
+
+
+@contextlib.contextmanager
+def _filtered_stderr() -> Iterator[None]:
+    """Drop :data:`IMPORT_NOISE` lines written to the stderr file descriptor in this block.
+
+    TensorFlow's C++ code writes to the descriptor, not to ``sys.stderr``, so the descriptor is
+    pointed at a temporary file; the other lines are written back to stderr afterwards, so a
+    real error message is not lost. Python exceptions pass through unchanged.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr descriptor (some embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if line.strip() and not IMPORT_NOISE.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs TensorFlow's own loader with its start-up noise filtered out of stderr."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        if not quiet_requested():
+            self.loader.exec_module(module)
+            return
+        with _filtered_stderr():
+            self.loader.exec_module(module)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Catches the first ``import tensorflow`` of the process, wherever it happens (busi's
+    modules, tf-keras, segmentation-models, a notebook cell), to import it quietly; then steps
+    aside."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "tensorflow":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
 
 
 def tf_keras_version() -> str | None:
@@ -73,9 +180,9 @@ def keras() -> ModuleType:
 def sm() -> ModuleType:
     """segmentation_models, imported with the tf.keras framework."""
     check_keras()
-    # segmentation-models prints its framework on import; keep stdout for results (the CLI
-    # prints JSON there) and send the notice to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # segmentation-models prints "using `tf.keras` framework" on import, in every command and
+    # notebook; the framework is checked (and set) right below, so the notice is dropped.
+    with contextlib.redirect_stdout(io.StringIO()):
         import segmentation_models
 
     if segmentation_models.framework() != "tf.keras":

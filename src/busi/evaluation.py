@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from busi import progress
 from busi.atomic import atomic_write_text
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import load_example, read_image
@@ -187,17 +188,21 @@ def predict_probabilities(
     mode: Mode = "letterbox",
     batch_size: int = 8,
     tta: bool = False,
+    desc: str = "predicting",
 ) -> list[np.ndarray]:
     """Probability maps of the images of index rows, in row order, at each image's original size.
 
-    See :func:`predict_images` for the arguments. Images are decoded per batch, so a whole split
-    is never held in memory at model size.
+    See :func:`predict_images` for the arguments; ``desc`` labels the progress bar
+    (:mod:`busi.progress`). Images are decoded per batch, so a whole split is never held in
+    memory at model size.
     """
     rows = table.to_dict("records")
     probs: list[np.ndarray] = []
-    for start in range(0, len(rows), batch_size):
-        images = [read_image(row["image_path"]) for row in rows[start : start + batch_size]]
-        probs.extend(predict_images(model, images, size, mode, batch_size, tta))
+    with progress.bar(total=len(rows), desc=desc + (" (with flips)" if tta else "")) as shown:
+        for start in range(0, len(rows), batch_size):
+            images = [read_image(row["image_path"]) for row in rows[start : start + batch_size]]
+            probs.extend(predict_images(model, images, size, mode, batch_size, tta))
+            shown.update(len(images))
     return probs
 
 
@@ -502,6 +507,7 @@ def evaluate_model(
     size: int | tuple[int, int] | None = None,
     mode: Mode = "letterbox",
     batch_size: int = 8,
+    desc: str = "predicting",
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Predict, post-process, score and summarise the images of ``table``.
 
@@ -512,13 +518,14 @@ def evaluate_model(
             (e.g. from :func:`choose_postprocess` or ``postprocess.json``); missing keys take
             :func:`postprocess`'s defaults, no TTA.
         size, mode, batch_size: see :func:`predict_images`.
+        desc: label of the progress bar.
 
     Returns:
         ``(per_image, summary)`` from :func:`score_table` and :func:`summarize`.
     """
     params = dict(postprocess_params or {})
     probs = predict_probabilities(model, table, size, mode, batch_size,
-                                  tta=bool(params.get("tta", False)))
+                                  tta=bool(params.get("tta", False)), desc=desc)
     per_image = score_table(table, probs, **postprocess_kwargs(params))
     return per_image, summarize(per_image)
 
@@ -712,7 +719,7 @@ def _evaluate(
         saved = None
     variants = (False, True) if saved is None else (bool(saved["tta"]),)
     val_probs = {
-        tta: predict_probabilities(model, val_table, size, mode, batch_size, tta)
+        tta: predict_probabilities(model, val_table, size, mode, batch_size, tta, desc="val")
         for tta in variants
     }
     if saved is None:
@@ -732,7 +739,8 @@ def _evaluate(
     per_image = {"val": score_table(val_table, val_probs[bool(params["tta"])], **kwargs,
                                     truths=val_truths)}
     if split != "val":
-        per_image[split], _ = evaluate_model(model, parts[split], params, size, mode, batch_size)
+        per_image[split], _ = evaluate_model(model, parts[split], params, size, mode, batch_size,
+                                             desc=split)
 
     record = _summary_record(model_path, sha1, params, size, mode)
     previous = _read_json(out_dir / "summary.json")

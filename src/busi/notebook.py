@@ -11,10 +11,10 @@ The Colab install cell itself cannot live here: it runs before busi is installed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,11 @@ DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "busi"
 
 
 def in_colab() -> bool:
-    """True inside Google Colab (its ``google.colab`` package is importable only there)."""
-    try:
-        return importlib.util.find_spec("google.colab") is not None
-    except (ImportError, ValueError):  # a half-initialised "google" namespace package
-        return False
+    """True inside Google Colab: its kernel has imported ``google.colab``, and the runtime sets
+    ``COLAB_RELEASE_TAG``. The notebooks' install cell tests the same. (Looking the package up
+    with ``importlib.util.find_spec("google.colab")`` raises where a ``google`` module that is
+    no package, e.g. from protobuf, is installed.)"""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
 def drive_folder(folder: Path = DRIVE_FOLDER) -> Path:
@@ -133,7 +133,8 @@ def run_predictions(
     params = postprocess_for(model_path) or {}
     model = weights.load_for_inference(model_path)
     probs = predict_probabilities(model, table, config.image_size, config.resize,
-                                  config.batch_size, tta=bool(params.get("tta", False)))
+                                  config.batch_size, tta=bool(params.get("tta", False)),
+                                  desc=split)
     kwargs = postprocess_kwargs(params)
     masks = {image_id: postprocess(prob, **kwargs)
              for image_id, prob in zip(table["id"], probs, strict=True)}
@@ -164,7 +165,7 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     """
     from busi import data as busi_data
     from busi.config import TrainConfig
-    from busi.training import dataset_table, make_run_split, split_parts
+    from busi.training import dataset_table, make_run_split, split_parts, stratified_head
 
     source = Path(run_dir)
     sidecar = source.with_suffix(".json")
@@ -193,7 +194,8 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
             "images from; set INPUTS to a folder of images"
         )
     dest = Path(dest)
-    for image_path in rows["image_path"].head(n):
+    # every class in proportion (the first n rows of a split part are all benign)
+    for image_path in stratified_head(rows, n)["image_path"]:
         source_image = Path(image_path)
         with atomic_path(dest / source_image.name) as tmp:
             tmp.write_bytes(source_image.read_bytes())

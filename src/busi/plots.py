@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from busi.atomic import atomic_path
 from busi.data.masks import load_example
@@ -165,6 +166,9 @@ def training_curves(history: pd.DataFrame | str | os.PathLike,
             ax.axvline(best, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if len(epochs) == 1:  # a single point would get a range of 0.96 to 1.04
+            ax.set_xlim(epochs.iloc[0] - 1, epochs.iloc[0] + 1)
         ax.grid(alpha=0.3)
         ax.legend()
     return save(figure, path)

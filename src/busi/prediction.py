@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from busi import progress
 from busi.atomic import atomic_write_bytes
 from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
@@ -254,29 +255,32 @@ def predict(
     make_output_dir(output_dir)
 
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        readable: list[tuple[Path, np.ndarray]] = []
-        for file in files[start : start + batch_size]:
-            try:
-                readable.append((file, read_image(file)))
-            except (DataError, OSError) as error:
-                warnings.warn(f"skipped {file}: {error}", stacklevel=2)
-                rows.append({"input": str(file), "error": str(error)})
-        if not readable:
-            continue
-        probs = predict_images(model, [image for _, image in readable], size, mode,
-                               batch_size, use_tta)
-        for (file, image), prob in zip(readable, probs, strict=True):
-            mask = postprocess(prob, **kwargs)
-            pred_path, overlay_path = output_paths(file, output_dir)
-            _write_png(pred_path, mask * np.uint8(255))
-            _write_png(overlay_path, overlay_image(image, mask))
-            rows.append({
-                "input": str(file), "pred": str(pred_path), "overlay": str(overlay_path),
-                "height": image.shape[0], "width": image.shape[1],
-                "lesion_pixels": int(mask.sum()), "max_probability": float(prob.max()),
-                "error": None,
-            })
+    with progress.bar(total=len(files), desc=f"segmenting {inputs.name}") as shown:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            shown.update(len(chunk))  # counted when started: the bar's rate is the same
+            readable: list[tuple[Path, np.ndarray]] = []
+            for file in chunk:
+                try:
+                    readable.append((file, read_image(file)))
+                except (DataError, OSError) as error:
+                    warnings.warn(f"skipped {file}: {error}", stacklevel=2)
+                    rows.append({"input": str(file), "error": str(error)})
+            if not readable:
+                continue
+            probs = predict_images(model, [image for _, image in readable], size, mode,
+                                   batch_size, use_tta)
+            for (file, image), prob in zip(readable, probs, strict=True):
+                mask = postprocess(prob, **kwargs)
+                pred_path, overlay_path = output_paths(file, output_dir)
+                _write_png(pred_path, mask * np.uint8(255))
+                _write_png(overlay_path, overlay_image(image, mask))
+                rows.append({
+                    "input": str(file), "pred": str(pred_path), "overlay": str(overlay_path),
+                    "height": image.shape[0], "width": image.shape[1],
+                    "lesion_pixels": int(mask.sum()), "max_probability": float(prob.max()),
+                    "error": None,
+                })
     order = {str(file): i for i, file in enumerate(files)}
     table = pd.DataFrame.from_records(rows, columns=COLUMNS)
     return table.sort_values("input", key=lambda s: s.map(order)).reset_index(drop=True)

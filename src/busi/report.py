@@ -47,6 +47,27 @@ def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_text(summary: dict[str, Any], split: str = "test") -> str:
+    """A few lines a person reads after ``busi evaluate`` or ``busi train``: which weights, the
+    post-processing chosen on val, and :func:`metrics_table` of ``split`` (``--json`` of the CLI
+    prints the whole summary instead)."""
+    post = summary.get("postprocess") or {}
+    fraction = post.get("min_component_fraction") or 0
+    chosen = ", ".join(part for part in (
+        f"threshold {_fmt(post.get('threshold'), 2)}",
+        f"flip TTA {'on' if post.get('tta') else 'off'}",
+        f"components under {fraction:.1%} of the image removed" if fraction else "",
+        "largest component kept" if post.get("keep_largest") else "",
+    ) if part)
+    return (
+        f"{summary.get('model', 'model')} on the {split} images ({summary.get('image_size')} px, "
+        f"{summary.get('resize')}); post-processing chosen on val: {chosen}\n"
+        "Dice and IoU per image at the original size; lesion = benign + malignant; normal "
+        "images count only as false positives (any predicted pixel).\n\n"
+        + metrics_table(summary, split)
+    )
+
+
 def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str:
     """Markdown table comparing evaluated runs, one row each, read from their run folders.
 

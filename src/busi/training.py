@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import tensorflow as tf
 
-from busi import _keras, data, losses, models, weights
+from busi import _keras, data, losses, models, progress, weights
 from busi.atomic import atomic_write_text
 from busi.batchnorm import PreciseValidation
 from busi.config import TrainConfig
@@ -125,11 +125,38 @@ def split_parts(
     """The index rows of each part of ``split`` (in split-file order), ``config.limit`` applied.
 
     Their :func:`busi.data.fingerprint` is the run's dataset fingerprint (``env.json``).
+
+    Raises:
+        DataError: the split names images ``table`` lacks; the message tells whether they are
+            label-conflicting duplicates the run leaves out or images of another dataset.
     """
+    missing = sorted(set(split["id"]) - set(table["id"]))
+    if missing:
+        raise DataError(_missing_images(config, missing))
     parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
     if config.limit:
         parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
     return parts
+
+
+def _missing_images(config: TrainConfig, missing: list[str]) -> str:
+    """Why a split names images a run's table lacks, for the error message (an error path, so
+    indexing the dataset again to find the label-conflicting images is affordable)."""
+    source = f"{config.split_file}: " if config.split_file else ""
+    if config.drop_conflicts:
+        full = data.add_groups(data.index(data.locate(config.data)))
+        conflicting = set(data.conflicting_groups(full)["id"])
+        if set(missing) <= conflicting:
+            return (
+                f"{source}the split holds {len(missing)} image(s) of label-conflicting duplicate "
+                f"groups, e.g. {missing[:3]}, which training leaves out (drop_conflicts=True, "
+                "the default). Make the split from busi.data.drop_conflicts(table), as "
+                "busi.training.make_run_split does, or set drop_conflicts=False to keep them."
+            )
+    return (
+        f"{source}the split names {len(missing)} image(s) not in this dataset, e.g. "
+        f"{missing[:3]}; was it made for another copy of BUSI?"
+    )
 
 
 def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
@@ -196,28 +223,66 @@ class _EpochInfo(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stops training before an epoch would end past the run's deadline (``max_minutes``).
+    """Keeps training within the run's time budget (``max_minutes``) to within one epoch.
 
-    The decision is made at each epoch end from the slowest epoch so far, so a finished epoch
-    is never thrown away; the stopped run resumes later from ``last.h5``.
+    An epoch is never cut short (a finished epoch is never thrown away; the stopped run resumes
+    from ``last.h5``), so the budget is kept by not starting an epoch that is predicted to end
+    past the deadline. The prediction is the slowest epoch measured so far, in this session or,
+    on resuming, recorded in ``history.csv`` (``seconds``). Only an epoch with nothing measured
+    before it, the first of a new run, can overrun; a few batches into it, its projected length
+    is compared with the time left and a warning says at once that it will overrun.
     """
 
-    def __init__(self, deadline: float | None):
+    def __init__(self, deadline: float | None, durations: list[float] | None = None):
         super().__init__()
         self.deadline = deadline
-        self.slowest = 0.0
+        self.durations = list(durations or [])
         self.epoch_start = time.perf_counter()
         self.stopped = False
+        self.warned = False
+
+    def predicted(self) -> float:
+        """Seconds the next epoch is expected to take (0 with nothing measured yet)."""
+        return max(self.durations, default=0.0)
+
+    def next_epoch_fits(self) -> bool:
+        """Whether an epoch started now is predicted to end by the deadline. With nothing
+        measured (a new run's first epoch) it cannot be told, and the epoch starts: a run always
+        gets one epoch further."""
+        if self.deadline is None or not self.durations:
+            return True
+        return time.perf_counter() + self.predicted() <= self.deadline
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch_start = time.perf_counter()
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.deadline is None or self.durations or self.warned or batch < 2:
+            return
+        steps = (self.params or {}).get("steps")
+        if not steps:
+            return
         now = time.perf_counter()
-        self.slowest = max(self.slowest, now - self.epoch_start)
-        if self.deadline is not None and now + self.slowest > self.deadline:
-            log.info("time limit: stopping after epoch %d", epoch + 1)
+        projected = self.epoch_start + (now - self.epoch_start) * steps / (batch + 1)
+        if projected > self.deadline:
+            self.warned = True
+            left = self.deadline - now
+            log.warning(
+                "time budget: this epoch will take about %s (training alone), past the time "
+                "budget (%s); it will be finished, then training stops",
+                _minutes(projected - self.epoch_start),
+                f"{_minutes(left)} left" if left > 0 else "already used up",
+            )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.durations.append(time.perf_counter() - self.epoch_start)
+        if not self.next_epoch_fits():
             self.stopped = self.model.stop_training = True
+
+
+def _minutes(seconds: float) -> str:
+    """A duration as people say it: "45 s", "6.2 min"."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 class _Resumable:
@@ -354,7 +419,8 @@ def _callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
     if len(history):
         history = history[history["epoch"] <= int(state.get("epoch", 0))]
     checkpoint = RunCheckpoint(run, config, history, state.get("best"), [early, schedule])
-    time_limit = TimeLimit(deadline)
+    recorded = history["seconds"].dropna().tolist() if "seconds" in history else []
+    time_limit = TimeLimit(deadline, recorded)
     return _Callbacks(early, time_limit, [
         validation, _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, schedule, checkpoint,
         time_limit,
@@ -401,11 +467,18 @@ def _monitored(config: TrainConfig, val: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fit(model, config, run, train_data, validation, initial_epoch, epochs, deadline) -> str:
-    """One call of ``model.fit``; returns why it ended: "early", "time" or "" (all epochs)."""
+    """One call of ``model.fit``; returns why it ended: "early", "time" or "" (all epochs).
+
+    No epoch starts that the time budget predicts not to fit (:class:`TimeLimit`), not even the
+    first of this call.
+    """
     callbacks = _callbacks(config, run, run.read_state(), deadline, validation)
+    if not callbacks.time_limit.next_epoch_fits():
+        return "time"
     model.fit(
         train_data, epochs=epochs, initial_epoch=initial_epoch,
-        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks.all, verbose=2,
+        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks.all,
+        verbose=progress.keras_verbose(),
     )
     if callbacks.early.stopped_epoch:
         return "early"
@@ -426,13 +499,10 @@ def global_policy(policy: str) -> Iterator[None]:
 
 
 def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
-                  done: int) -> str:
+                  done: int, deadline: float | None) -> str:
     """Train from epoch ``done`` on; returns why training ended: "early", "time" or ""."""
     train_data, validation = _datasets(config, parts, done)
     strategy = distribution_strategy(config.extra.get("devices"))
-    deadline = None
-    if config.max_minutes is not None:
-        deadline = time.perf_counter() + 60.0 * config.max_minutes
     # Warm-up with a frozen encoder only makes sense for a pretrained one.
     warmup = 0
     if config.architecture == "unet" and config.encoder_weights is not None:
@@ -496,6 +566,8 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     run.root.mkdir(parents=True, exist_ok=True)
     config.save(run.config)
 
+    # The budget counts from here: reading the data and building the model are part of it.
+    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
     gpus = configure_devices()
     done = int(state.get("epoch", 0))
     keras.utils.set_random_seed(config.seed + 1000 * done)
@@ -508,13 +580,41 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     finished = bool(state.get("stopped_early")) or done >= config.epochs
     if not finished:
         with global_policy(policy):
-            stopped = _train_epochs(config, run, parts, done)
+            stopped = _train_epochs(config, run, parts, done, deadline)
         finished = stopped != "time"
+        if not finished:
+            log.warning(time_budget_message(config, run, done))
     if config.evaluate and finished and run.best.is_file():
         from busi.evaluation import evaluate
 
         evaluate(run.root)
     return run.root
+
+
+def time_budget_message(config: TrainConfig, run: RunFolder, done_before: int) -> str:
+    """What a run stopped by its time budget tells the user: how far it got, how to go on,
+    and that evaluation was skipped (it runs once training has finished)."""
+    history = run.read_history()
+    done = int(run.read_state().get("epoch", done_before))
+    budget = f"{config.max_minutes:g} min"
+    seconds = history["seconds"].dropna() if "seconds" in history else pd.Series(dtype=float)
+    epoch = _minutes(float(seconds.max())) if len(seconds) else "unknown"
+    skipped = "; evaluation skipped" if config.evaluate else ""
+    if done == done_before:
+        return (
+            f"stopped by the time budget ({budget}) before epoch {done + 1} of {config.epochs}: "
+            f"an epoch takes about {epoch}, more than the budget allows; raise max_minutes "
+            f"(e.g. --set max_minutes=...) to continue{skipped}"
+        )
+    message = (
+        f"stopped by the time budget ({budget}) after {done - done_before} epoch(s) "
+        f"(epoch {done} of {config.epochs}; the slowest took {epoch}); run the same command "
+        f"(or train again with the same config) to continue{skipped}"
+    )
+    if done - done_before == 1 and len(seconds) and seconds.iloc[-1] > 60 * config.max_minutes:
+        message += (". That epoch alone took longer than the whole budget: an epoch is never "
+                    "cut short; raise max_minutes to train more than one epoch per session")
+    return message
 
 
 def history(run_dir: str | os.PathLike) -> pd.DataFrame:

@@ -81,6 +81,8 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             Keras layers busi's models use (a ``Lambda`` layer runs code stored in the file;
             see :mod:`busi.model_file`). False loads any layer: only for files you trust. None:
             True unless :func:`busi.model_file.enable_unsafe_deserialization` was called.
+            A file saved without them (``best.h5``, published weights) loads uncompiled
+            either way, without Keras' warning to "compile it manually".
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -100,6 +102,9 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
         )
     if model_file.safe_mode_default(safe_mode):
         model_file.check_file(path, config)
+    if compile:  # nothing to restore from a file saved without its training state
+        with model_file.open_h5(path) as handle:
+            compile = "training_config" in handle.attrs
     keras = _keras.keras()
     try:
         return keras.models.load_model(path, custom_objects=_custom_objects(), compile=compile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import textwrap
 from pathlib import Path
 
 from busi.data.index import LABELS
@@ -96,7 +97,7 @@ def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Pat
     except Exception as error:  # kagglehub raises requests, OS and its own errors alike
         raise DataError(
             f"Could not download BUSI from Kaggle ({KAGGLE_HANDLE}): "
-            f"{type(error).__name__}: {str(error)[:200]}\n"
+            f"{type(error).__name__}: {textwrap.shorten(str(error), 400, placeholder=' ...')}\n"
             + MANUAL_STEPS.format(
                 handle=KAGGLE_HANDLE, folder=FOLDER_NAME, dest=dest, env=ENV_VAR
             )

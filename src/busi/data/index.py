@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from busi import progress
 from busi.data.duplicates import perceptual_hash
 from busi.data.masks import load_example
 from busi.errors import DataError
@@ -125,7 +126,8 @@ def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd
         for stem, (image_path, mask_paths) in _scan_folder(folder, problems).items():
             items.append((stem, folder.name, image_path, mask_paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        described = list(pool.map(_describe, items))
+        described = list(progress.bar(pool.map(_describe, items), total=len(items),
+                                      desc=f"indexing {root.name}"))
     rows = [d for d in described if isinstance(d, dict)]
     problems += [d for d in described if isinstance(d, str)]
     if problems:

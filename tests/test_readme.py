@@ -1,0 +1,50 @@
+"""The README's "Using the package" snippet runs as written (tiny model, synthetic data)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import busi
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_snippet(heading: str = "## Using the package") -> str:
+    """The first Python code block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(heading + "\n", 1)[1]
+    match = re.search(r"```python\n(.*?)```", after, re.DOTALL)
+    assert match, f"no python block after {heading!r}"
+    return match.group(1)
+
+
+@pytest.mark.slow
+def test_using_the_package_snippet_runs(busi_folder, tmp_path, monkeypatch):
+    """Only the size of the run is changed: every TrainConfig the snippet makes becomes a tiny
+    classic U-Net of one epoch in tmp_path (not the project's runs/); data, split, training,
+    evaluation, publishing and prediction run as the README says."""
+    real = busi.TrainConfig
+
+    def tiny_config(**values):
+        return real(**{**values, "architecture": "classic_unet", "base_filters": 4, "depth": 2,
+                       "image_size": 32, "batch_size": 4, "epochs": 1, "augment": False,
+                       "run_dir": str(tmp_path / "runs" / values["name"])})
+
+    monkeypatch.setattr(busi, "TrainConfig", tiny_config)
+    monkeypatch.setenv("BUSI_DATA", str(busi_folder))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "new_images").mkdir()
+    for path in sorted((busi_folder / "normal").glob("normal ([0-9]).png"))[:2]:
+        shutil.copy(path, tmp_path / "new_images")
+
+    namespace: dict = {}
+    exec(compile(readme_snippet(), "README.md", "exec"), namespace)
+
+    run = namespace["run"]
+    assert (run / "evaluation" / "summary.json").is_file()  # train evaluated it already
+    assert namespace["weights"] == Path("weights") / "my-run.h5"
+    assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 2
