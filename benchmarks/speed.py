@@ -18,6 +18,7 @@ pipes: 32. Other CPUs: give --flops-per-cycle.
     python benchmarks/speed.py                       # default model, float32
     python benchmarks/speed.py --policy mixed_bfloat16
     python benchmarks/speed.py --architecture classic_unet --base-filters 16
+    python benchmarks/speed.py --encoder efficientnet-lite0 --decoder-filters 128 64 32 16 16
 
 Figures on a shared machine are noisy: compare ratios measured in one run.
 """
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--base-filters", type=int, default=32)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--decoder-filters", type=int, nargs=5, default=[256, 128, 64, 32, 16],
+                        metavar="F", help="filters of the U-Net's 5 decoder stages")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--policy", default="float32",
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(
         architecture=args.architecture, encoder=args.encoder, encoder_weights=None,
         base_filters=args.base_filters, depth=args.depth, image_size=args.size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, decoder_filters=args.decoder_filters,
     )
     model = build(config)
     rng = np.random.default_rng(0)

