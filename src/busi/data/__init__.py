@@ -4,6 +4,7 @@ The TensorFlow input pipeline lives in :mod:`busi.data.pipeline` and is imported
 the data checks run without TensorFlow.
 """
 
+from busi.data import datasets
 from busi.data.download import download, locate
 from busi.data.duplicates import add_groups, conflicting_groups, drop_conflicts, duplicate_pairs
 from busi.data.index import LABELS, fingerprint, index
@@ -20,7 +21,7 @@ from busi.data.splits import (
 
 __all__ = [
     "LABELS", "LESION_CLASSES", "add_groups", "conflicting_groups", "cross_validation_splits",
-    "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
+    "datasets", "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
     "load_example", "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask",
     "save_split", "select",
 ]
