@@ -45,7 +45,7 @@ import pandas as pd
 from busi.atomic import atomic_write_text
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import load_example, read_image
-from busi.data.splits import LESION_CLASSES
+from busi.data.splits import LESION_CLASSES, is_lesion
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +353,9 @@ def postprocess_grid(
     if probs_tta is not None:
         _check_lengths(val_table, probs_tta, None)
     truths = load_truths(val_table) if truths is None else truths
-    is_lesion = val_table["label"].isin(LESION_CLASSES).to_numpy()
+    lesion_rows = is_lesion(val_table["label"]).to_numpy()
     is_normal = (val_table["label"] == "normal").to_numpy()
-    if not is_lesion.any():
+    if not lesion_rows.any():
         raise ValueError("the validation images contain no lesion image to choose a threshold on")
     variants = {False: probs} if probs_tta is None else {False: probs, True: probs_tta}
     thresholds = list(thresholds)
@@ -367,10 +367,10 @@ def postprocess_grid(
                 kwargs = postprocess_kwargs({**rule, "threshold": threshold})
                 dices, false_positives = [], []
                 for i, (prob, truth) in enumerate(zip(maps, truths, strict=True)):
-                    if not (is_lesion[i] or is_normal[i]):
+                    if not (lesion_rows[i] or is_normal[i]):
                         continue
                     pred = postprocess(prob, **kwargs)
-                    if is_lesion[i]:
+                    if lesion_rows[i]:
                         dices.append(dice(truth, pred))
                     else:
                         false_positives.append(bool(pred.any()))
@@ -472,7 +472,8 @@ def summarize(per_image: pd.DataFrame) -> dict[str, Any]:
 
     Returns:
         ``{"lesion": ..., "benign": ..., "malignant": ..., "normal": ...}`` (classes without
-        images are left out, ``"lesion"`` is always there). Lesion entries hold ``n``, Dice
+        images are left out, ``"lesion"`` is always there: every image that is not normal,
+        including a user's unlabelled "lesion" images). Lesion entries hold ``n``, Dice
         mean/median/std, IoU mean/median, mean precision and recall, hd95 median, each over the
         images where the value is finite (NaN if none; ``hd95_undefined`` counts the others), and
         ``missed``, the lesion images with an empty prediction (they count as Dice 0). The normal
@@ -480,7 +481,7 @@ def summarize(per_image: pd.DataFrame) -> dict[str, Any]:
         ``false_positive_rate``; normal images never enter the lesion figures.
     """
     labels = per_image["label"]
-    lesion = per_image[labels.isin(LESION_CLASSES)]
+    lesion = per_image[is_lesion(labels)]
     summary: dict[str, Any] = {"lesion": _lesion_summary(lesion)}
     for label in LESION_CLASSES:
         if (labels == label).any():
@@ -536,11 +537,19 @@ def file_sha1(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def evaluation_dir(run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None) -> Path:
+def evaluation_dir(
+    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None,
+    dataset: str | None = None,
+) -> Path:
     """Where the evaluation of a model goes: ``evaluation/`` for the run's ``best.h5``,
     ``evaluation/<model stem>/`` for any other weights (so evaluating ``last.h5`` does not
-    overwrite the results of ``best.h5``)."""
-    root = Path(run_dir) / "evaluation"
+    overwrite the results of ``best.h5``).
+
+    ``dataset``: results on a dataset other than the run's first go to ``evaluation-<name>/``
+    (the other datasets of a joint run, or a dataset the run never saw); None is the run's first
+    dataset, whose folder also holds the post-processing chosen on validation.
+    """
+    root = Path(run_dir) / ("evaluation" if dataset is None else f"evaluation-{dataset}")
     best = Path(run_dir) / "best.h5"
     if model_path is None or Path(model_path).resolve() == best.resolve():
         return root
@@ -603,12 +612,14 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def summary_for(
-    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None
+    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any] | None:
     """The ``summary.json`` of these weights (default the run's ``best.h5``), or None if they
-    have not been evaluated, or the summary was made for earlier weights (training went on)."""
+    have not been evaluated, or the summary was made for earlier weights (training went on).
+    ``dataset``: as in :func:`evaluation_dir`."""
     model_path = Path(model_path) if model_path is not None else Path(run_dir) / "best.h5"
-    summary = _read_json(evaluation_dir(run_dir, model_path) / "summary.json")
+    summary = _read_json(evaluation_dir(run_dir, model_path, dataset) / "summary.json")
     if summary is None or summary.get("model_sha1") != file_sha1(model_path):
         return None
     return summary
@@ -720,7 +731,32 @@ def evaluate(
     if split != "val":
         per_image[split], _ = evaluate_model(model, parts[split], params, size, mode, batch_size)
 
+    # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
+    # the first goes to evaluation/, the others to evaluation-<name>/.
+    records = {}
+    for position, name in enumerate(config.datasets):
+        folder = evaluation_dir(run.root, model_path, None if position == 0 else name)
+        frames = per_image
+        if len(config.datasets) > 1:
+            frames = {part: frame[frame["id"].isin(_ids_of(parts[part], name))]
+                      .reset_index(drop=True) for part, frame in per_image.items()}
+        records[name] = _write_summary(folder, frames, model_path, sha1, params, size, mode,
+                                       name)
+    return records[config.datasets[0]]
+
+
+def _ids_of(rows: pd.DataFrame, dataset: str) -> pd.Series:
+    return rows.loc[rows["dataset"] == dataset, "id"]
+
+
+def _write_summary(
+    out_dir: Path, per_image: Mapping[str, pd.DataFrame], model_path: Path, sha1: str,
+    params: Mapping[str, Any], size: Any, mode: str, dataset: str,
+) -> dict[str, Any]:
+    """Write ``per_image_<part>.csv`` and ``summary.json`` into ``out_dir``; parts evaluated
+    earlier with the same weights and post-processing are kept in the summary."""
     record = _summary_record(model_path, sha1, params, size, mode)
+    record["dataset"] = dataset
     previous = _read_json(out_dir / "summary.json")
     if previous and all(previous.get(k) == record[k] for k in ("model_sha1", "postprocess")):
         record["splits"].update(previous.get("splits", {}))

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from busi.atomic import atomic_path
 from busi.data.masks import load_example
-from busi.data.splits import LESION_CLASSES
+from busi.data.splits import is_lesion
 
 TRUTH_COLOUR = "lime"
 PRED_COLOUR = "red"
@@ -183,7 +183,7 @@ def worst_cases(per_image: pd.DataFrame, table: pd.DataFrame, preds: Preds, n: i
         table: index rows of the same images.
         preds: as for :func:`overlays`.
     """
-    lesions = per_image[per_image["label"].isin(LESION_CLASSES)]
+    lesions = per_image[is_lesion(per_image["label"])]
     worst = lesions.sort_values("dice", kind="mergesort").head(n)
     if worst.empty:
         raise ValueError("worst_cases: no lesion images in per_image")
