@@ -649,6 +649,7 @@ def evaluate(
     data: str | os.PathLike | None = None,
     batch_size: int | None = None,
     rechoose: bool = False,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's model on one part of its split, with post-processing chosen on val.
 
@@ -670,9 +671,14 @@ def evaluate(
         data: dataset root, if not where the run's config says.
         batch_size: prediction batch size; default the run's.
         rechoose: choose post-processing again even if a matching choice is saved.
+        dataset: which dataset's results to return (default the run's first). A joint run
+            chooses post-processing on all its val parts together and writes each dataset's
+            results apart (:func:`evaluation_dir`). A dataset the run was not trained on is
+            evaluated with :func:`busi.cross_dataset.evaluate_dataset` (``split`` "all" or
+            "test"; ``data`` is then that dataset's folder).
 
     Returns:
-        The content of ``summary.json``: model, post-processing, and per part the
+        The content of ``summary.json``: model, post-processing, dataset, and per part the
         :func:`summarize` dict.
     """
     from busi import weights
@@ -680,10 +686,14 @@ def evaluate(
     from busi.runs import RunFolder
     from busi.training import prepare_data
 
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     run = RunFolder(Path(run_dir))
     config = TrainConfig.load(run.config)
+    if dataset is not None and dataset not in config.datasets:
+        from busi.cross_dataset import evaluate_dataset
+
+        return evaluate_dataset(run.root, dataset, split, model_path, data, batch_size)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if data is not None:
         config = config.replace(data=str(data))
     model_path = Path(model_path) if model_path is not None else run.best
@@ -742,7 +752,7 @@ def evaluate(
                       .reset_index(drop=True) for part, frame in per_image.items()}
         records[name] = _write_summary(folder, frames, model_path, sha1, params, size, mode,
                                        name)
-    return records[config.datasets[0]]
+    return records[dataset or config.datasets[0]]
 
 
 def _ids_of(rows: pd.DataFrame, dataset: str) -> pd.Series:
