@@ -100,3 +100,36 @@ def test_joint_run_reports_each_dataset_apart(
     grid = pd.read_csv(run / "evaluation" / "postprocess_grid.csv")
     n_val = int((split["split"] == "val").sum())
     assert (grid["n_lesion"] + grid["n_normal"]).max() == n_val
+
+
+def test_cli_evaluates_another_dataset_and_indexes_it(
+    tmp_path: Path, busi_folder: Path, busbra_folder: Path, capsys
+) -> None:
+    from busi.cli import main
+
+    run, _ = make_run(tmp_path, busi_folder)
+    assert main(["index", "--dataset", "busbra", "--data", str(busbra_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "images: 28" in printed and "patients: 12" in printed
+    assert main(["evaluate", str(run), "--dataset", "busbra", "--part", "all",
+                 "--data", str(busbra_folder)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["dataset"], printed["part"]) == ("busbra", "all")
+    assert (run / "evaluation-busbra" / "per_image_all.csv").is_file()
+    assert main(["evaluate", str(run), "--dataset", "busbra", "--part", "val"]) == 2
+    assert "part must be one of" in capsys.readouterr().err
+
+
+def test_a_users_folder_without_labels_is_scored_as_lesion_and_normal_images(
+    tmp_path: Path, busi_folder: Path
+) -> None:
+    from test_datasets import _write_folder
+
+    run, _ = make_run(tmp_path, busi_folder)
+    mine = _write_folder(tmp_path / "mine", n=6, empty=(4, 5))
+    summary = ev.evaluate(run, dataset="folder", split="all", data=mine)
+    part = summary["splits"]["all"]
+    assert part["lesion"]["n"] == 4 and part["normal"]["n"] == 2
+    assert "benign" not in part and "malignant" not in part
+    per_image = pd.read_csv(run / "evaluation-folder" / "per_image_all.csv")
+    assert sorted(per_image["label"]) == ["lesion"] * 4 + ["normal"] * 2

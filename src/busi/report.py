@@ -79,8 +79,8 @@ def results_table(
     for entry in map(Path, run_dirs):
         run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
             entry, entry / "best.h5")
-        config = TrainConfig.load(run_dir / "config.json")
-        where = folder_dataset(config, dataset)
+        where = None if dataset is None else folder_dataset(
+            TrainConfig.load(run_dir / "config.json"), dataset)
         out_dir = evaluation_dir(run_dir, model_path, where)
         summary_path = out_dir / "summary.json"
         summary = summary_for(run_dir, model_path, where)
@@ -94,6 +94,7 @@ def results_table(
             raise ValueError(f"{summary_path}: no {split!r} split; run `{command} "
                              f"--split {split}`")
         part = summary["splits"][split]
+        config = TrainConfig.load(run_dir / "config.json")
         history = pd.read_csv(run_dir / "history.csv")
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
@@ -103,6 +104,8 @@ def results_table(
             model += ", from scratch"
         trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
             else ", ".join(config.train_classes or config.classes)
+        if config.datasets != ("busi",):
+            trained_on += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
         lines.append(
             f"| `{_label(run_dir, model_path)}` | {model} "
