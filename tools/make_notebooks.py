@@ -494,6 +494,7 @@ columns = ["height", "width", "lesion_fraction"]
 lesions = busi_table[busi_table["label"] != "normal"]
 pd.concat({"BUSI lesions": lesions[columns].describe(), "BUS-BRA": table[columns].describe()},
           axis=1).round(3)"""),
+    ("md", "A few BUS-BRA images with their lesion contours (green):"),
     ("code", "busi.plots.sample_grid(table, n=N_SAMPLES, seed=0)"),
     ("md", """\
 ## Groups and split

@@ -1,4 +1,8 @@
-"""The BUSI data layer: find or fetch the dataset, index and check it, find duplicates, split.
+"""The data layer: find or fetch a dataset, index and check it, find duplicates, split.
+
+Datasets are plug-ins (:mod:`busi.data.datasets`: BUSI, BUS-BRA, a user's folder); the functions
+below work on the common index table any of them yields. ``locate``, ``download`` and ``index``
+here are BUSI's, as before.
 
 The TensorFlow input pipeline lives in :mod:`busi.data.pipeline` and is imported on use, so that
 the data checks run without TensorFlow.
