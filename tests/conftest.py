@@ -116,9 +116,61 @@ def real_table(real_root: Path):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("BUSI_DATA"):
-        return
-    skip = pytest.mark.skip(reason="set BUSI_DATA to the real BUSI dataset to run this test")
-    for item in items:
-        if "busi_data" in item.keywords:
-            item.add_marker(skip)
+    for marker, variable, name in (("busi_data", "BUSI_DATA", "BUSI"),
+                                   ("busbra_data", "BUSBRA_DATA", "BUS-BRA")):
+        if os.environ.get(variable):
+            continue
+        skip = pytest.mark.skip(reason=f"set {variable} to the real {name} dataset to run this "
+                                       "test")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+def write_busbra_like(root: Path, patients: int = 12, seed: int = 1) -> Path:
+    """Write a small BUS-BRA-like folder (``root/BUS-BRA``: ``Images/``, ``Masks/``,
+    ``bus_data.csv``, ``5-fold-cv.csv``) and return it.
+
+    Patients alternate benign and malignant; every third has three views (l, r, s), the others
+    two. Masks are 1-bit PNGs as in the published data. ``bus_0003-l`` is ``bus_0001-l`` with a
+    few pixels changed: a near duplicate across patients (both benign). The 5-fold file assigns
+    patient k to test fold ``k % 5 + 1``.
+    """
+    rng = np.random.default_rng(seed)
+    base = root / "BUS-BRA"
+    (base / "Images").mkdir(parents=True)
+    (base / "Masks").mkdir()
+    meta, folds = [], []
+    first = None
+    for case in range(1, patients + 1):
+        label = "benign" if case % 2 else "malignant"
+        for view in ("l", "r", "s")[: 3 if case % 3 == 0 else 2]:
+            image_id = f"bus_{case:04d}-{view}"
+            height, width = int(rng.integers(40, 56)), int(rng.integers(44, 64))
+            image = _texture(rng, height, width)
+            mask = _lesion(rng, height, width)
+            image[mask > 0] //= 3
+            if image_id == "bus_0001-l":
+                first = (image.copy(), mask.copy())
+            if image_id == "bus_0003-l":
+                image, mask = first[0].copy(), first[1].copy()
+                image[:2, :2] = 255
+                height, width = image.shape
+            cv2.imwrite(str(base / "Images" / f"{image_id}.png"), image)
+            cv2.imwrite(str(base / "Masks" / f"mask_{case:04d}-{view}.png"), mask,
+                        [cv2.IMWRITE_PNG_BILEVEL, 1])
+            meta.append(f"{image_id},{case},fibroadenoma,{label},4,GE Logiq 7,{width},{height},"
+                        f"{dict(l='left', r='right', s='left')[view]},\"[1,2,3,4]\"")
+            folds.append(f"{image_id},{label},{case % 5 + 1},1,1,1,0,NaN")
+    (base / "bus_data.csv").write_text(
+        "ID,Case,Histology,Pathology,BIRADS,Device,Width,Height,Side,BBOX\n"
+        + "\n".join(meta) + "\n")
+    (base / "5-fold-cv.csv").write_text(
+        "ID,Pathology,kFold,valid_1,valid_2,valid_3,valid_4,valid_5\n" + "\n".join(folds) + "\n")
+    return base
+
+
+@pytest.fixture(scope="session")
+def busbra_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of the synthetic BUS-BRA-like dataset (read only)."""
+    return write_busbra_like(tmp_path_factory.mktemp("busbra"))

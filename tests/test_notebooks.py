@@ -3,8 +3,9 @@
 Execution follows papermill's convention without needing papermill: a cell with the test's
 values is inserted after the cell tagged ``parameters``. The notebooks run in one temporary
 folder, in order, because each uses what the one before wrote (02 trains and saves weights,
-03 evaluates that run, 04 predicts with the weights). The data is the real BUSI with a small
-``limit`` when ``BUSI_DATA`` is set, else the synthetic BUSI-like folder of ``conftest.py``.
+03 evaluates that run, 04 predicts with the weights, 05 scores it on BUS-BRA and trains a joint
+model). The data is the real BUSI with a small ``limit`` when ``BUSI_DATA`` is set, else the
+synthetic BUSI-like folder of ``conftest.py``; likewise BUS-BRA with ``BUSBRA_DATA``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-ORDER = ("01_data", "02_train", "03_evaluate", "04_predict")
+ORDER = ("01_data", "02_train", "03_evaluate", "04_predict", "05_cross_dataset")
 CELL_TIMEOUT = 600  # seconds per cell; the tiny runs take a few
 TENSORFLOW_IMPORT = re.compile(
     r"^\s*(import|from)\s+(tensorflow|tf_keras|keras|segmentation_models)\b", re.MULTILINE
@@ -59,7 +60,7 @@ def inject(nb: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
 # ---------------------------------------------------------------------- committed files
 
 
-def test_the_notebooks_are_the_four_of_the_readme():
+def test_the_notebooks_are_those_of_the_readme():
     assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(ORDER)
     readme = (ROOT / "README.md").read_text()
     for name in ORDER:
@@ -205,7 +206,7 @@ def test_colab_cell_clones_then_installs_with_pip_magic(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------ execution
 
 
-def _parameters(tmp_path: Path, data: Path, limit: int | None) -> dict[str, dict]:
+def _parameters(tmp_path: Path, data: Path, busbra: Path, limit: int | None) -> dict[str, dict]:
     run = dict(RUN_NAME="ci", RUN_DIR=str(tmp_path / "runs" / "ci"))
     return {
         "01_data": dict(DATA=str(data), DOWNLOAD=False, N_SAMPLES=4),
@@ -220,16 +221,23 @@ def _parameters(tmp_path: Path, data: Path, limit: int | None) -> dict[str, dict
             run, WEIGHTS_DIR=str(tmp_path / "weights"), DATA=str(data),
             OUTPUT_DIR=str(tmp_path / "predictions"), N_DEMO=3, N_SHOW=2,
         ),
+        "05_cross_dataset": dict(
+            BUSI=str(data), BUSBRA=str(busbra), BUSI_RUN=run["RUN_DIR"], PART="test",
+            JOINT_RUN_NAME="ci-joint", JOINT_RUN_DIR=str(tmp_path / "runs" / "ci-joint"),
+            ARCHITECTURE="classic_unet", BASE_FILTERS=4, ENCODER_WEIGHTS=None, IMAGE_SIZE=32,
+            EPOCHS=1, BATCH_SIZE=4, LIMIT=limit, N_SAMPLES=4, N_FAILURES=2,
+        ),
     }
 
 
 @pytest.mark.slow
-def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
+def test_notebooks_run_in_order(tmp_path, busi_folder, busbra_folder, monkeypatch):
     from nbclient import NotebookClient
 
     real = os.environ.get("BUSI_DATA")
     data = Path(real) if real else busi_folder
-    parameters = _parameters(tmp_path, data, limit=12 if real else None)
+    busbra = Path(os.environ.get("BUSBRA_DATA") or busbra_folder)
+    parameters = _parameters(tmp_path, data, busbra, limit=12 if real else None)
     # Nothing may land in the project's runs/ or weights/ even if a notebook ignored a value.
     monkeypatch.setenv("BUSI_RUNS", str(tmp_path / "default-runs"))
     monkeypatch.setenv("BUSI_WEIGHTS", str(tmp_path / "default-weights"))
@@ -258,9 +266,16 @@ def test_notebooks_run_in_order(tmp_path, busi_folder, monkeypatch):
     masks = sorted((tmp_path / "predictions").glob("*_pred.png"))
     assert len(masks) == 3 and len(list((tmp_path / "predictions").glob("*_overlay.png"))) == 3
     assert not (tmp_path / "default-runs").exists() and not (tmp_path / "default-weights").exists()
-    figures = [output for cell in nb.cells if cell.cell_type == "code"
+    predict = nbformat.read(tmp_path / "04_predict.executed.ipynb", as_version=4)
+    figures = [output for cell in predict.cells if cell.cell_type == "code"
                for output in cell.outputs if "image/png" in output.get("data", {})]
     assert len(figures) == 2, "04_predict should show N_SHOW overlays"
+    joint = tmp_path / "runs" / "ci-joint"
+    for produced in (run / "evaluation-busbra" / "summary.json",
+                     joint / "evaluation" / "per_image_test.csv",
+                     joint / "evaluation-busbra" / "per_image_test.csv",
+                     joint / "figures" / "busbra_failures.png"):
+        assert produced.is_file(), produced
 
 
 @pytest.mark.slow

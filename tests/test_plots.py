@@ -109,3 +109,20 @@ def test_worst_cases_shows_lowest_dice_lesions(
     figure = plots.worst_cases(per_image, busi_table, truths, n=4, path=tmp_path / "w.png")
     assert shown_ids(figure) == list(lesions["id"].head(4)) and is_png(tmp_path / "w.png")
     assert f"Dice {lesions['dice'].iloc[0]:.2f}" in titles(figure)[0]
+
+
+def test_side_by_side_has_a_row_per_image_and_a_column_per_model(
+    busi_table: pd.DataFrame, truths, tmp_path: Path
+) -> None:
+    empty = [np.zeros_like(t) for t in truths]
+    ids = list(busi_table["id"].iloc[[3, 1]])
+    figure = plots.side_by_side(busi_table, {"A": truths, "B": empty}, ids,
+                                scores={"A": {ids[0]: 1.0}}, path=tmp_path / "s.png")
+    assert is_png(tmp_path / "s.png")
+    assert titles(figure) == [f"A: {ids[0]}, Dice 1.00", f"B: {ids[0]}", f"A: {ids[1]}",
+                              f"B: {ids[1]}"]
+    red = [[c for c in ax.collections if tuple(c.get_edgecolor()[0][:3]) == (1.0, 0.0, 0.0)]
+           for ax in figure.axes]
+    assert [len(r) > 0 for r in red] == [True, False, True, False]  # B predicted nothing
+    with pytest.raises(ValueError, match="no image or prediction"):
+        plots.side_by_side(busi_table, {"A": {ids[0]: truths[3]}}, ids)

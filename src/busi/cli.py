@@ -23,15 +23,17 @@ from busi.paths import PROJ_ROOT, WEIGHTS_DIR
 
 
 def _download(args: argparse.Namespace) -> None:
-    root = busi.data.download(args.dest, force=args.force)
-    print(f"BUSI is at {root}")
+    dataset = busi.data.datasets.get(args.dataset)
+    root = dataset.download(*([args.dest] if args.dest else []), force=args.force)
+    print(f"{dataset.title} is at {root}")
 
 
 def _index(args: argparse.Namespace) -> None:
     from busi.atomic import atomic_write_text
 
-    root = busi.data.locate(args.data)
-    table = busi.data.add_groups(busi.data.index(root, strict=args.strict))
+    dataset = busi.data.datasets.get(args.dataset)
+    root = dataset.locate(args.data)
+    table = busi.data.add_groups(dataset.index(root, strict=args.strict))
     pairs = busi.data.duplicate_pairs(table)
     conflicts = busi.data.conflicting_groups(table)
     print(f"dataset: {root}")
@@ -41,6 +43,8 @@ def _index(args: argparse.Namespace) -> None:
     print(f"duplicate pairs: {len(pairs)} ({int(pairs['exact'].sum())} exact), "
           f"groups: {table['group'].nunique()}, images in label-conflicting groups: "
           f"{len(conflicts)}")
+    if "patient" in table:
+        print(f"patients: {table['patient'].nunique()}")
     # Two fingerprints, so the one a run records (env.json, weight sidecars) can be checked here:
     # it covers the images the run's split uses, and a default run leaves out the conflicts.
     print(f"fingerprint of all {len(table)} images: {busi.data.fingerprint(table)}")
@@ -95,14 +99,17 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from busi.evaluation import evaluation_dir
-    from busi.report import summary_text
+    from busi.report import folder_dataset, summary_text
 
-    summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data)
+    summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data,
+                            dataset=args.dataset)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
     print(summary_text(summary, args.split), end="")
-    print(f"per-image scores and summary.json in {evaluation_dir(args.run, args.weights)}")
+    config = TrainConfig.load(Path(args.run) / "config.json")
+    where = evaluation_dir(args.run, args.weights, folder_dataset(config, args.dataset))
+    print(f"per-image scores and summary.json in {where}")
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -118,8 +125,9 @@ def _publish(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from busi.report import write_report
 
-    out = write_report(args.run, args.out or PROJ_ROOT / "reports" / Path(args.run).name,
-                       split=args.split, data=args.data, model_path=args.weights)
+    name = Path(args.run).name + (f"-{args.dataset}" if args.dataset else "")
+    out = write_report(args.run, args.out or PROJ_ROOT / "reports" / name, split=args.split,
+                       data=args.data, model_path=args.weights, dataset=args.dataset)
     print((out / "metrics.md").read_text())
     print(f"figures in {out}")
 
@@ -128,7 +136,7 @@ def _compare(args: argparse.Namespace) -> None:
     from busi.atomic import atomic_write_text
     from busi.report import results_table
 
-    table = results_table(args.runs, split=args.split)
+    table = results_table(args.runs, split=args.split, dataset=args.dataset)
     if args.out:
         atomic_write_text(Path(args.out), table)
     print(table, end="")
@@ -160,14 +168,18 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--version", action="version", version=f"busi {busi.__version__}")
     sub = main.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="fetch BUSI from Kaggle (needs internet)")
-    p.add_argument("--dest", default=str(DEFAULT_DEST),
-                   help="folder to put it in (default: %(default)s)")
+    names = busi.data.datasets.names()
+    p = sub.add_parser("download", help="fetch BUSI from Kaggle (or BUS-BRA from Zenodo; "
+                       "needs internet)")
+    p.add_argument("--dataset", default="busi", choices=names, help="default: %(default)s")
+    p.add_argument("--dest", help=f"folder to put it in (default for BUSI: {DEFAULT_DEST})")
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.set_defaults(func=_download)
 
     p = sub.add_parser("index", help="check the dataset; counts, duplicates, fingerprint")
-    p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
+    p.add_argument("--dataset", default="busi", choices=names, help="default: %(default)s")
+    p.add_argument("--data", help="dataset folder (default for BUSI: $BUSI_DATA, data/raw, "
+                   "data; for BUS-BRA: $BUSBRA_DATA, ...)")
     p.add_argument("--strict", action="store_true", help="fail on any problem")
     p.add_argument("--out", help="folder for index.csv and duplicates.csv")
     p.set_defaults(func=_index)
@@ -207,8 +219,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a run on its test split (threshold from val)")
     p.add_argument("run", help="run folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"],
-                   help="the part of the run's split to score (default: %(default)s)")
+    p.add_argument("--split", "--part", default="test", choices=["train", "val", "test", "all"],
+                   help="the part of the run's split to score (default: %(default)s; all: a "
+                   "whole dataset the run did not train on)")
+    p.add_argument("--dataset", choices=names,
+                   help="another dataset (results in RUN/evaluation-NAME/, with the run's "
+                   "post-processing), or one of a joint run's (default: the run's first)")
     p.add_argument("--weights", help="model .h5 (default: the run's best.h5)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.add_argument("--json", action="store_true",
@@ -230,15 +246,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="output folder (default: reports/<run name>)")
     p.add_argument("--weights", help="model .h5 of the run (default: its best.h5)")
-    p.add_argument("--split", default="test", choices=["val", "test"],
+    p.add_argument("--split", "--part", default="test", choices=["val", "test", "all"],
                    help="the part of the run's split to report on (default: %(default)s)")
+    p.add_argument("--dataset", choices=names, help="report on this dataset (see evaluate)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="results table (Markdown) of evaluated runs, one row each")
     p.add_argument("runs", nargs="+", help="run folders (their best.h5) or RUN/<weights>.h5")
-    p.add_argument("--split", default="test", choices=["val", "test"],
+    p.add_argument("--split", "--part", default="test", choices=["val", "test", "all"],
                    help="the part whose scores are compared (default: %(default)s)")
+    p.add_argument("--dataset", choices=names, help="results on this dataset (see evaluate)")
     p.add_argument("--out", help="also write the table to this file")
     p.set_defaults(func=_compare)
 

@@ -19,7 +19,7 @@ from typing import Any
 from busi.atomic import atomic_write_text
 from busi.config_fields import check_fields
 from busi.data.augment_config import AugmentConfig
-from busi.data.index import LABELS
+from busi.data.index import KNOWN_LABELS, LABELS
 
 
 def _augmentation_overrides(values: Any) -> dict[str, Any]:
@@ -75,8 +75,16 @@ class TrainConfig:
 
     Attributes:
         name: run name; the run folder is ``runs/<name>`` unless ``run_dir`` is given.
-        data: dataset root (anything :func:`busi.data.locate` accepts); None looks in the usual
-            places and ``$BUSI_DATA``.
+        data: root of the first of ``datasets`` (anything its adapter's ``locate`` accepts);
+            None looks in the usual places and ``$BUSI_DATA`` (``$BUSBRA_DATA``, ...).
+        datasets: registered dataset names (:mod:`busi.data.datasets`) the run trains on, each
+            split on its own by its own rules: training uses every train part, validation
+            monitors all val parts together, evaluation reports each test part apart. Default
+            BUSI alone, the behaviour of runs made before datasets existed.
+        data_paths: roots of datasets by name, for those ``data`` does not give.
+        authors_fold: use the published partition of the datasets that have one (BUS-BRA:
+            fold k of the authors' 5-fold file as test, validation grouped from the rest)
+            instead of busi's grouped split; the others are split as usual.
         split_file: an existing split CSV to use; None makes one from ``seed`` and the fractions.
         classes: labels that take part. Normal images teach the model to answer "no lesion".
         train_classes: labels the model is trained on (None: all of ``classes``). Validation and
@@ -124,6 +132,9 @@ class TrainConfig:
 
     name: str = "unet-resnet34"
     data: str | None = None
+    datasets: tuple[str, ...] = ("busi",)
+    data_paths: dict[str, str] = field(default_factory=dict)
+    authors_fold: int | None = None
     run_dir: str | None = None
     split_file: str | None = None
     classes: tuple[str, ...] = LABELS
@@ -174,9 +185,12 @@ class TrainConfig:
         if self.augmentation is None:  # "augmentation:" left empty in YAML
             self.augmentation = {}
         check_fields(self)  # types and ranges of every field (busi.config_fields)
-        unknown = sorted(set(self.classes) - set(LABELS))
+        self._check_datasets()
+        unknown = sorted(set(self.classes) - set(KNOWN_LABELS))
         if unknown or not self.classes:
-            raise ValueError(f"classes must be some of {list(LABELS)}, got {list(self.classes)}")
+            raise ValueError(
+                f"classes must be some of {list(KNOWN_LABELS)}, got {list(self.classes)}"
+            )
         if self.train_classes is not None:
             if not self.train_classes or set(self.train_classes) - set(self.classes):
                 raise ValueError(
@@ -230,6 +244,29 @@ class TrainConfig:
                 f"({self.learning_rate}): the cosine schedule decays from one to the other"
             )
 
+    def _check_datasets(self) -> None:
+        from busi.data import datasets
+
+        self.datasets = datasets.check_names(self.datasets)
+        if not isinstance(self.data_paths, dict):
+            raise ValueError(f"data_paths must map dataset names to folders, got "
+                             f"{self.data_paths!r}")
+        _reject_unknown(self.data_paths, self.datasets, "data_paths")
+        if self.authors_fold is not None:
+            with_split = [n for n in self.datasets if datasets.get(n).authors_split is not None]
+            if not with_split:
+                raise ValueError(f"authors_fold: none of the datasets {list(self.datasets)} has "
+                                 "a published partition (BUS-BRA has)")
+            if self.authors_fold < 1:
+                raise ValueError(f"authors_fold counts from 1, got {self.authors_fold}")
+
+    def data_path(self, name: str) -> str | None:
+        """Where dataset ``name`` is: ``data_paths[name]``, else ``data`` for the first dataset,
+        else None (its adapter looks in the usual places)."""
+        if name in self.data_paths:
+            return self.data_paths[name]
+        return self.data if name == self.datasets[0] else None
+
     def augment_config(self) -> AugmentConfig:
         """The augmentation of the training images: defaults plus ``augmentation``."""
         return AugmentConfig(**self.augmentation)
@@ -250,6 +287,7 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["classes"] = list(self.classes)
         data["decoder_filters"] = list(self.decoder_filters)
+        data["datasets"] = list(self.datasets)
         if self.train_classes is not None:
             data["train_classes"] = list(self.train_classes)
         return data

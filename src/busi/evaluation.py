@@ -45,7 +45,7 @@ from busi import progress
 from busi.atomic import atomic_write_text
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import load_example, read_image
-from busi.data.splits import LESION_CLASSES
+from busi.data.splits import LESION_CLASSES, is_lesion
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +357,9 @@ def postprocess_grid(
     if probs_tta is not None:
         _check_lengths(val_table, probs_tta, None)
     truths = load_truths(val_table) if truths is None else truths
-    is_lesion = val_table["label"].isin(LESION_CLASSES).to_numpy()
+    lesion_rows = is_lesion(val_table["label"]).to_numpy()
     is_normal = (val_table["label"] == "normal").to_numpy()
-    if not is_lesion.any():
+    if not lesion_rows.any():
         raise ValueError("the validation images contain no lesion image to choose a threshold on")
     variants = {False: probs} if probs_tta is None else {False: probs, True: probs_tta}
     thresholds = list(thresholds)
@@ -371,10 +371,10 @@ def postprocess_grid(
                 kwargs = postprocess_kwargs({**rule, "threshold": threshold})
                 dices, false_positives = [], []
                 for i, (prob, truth) in enumerate(zip(maps, truths, strict=True)):
-                    if not (is_lesion[i] or is_normal[i]):
+                    if not (lesion_rows[i] or is_normal[i]):
                         continue
                     pred = postprocess(prob, **kwargs)
-                    if is_lesion[i]:
+                    if lesion_rows[i]:
                         dices.append(dice(truth, pred))
                     else:
                         false_positives.append(bool(pred.any()))
@@ -476,7 +476,8 @@ def summarize(per_image: pd.DataFrame) -> dict[str, Any]:
 
     Returns:
         ``{"lesion": ..., "benign": ..., "malignant": ..., "normal": ...}`` (classes without
-        images are left out, ``"lesion"`` is always there). Lesion entries hold ``n``, Dice
+        images are left out, ``"lesion"`` is always there: every image that is not normal,
+        including a user's unlabelled "lesion" images). Lesion entries hold ``n``, Dice
         mean/median/std, IoU mean/median, mean precision and recall, hd95 median, each over the
         images where the value is finite (NaN if none; ``hd95_undefined`` counts the others), and
         ``missed``, the lesion images with an empty prediction (they count as Dice 0). The normal
@@ -484,7 +485,7 @@ def summarize(per_image: pd.DataFrame) -> dict[str, Any]:
         ``false_positive_rate``; normal images never enter the lesion figures.
     """
     labels = per_image["label"]
-    lesion = per_image[labels.isin(LESION_CLASSES)]
+    lesion = per_image[is_lesion(labels)]
     summary: dict[str, Any] = {"lesion": _lesion_summary(lesion)}
     for label in LESION_CLASSES:
         if (labels == label).any():
@@ -540,11 +541,19 @@ def file_sha1(path: str | os.PathLike) -> str:
     return file_digest(path, "sha1")
 
 
-def evaluation_dir(run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None) -> Path:
+def evaluation_dir(
+    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None,
+    dataset: str | None = None,
+) -> Path:
     """Where the evaluation of a model goes: ``evaluation/`` for the run's ``best.h5``,
     ``evaluation/<model stem>/`` for any other weights (so evaluating ``last.h5`` does not
-    overwrite the results of ``best.h5``)."""
-    root = Path(run_dir) / "evaluation"
+    overwrite the results of ``best.h5``).
+
+    ``dataset``: results on a dataset other than the run's first go to ``evaluation-<name>/``
+    (the other datasets of a joint run, or a dataset the run never saw); None is the run's first
+    dataset, whose folder also holds the post-processing chosen on validation.
+    """
+    root = Path(run_dir) / ("evaluation" if dataset is None else f"evaluation-{dataset}")
     best = Path(run_dir) / "best.h5"
     if model_path is None or Path(model_path).resolve() == best.resolve():
         return root
@@ -612,12 +621,14 @@ def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def summary_for(
-    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None
+    run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any] | None:
     """The ``summary.json`` of these weights (default the run's ``best.h5``), or None if they
-    have not been evaluated, or the summary was made for earlier weights (training went on)."""
+    have not been evaluated, or the summary was made for earlier weights (training went on).
+    ``dataset``: as in :func:`evaluation_dir`."""
     model_path = Path(model_path) if model_path is not None else Path(run_dir) / "best.h5"
-    summary = _read_json(evaluation_dir(run_dir, model_path) / "summary.json")
+    summary = _read_json(evaluation_dir(run_dir, model_path, dataset) / "summary.json")
     if summary is None or summary.get("model_sha1") != file_sha1(model_path):
         return None
     return summary
@@ -647,6 +658,7 @@ def evaluate(
     data: str | os.PathLike | None = None,
     batch_size: int | None = None,
     rechoose: bool = False,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's model on one part of its split, with post-processing chosen on val.
 
@@ -668,25 +680,29 @@ def evaluate(
         data: dataset root, if not where the run's config says.
         batch_size: prediction batch size; default the run's.
         rechoose: choose post-processing again even if a matching choice is saved.
+        dataset: which dataset's results to return (default the run's first). A joint run
+            chooses post-processing on all its val parts together and writes each dataset's
+            results apart (:func:`evaluation_dir`). A dataset the run was not trained on is
+            evaluated with :func:`busi.cross_dataset.evaluate_dataset` (``split`` "all" or
+            "test"; ``data`` is then that dataset's folder).
 
     Returns:
-        The content of ``summary.json``: model, post-processing, and per part the
+        The content of ``summary.json``: model, post-processing, dataset, and per part the
         :func:`summarize` dict.
     """
     from busi.runs import RunFolder
 
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     run = RunFolder(Path(run_dir))
     if not run.config.is_file():
         raise FileNotFoundError(f"{run.config}: not a run folder (no config.json)")
     with run.lock("evaluation"):  # one writer: not while the run trains or is published
-        return _evaluate(run, split, model_path, data, batch_size, rechoose)
+        return _evaluate(run, split, model_path, data, batch_size, rechoose, dataset)
 
 
 def _evaluate(
     run: Any, split: str, model_path: str | os.PathLike | None,
     data: str | os.PathLike | None, batch_size: int | None, rechoose: bool,
+    dataset: str | None,
 ) -> dict[str, Any]:
     """:func:`evaluate` with the run folder's lock held."""
     from busi import weights
@@ -694,6 +710,12 @@ def _evaluate(
     from busi.training import prepare_data
 
     config = TrainConfig.load(run.config)
+    if dataset is not None and dataset not in config.datasets:
+        from busi.cross_dataset import evaluate_dataset
+
+        return evaluate_dataset(run.root, dataset, split, model_path, data, batch_size)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if data is not None:
         config = config.replace(data=str(data))
     model_path = Path(model_path) if model_path is not None else run.best
@@ -742,7 +764,32 @@ def _evaluate(
         per_image[split], _ = evaluate_model(model, parts[split], params, size, mode, batch_size,
                                              desc=split)
 
+    # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
+    # the first goes to evaluation/, the others to evaluation-<name>/.
+    records = {}
+    for position, name in enumerate(config.datasets):
+        folder = evaluation_dir(run.root, model_path, None if position == 0 else name)
+        frames = per_image
+        if len(config.datasets) > 1:
+            frames = {part: frame[frame["id"].isin(_ids_of(parts[part], name))]
+                      .reset_index(drop=True) for part, frame in per_image.items()}
+        records[name] = _write_summary(folder, frames, model_path, sha1, params, size, mode,
+                                       name)
+    return records[dataset or config.datasets[0]]
+
+
+def _ids_of(rows: pd.DataFrame, dataset: str) -> pd.Series:
+    return rows.loc[rows["dataset"] == dataset, "id"]
+
+
+def _write_summary(
+    out_dir: Path, per_image: Mapping[str, pd.DataFrame], model_path: Path, sha1: str,
+    params: Mapping[str, Any], size: Any, mode: str, dataset: str,
+) -> dict[str, Any]:
+    """Write ``per_image_<part>.csv`` and ``summary.json`` into ``out_dir``; parts evaluated
+    earlier with the same weights and post-processing are kept in the summary."""
     record = _summary_record(model_path, sha1, params, size, mode)
+    record["dataset"] = dataset
     previous = _read_json(out_dir / "summary.json")
     if previous and all(previous.get(k) == record[k] for k in ("model_sha1", "postprocess")):
         record["splits"].update(previous.get("splits", {}))

@@ -171,7 +171,7 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     sidecar = source.with_suffix(".json")
     if (source / "config.json").is_file():
         config = TrainConfig.load(source / "config.json")
-        table = busi_data.index(busi_data.locate(data if data is not None else config.data))
+        table = dataset_table(config if data is None else config.replace(data=str(data)))
         rows = busi_data.select(table, busi_data.load_split(source / "split.csv"), split)
     elif source.suffix == ".h5" and sidecar.is_file():
         facts = json.loads(sidecar.read_text())

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from busi.atomic import atomic_path
 from busi.data.masks import load_example
-from busi.data.splits import LESION_CLASSES
+from busi.data.splits import is_lesion
 
 TRUTH_COLOUR = "lime"
 PRED_COLOUR = "red"
@@ -187,7 +187,7 @@ def worst_cases(per_image: pd.DataFrame, table: pd.DataFrame, preds: Preds, n: i
         table: index rows of the same images.
         preds: as for :func:`overlays`.
     """
-    lesions = per_image[per_image["label"].isin(LESION_CLASSES)]
+    lesions = per_image[is_lesion(per_image["label"])]
     worst = lesions.sort_values("dice", kind="mergesort").head(n)
     if worst.empty:
         raise ValueError("worst_cases: no lesion images in per_image")
@@ -201,3 +201,35 @@ def worst_cases(per_image: pd.DataFrame, table: pd.DataFrame, preds: Preds, n: i
 
 __all__ = ["draw", "overlay", "overlays", "sample_grid", "save", "training_curves",
            "worst_cases"]
+
+
+def side_by_side(table: pd.DataFrame, predictions: Mapping[str, Preds], ids: Sequence[str],
+                 threshold: float = 0.5, scores: Mapping[str, Mapping[str, float]] | None = None,
+                 path: str | os.PathLike | None = None) -> Figure:
+    """One row per image, one column per model: truth (green) and each model's prediction (red),
+    so two models' failures on the same image can be told apart (a BUSI model and a joint model
+    on BUS-BRA, say).
+
+    Args:
+        table: index rows holding ``ids``.
+        predictions: ``{model name: preds}``, preds as for :func:`overlays`.
+        ids: the images, in this order.
+        scores: optional ``{model name: {id: Dice}}`` added to the titles.
+    """
+    rows = table.set_index("id", drop=False)
+    by_model = {name: _by_id(table, preds) for name, preds in predictions.items()}
+    missing = [i for i in ids if i not in rows.index
+               or any(i not in preds for preds in by_model.values())]
+    if missing:
+        raise ValueError(f"no image or prediction for id(s) {missing[:5]}")
+    if not ids or not by_model:
+        raise ValueError("side_by_side: no images or no models to show")
+    figure = Figure(figsize=(3.0 * len(by_model), 3.0 * len(ids)), layout="constrained")
+    axes = figure.subplots(len(ids), len(by_model), squeeze=False)
+    for row_axes, image_id in zip(axes, ids, strict=True):
+        image, mask = load_example(rows.loc[image_id])
+        for ax, (name, preds) in zip(row_axes, by_model.items(), strict=True):
+            score = (scores or {}).get(name, {}).get(image_id)
+            title = f"{name}: {image_id}" + ("" if score is None else f", Dice {score:.2f}")
+            draw(ax, image, mask, _binary(preds[image_id], threshold), title)
+    return save(figure, path)

@@ -68,10 +68,20 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     )
 
 
-def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str:
+def folder_dataset(config: Any, dataset: str | None) -> str | None:
+    """The ``dataset`` argument of :func:`busi.evaluation.evaluation_dir` for a run's results
+    on ``dataset``: None for the run's first dataset (``evaluation/``), else the name."""
+    return None if dataset is None or dataset == config.datasets[0] else dataset
+
+
+def results_table(
+    run_dirs: list[str | os.PathLike], split: str = "test", dataset: str | None = None
+) -> str:
     """Markdown table comparing evaluated runs, one row each, read from their run folders.
 
     An entry is a run folder (its ``best.h5``) or a model file inside one (``RUN/last.h5``).
+    ``dataset``: the results on that dataset (``evaluation-<name>/``, from ``busi evaluate RUN
+    --dataset NAME``); default each run's first dataset.
 
     Built from ``summary.json``, ``history.csv``, ``config.json`` and ``best.h5``, so no figure
     in it is typed by hand (the README's results table is its output). Wall time is the sum of
@@ -90,17 +100,20 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
     for entry in map(Path, run_dirs):
         run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
             entry, entry / "best.h5")
-        out_dir = evaluation_dir(run_dir, model_path)
+        where = None if dataset is None else folder_dataset(
+            TrainConfig.load(run_dir / "config.json"), dataset)
+        out_dir = evaluation_dir(run_dir, model_path, where)
         summary_path = out_dir / "summary.json"
-        summary = summary_for(run_dir, model_path)
+        summary = summary_for(run_dir, model_path, where)
+        command = f"busi evaluate {run_dir}" + (f" --dataset {dataset}" if dataset else "")
         if summary is None and summary_path.is_file():
             raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
-                             "(training went on); run `busi evaluate` again")
+                             f"(training went on); run `{command}` again")
         if summary is None:
-            raise FileNotFoundError(f"{summary_path}: run not evaluated; run `busi evaluate`")
+            raise FileNotFoundError(f"{summary_path}: run not evaluated; run `{command}`")
         if split not in summary.get("splits", {}):
-            raise ValueError(f"{summary_path}: no {split!r} split; run `busi evaluate "
-                             f"{run_dir} --split {split}`")
+            raise ValueError(f"{summary_path}: no {split!r} split; run `{command} "
+                             f"--split {split}`")
         part = summary["splits"][split]
         config = TrainConfig.load(run_dir / "config.json")
         history = pd.read_csv(run_dir / "history.csv")
@@ -114,6 +127,8 @@ def results_table(run_dirs: list[str | os.PathLike], split: str = "test") -> str
             model += f", {config.encoder_weights}"
         trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
             else ", ".join(config.train_classes or config.classes)
+        if config.datasets != ("busi",):
+            trained_on += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
         lines.append(
             f"| `{_label(run_dir, model_path)}` | {model} "
@@ -188,31 +203,44 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def write_report(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, split: str = "test",
     n_overlays: int = 12, n_worst: int = 6, data: str | os.PathLike | None = None,
-    model_path: str | os.PathLike | None = None,
+    model_path: str | os.PathLike | None = None, dataset: str | None = None,
 ) -> Path:
     """Write curves, overlays, worst cases and ``metrics.md`` of an evaluated run into ``out_dir``.
 
     ``model_path``: the weights to report on (default the run's ``best.h5``). They are evaluated
-    first if they have not been (see :func:`busi.evaluate`).
+    first if they have not been (see :func:`busi.evaluate`). ``dataset``: report on that dataset
+    (one of a joint run's, or another one: ``split`` "all" or "test", see
+    :mod:`busi.cross_dataset`); default the run's first.
     """
     from busi import plots
+    from busi.config import TrainConfig
+    from busi.cross_dataset import dataset_predictions
     from busi.evaluation import evaluate, evaluation_dir, summary_for
     from busi.notebook import run_predictions
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model_path = Path(model_path) if model_path is not None else run_dir / "best.h5"
-    summary = summary_for(run_dir, model_path)
+    config = TrainConfig.load(run_dir / "config.json")
+    where = folder_dataset(config, dataset)
+    summary = summary_for(run_dir, model_path, where)
     if summary is None or split not in summary.get("splits", {}):
-        summary = evaluate(run_dir, split=split, data=data, model_path=model_path)
+        summary = evaluate(run_dir, split=split, data=data, model_path=model_path,
+                           dataset=dataset)
     plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
-    table, masks = run_predictions(run_dir, split, data, model_path)
-    per_image = pd.read_csv(evaluation_dir(run_dir, model_path) / f"per_image_{split}.csv")
+    if dataset is None or dataset in config.datasets:
+        table, masks = run_predictions(run_dir, split, data, model_path)
+        if "dataset" in table:
+            table = table[table["dataset"] == (dataset or config.datasets[0])]
+    else:
+        table, masks = dataset_predictions(run_dir, dataset, split, model_path, data)
+    per_image = pd.read_csv(evaluation_dir(run_dir, model_path, where) / f"per_image_{split}.csv")
     lesions = table[table["label"] != "normal"]
     plots.overlays(table, masks, ids=list(lesions["id"][:n_overlays]),
                    path=out_dir / f"overlays_{split}.png")
     plots.worst_cases(per_image, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
     text = (
-        f"# {run_dir.name} ({model_path.name}): {split} split\n\n"
+        f"# {run_dir.name} ({model_path.name}): {split} split"
+        f"{f' of {dataset}' if dataset else ''}\n\n"
         f"Post-processing chosen on val: {json.dumps(summary.get('postprocess'))}\n\n"
         + metrics_table(summary, split)
     )

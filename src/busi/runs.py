@@ -141,14 +141,14 @@ def environment(fingerprint: str) -> dict[str, Any]:
 def check_same_config(run: RunFolder, config: TrainConfig) -> None:
     """Refuse to resume a run folder that was made with other settings.
 
-    Only ``epochs`` (train longer), ``max_minutes``, ``evaluate`` and ``data`` (the same dataset
-    elsewhere, the fingerprint guards it) may differ.
+    Only ``epochs`` (train longer), ``max_minutes``, ``evaluate``, ``data`` and ``data_paths``
+    (the same dataset elsewhere, the fingerprint guards it) may differ.
     """
     if not run.config.is_file():
         return
     old = TrainConfig.load(run.config).to_dict()
     new = config.to_dict()
-    free = {"epochs", "evaluate", "data", "run_dir", "max_minutes"}
+    free = {"epochs", "evaluate", "data", "data_paths", "run_dir", "max_minutes"}
     differs = sorted(k for k in new if k not in free and old.get(k) != new[k])
     if differs:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differs)

@@ -33,8 +33,10 @@ from busi import _keras, data, losses, models, progress, weights
 from busi.atomic import atomic_write_text
 from busi.batchnorm import PreciseValidation
 from busi.config import TrainConfig
+from busi.data import datasets
 from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
+from busi.data.splits import in_classes
 from busi.errors import DataError
 from busi.runs import RunFolder, check_same_config, environment, file_digest
 
@@ -108,14 +110,27 @@ def prepare_data(
             )
     if config.train_classes is not None:
         train = parts["train"]
-        parts["train"] = train[train["label"].isin(config.train_classes)].reset_index(drop=True)
+        parts["train"] = train[in_classes(train["label"], config.train_classes)].reset_index(
+            drop=True)
     return parts
 
 
 def dataset_table(config: TrainConfig) -> pd.DataFrame:
-    """The checked index of ``config.data`` with duplicate groups, label-conflicting groups left
-    out if ``config.drop_conflicts``: the table a run's split is made from and selects in."""
-    table = data.add_groups(data.index(data.locate(config.data)))
+    """The checked index of the run's datasets with duplicate (and patient) groups,
+    label-conflicting groups left out if ``config.drop_conflicts``: the table a run's split is
+    made from and selects in. Several datasets give one table with a ``dataset`` column
+    (:func:`busi.data.datasets.combine`)."""
+    tables = {name: single_dataset_table(config, name) for name in config.datasets}
+    if len(tables) == 1:
+        return tables[config.datasets[0]]
+    return datasets.combine(tables)
+
+
+def single_dataset_table(config: TrainConfig, name: str) -> pd.DataFrame:
+    """The grouped index of one dataset, where ``config`` says it is (see
+    :meth:`TrainConfig.data_path`), label-conflicting groups left out if the config says so."""
+    adapter = datasets.get(name)
+    table = data.add_groups(adapter.index(adapter.locate(config.data_path(name))))
     return data.drop_conflicts(table) if config.drop_conflicts else table
 
 
@@ -160,24 +175,41 @@ def _missing_images(config: TrainConfig, missing: list[str]) -> str:
 
 
 def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
-    """The split a new run with ``config`` trains on: ``config.split_file`` if given, else a
-    grouped, stratified split of ``table`` (label-conflicting duplicates left out first when
-    ``config.drop_conflicts``)."""
+    """The split a new run with ``config`` trains on: ``config.split_file`` if given, else each
+    dataset's own split (:func:`dataset_split`); with several datasets they are stacked, with a
+    ``dataset`` column."""
     if config.split_file:
         return data.load_split(config.split_file)
+    if len(config.datasets) == 1:
+        return dataset_split(config, config.datasets[0], table)
+    return pd.concat([
+        dataset_split(config, name, table[table["dataset"] == name]).assign(dataset=name)
+        for name in config.datasets
+    ], ignore_index=True)
+
+
+def dataset_split(config: TrainConfig, name: str, table: pd.DataFrame) -> pd.DataFrame:
+    """The split of one dataset: the published partition if ``config.authors_fold`` is set and
+    the dataset has one, else a grouped, stratified split (label-conflicting duplicates left out
+    first when ``config.drop_conflicts``). The same for a dataset alone and in a joint run."""
     if config.drop_conflicts:
         table = data.drop_conflicts(table)
-    return data.make_split(
-        table, classes=config.classes, val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction, seed=config.seed,
-    )
+    options = {"classes": config.classes, "val_fraction": config.val_fraction,
+               "test_fraction": config.test_fraction, "seed": config.seed}
+    adapter = datasets.get(name)
+    if config.authors_fold is not None and adapter.authors_split is not None:
+        root = adapter.locate(config.data_path(name))
+        return adapter.authors_split(root, table, config.authors_fold, **options)
+    return data.make_split(table, **options)
 
 
 def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
     """The first ``n`` rows with the classes interleaved in proportion, so that a small subset
-    (quick runs, CI) still holds every class; rows keep their relative order within a class."""
-    rank = table.groupby("label").cumcount() / table.groupby("label")["label"].transform("size")
-    order = sorted(range(len(table)), key=lambda i: (rank.iat[i], table["label"].iat[i]))
+    (quick runs, CI) still holds every class (of every dataset, in a joint run); rows keep their
+    relative order within a class."""
+    kind = table["label"] if "dataset" not in table else table["dataset"] + "/" + table["label"]
+    rank = kind.groupby(kind).cumcount() / kind.groupby(kind).transform("size")
+    order = sorted(range(len(table)), key=lambda i: (rank.iat[i], kind.iat[i]))
     return table.iloc[sorted(order[:n])].reset_index(drop=True)
 
 
@@ -463,7 +495,7 @@ def _monitored(config: TrainConfig, val: pd.DataFrame) -> pd.DataFrame:
     """
     if config.train_classes is None:
         return val
-    return val[val["label"].isin(config.train_classes)].reset_index(drop=True)
+    return val[in_classes(val["label"], config.train_classes)].reset_index(drop=True)
 
 
 def _fit(model, config, run, train_data, validation, initial_epoch, epochs, deadline) -> str:
@@ -623,6 +655,6 @@ def history(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 __all__ = [
-    "build", "compile_model", "dataset_table", "history", "make_run_split", "prepare_data",
-    "split_parts", "train",
+    "build", "compile_model", "dataset_split", "dataset_table", "history", "make_run_split",
+    "prepare_data", "single_dataset_table", "split_parts", "train",
 ]

@@ -1,9 +1,14 @@
-"""The BUSI data layer: find or fetch the dataset, index and check it, find duplicates, split.
+"""The data layer: find or fetch a dataset, index and check it, find duplicates, split.
+
+Datasets are plug-ins (:mod:`busi.data.datasets`: BUSI, BUS-BRA, a user's folder); the functions
+below work on the common index table any of them yields. ``locate``, ``download`` and ``index``
+here are BUSI's, as before.
 
 The TensorFlow input pipeline lives in :mod:`busi.data.pipeline` and is imported on use, so that
 the data checks run without TensorFlow.
 """
 
+from busi.data import datasets
 from busi.data.download import download, locate
 from busi.data.duplicates import add_groups, conflicting_groups, drop_conflicts, duplicate_pairs
 from busi.data.index import LABELS, fingerprint, index
@@ -20,7 +25,7 @@ from busi.data.splits import (
 
 __all__ = [
     "LABELS", "LESION_CLASSES", "add_groups", "conflicting_groups", "cross_validation_splits",
-    "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
+    "datasets", "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
     "load_example", "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask",
     "save_split", "select",
 ]

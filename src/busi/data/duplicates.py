@@ -64,12 +64,17 @@ def add_groups(table: pd.DataFrame, max_distance: int = NEAR_DUPLICATE_BITS) -> 
     """Copy of ``table`` with a ``group`` column: images linked by duplicate pairs share a group.
 
     Groups are connected components (A~B and B~C puts A, B, C together), numbered in table order,
-    so the numbering is reproducible for the same data.
+    so the numbering is reproducible for the same data. When the table has a ``patient`` column
+    (a dataset with several images per patient, such as BUS-BRA), the images of one patient are
+    linked too: a patient's other views are as much a leak as a near duplicate. Rows without a
+    patient (NaN) are linked by their duplicates only.
     """
     pairs = duplicate_pairs(table, max_distance)
     position = {image_id: i for i, image_id in enumerate(table["id"])}
     rows = pairs["id_a"].map(position).to_numpy()
     cols = pairs["id_b"].map(position).to_numpy()
+    if "patient" in table:
+        rows, cols = _link_patients(table["patient"], rows, cols)
     n = len(table)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
@@ -78,6 +83,17 @@ def add_groups(table: pd.DataFrame, max_distance: int = NEAR_DUPLICATE_BITS) -> 
     grouped = table.copy()
     grouped["group"] = [renumber[c] for c in component]
     return grouped
+
+
+def _link_patients(
+    patients: pd.Series, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add an edge from each image to the first image of its patient."""
+    codes = pd.factorize(patients, use_na_sentinel=True)[0]
+    known = np.flatnonzero(codes >= 0)
+    _, first = np.unique(codes[known], return_index=True)
+    anchor = known[first][np.searchsorted(np.unique(codes[known]), codes[known])]
+    return np.concatenate([rows, known]), np.concatenate([cols, anchor])
 
 
 def conflicting_groups(table: pd.DataFrame) -> pd.DataFrame:

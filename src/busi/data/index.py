@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from busi.data.masks import load_example
 from busi.errors import DataError
 
 LABELS = ("benign", "malignant", "normal")
+UNLABELLED_LESION = "lesion"
+"""The label of an image with a lesion whose kind is unknown (a user's folder without labels)."""
+KNOWN_LABELS = (*LABELS, UNLABELLED_LESION)
 COLUMNS = [
     "id", "label", "image_path", "mask_paths", "mask_count", "height", "width",
     "lesion_fraction", "hash", "phash",
@@ -76,8 +80,12 @@ def _scan_folder(folder: Path, problems: list[str]) -> dict[str, tuple[Path, lis
     return pairs
 
 
-def _describe(item: tuple[str, str, Path, list[Path]]) -> dict | str:
-    """Read one image and its masks; return its row, or the problem as a message."""
+def _describe(item: tuple[str, str | None, Path, list[Path]]) -> dict | str:
+    """Read one image and its masks; return its row, or the problem as a message.
+
+    A label of None (a user's folder without labels) is read off the mask: "lesion" if it marks
+    anything, else "normal". A given label is checked against the mask instead.
+    """
     stem, label, image_path, mask_paths = item
     row = {
         "id": stem, "label": label, "image_path": str(image_path),
@@ -87,6 +95,8 @@ def _describe(item: tuple[str, str, Path, list[Path]]) -> dict | str:
         image, mask = load_example(row)
     except DataError as error:
         return str(error)
+    if label is None:
+        row["label"] = label = UNLABELLED_LESION if mask.any() else "normal"
     if label == "normal" and mask.any():
         return f"{mask_paths[0]}: a normal image's mask marks {int(mask.sum())} lesion pixels"
     if label != "normal" and not mask.any():
@@ -97,6 +107,44 @@ def _describe(item: tuple[str, str, Path, list[Path]]) -> dict | str:
         "lesion_fraction": float(mask.mean()), "hash": content_hash(image),
         "phash": perceptual_hash(image),
     }
+
+
+def index_pairs(
+    items: Sequence[tuple[str, str | None, Path, list[Path]]],
+    root: str | os.PathLike,
+    problems: list[str] | None = None,
+    strict: bool = False,
+    workers: int = 4,
+) -> pd.DataFrame:
+    """Read and check paired images and masks, the step every dataset adapter ends with.
+
+    Args:
+        items: ``(id, label or None, image path, mask paths)`` per image, paired by the adapter.
+        root: the dataset folder, named in the problem report.
+        problems: problems the adapter found while pairing (file names included); the checks of
+            the images and masks are added to them.
+        strict: raise :class:`DataError` listing every problem instead of warning.
+        workers: threads for decoding (OpenCV releases the GIL).
+
+    Returns:
+        The index table (:data:`COLUMNS`), sorted by label then natural id order; images with a
+        problem are left out (with a warning) unless ``strict``.
+    """
+    problems = list(problems or [])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        described = list(progress.bar(pool.map(_describe, items), total=len(items),
+                                      desc=f"indexing {Path(root).name}"))
+    rows = [d for d in described if isinstance(d, dict)]
+    problems += [d for d in described if isinstance(d, str)]
+    if problems:
+        report = f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems)
+        if strict:
+            raise DataError(report)
+        warnings.warn(report + "\nThese images are left out.", stacklevel=3)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if table.empty:
+        raise DataError(f"{root}: no usable images found (see the problems above, if any)")
+    return sort_table(table)
 
 
 def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd.DataFrame:
@@ -125,24 +173,9 @@ def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd
     for folder in folders:
         for stem, (image_path, mask_paths) in _scan_folder(folder, problems).items():
             items.append((stem, folder.name, image_path, mask_paths))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        described = list(progress.bar(pool.map(_describe, items), total=len(items),
-                                      desc=f"indexing {root.name}"))
-    rows = [d for d in described if isinstance(d, dict)]
-    problems += [d for d in described if isinstance(d, str)]
-    if problems:
-        report = f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems)
-        if strict:
-            raise DataError(report)
-        warnings.warn(report + "\nThese images are left out.", stacklevel=2)
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    if table.empty:
-        raise DataError(
-            f"{root}: no usable images in {', '.join(f.name + '/' for f in folders)}; expected "
-            "'<class> (N).png' files, each with its '<class> (N)_mask.png'"
-        )
+    table = index_pairs(items, root, problems, strict=strict, workers=workers)
     _warn_missing_classes(root, table)
-    return sort_table(table)
+    return table
 
 
 def _warn_missing_classes(root: Path, table: pd.DataFrame) -> None:

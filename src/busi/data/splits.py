@@ -19,11 +19,28 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from busi.atomic import atomic_write_text
 from busi.data.duplicates import add_groups
-from busi.data.index import LABELS
+from busi.data.index import KNOWN_LABELS, LABELS, UNLABELLED_LESION
 from busi.errors import DataError
 
 SPLIT_COLUMNS = ["id", "label", "group", "split"]
+#: Written after :data:`SPLIT_COLUMNS` when present: which dataset an image is from (runs trained
+#: on several datasets; the ids must then be unique across them).
+DATASET_COLUMN = "dataset"
 LESION_CLASSES = ("benign", "malignant")
+
+
+def is_lesion(labels: pd.Series) -> pd.Series:
+    """Which images hold a lesion: benign, malignant, or a user's unlabelled "lesion"."""
+    return labels != "normal"
+
+
+def in_classes(labels: pd.Series, classes: Sequence[str]) -> pd.Series:
+    """Which images take part when ``classes`` are chosen. An unlabelled lesion (a user's folder
+    without labels) counts as one of the lesion classes: it takes part if any of them does."""
+    selected = labels.isin(classes)
+    if set(classes) & set(LESION_CLASSES):
+        selected |= labels == UNLABELLED_LESION
+    return selected
 
 
 def _one_fold(table: pd.DataFrame, n_folds: int, seed: int, fold: int = 0) -> pd.Series:
@@ -41,14 +58,14 @@ def _one_fold(table: pd.DataFrame, n_folds: int, seed: int, fold: int = 0) -> pd
 
 
 def _prepare(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    unknown = sorted(set(classes) - set(LABELS))
+    unknown = sorted(set(classes) - set(KNOWN_LABELS))
     if unknown:
-        raise ValueError(f"unknown classes {unknown}; choose from {list(LABELS)}")
+        raise ValueError(f"unknown classes {unknown}; choose from {list(KNOWN_LABELS)}")
     if "group" not in table:
         table = add_groups(table)
     # Groups are formed on the whole dataset first, so a duplicate of a left-out class still
     # keeps its group number (and is left out with it where labels conflict).
-    return table[table["label"].isin(classes)].reset_index(drop=True)
+    return table[in_classes(table["label"], classes)].reset_index(drop=True)
 
 
 def make_split(
@@ -135,8 +152,9 @@ def leaked(split: pd.DataFrame, train: str = "train", test: str = "test") -> pd.
 
 
 def save_split(split: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a split as CSV, atomically."""
-    return atomic_write_text(path, split[SPLIT_COLUMNS].to_csv(index=False))
+    """Write a split as CSV, atomically (with a ``dataset`` column if the split has one)."""
+    columns = SPLIT_COLUMNS + ([DATASET_COLUMN] if DATASET_COLUMN in split else [])
+    return atomic_write_text(path, split[columns].to_csv(index=False))
 
 
 def load_split(path: str | os.PathLike) -> pd.DataFrame:
@@ -144,7 +162,8 @@ def load_split(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
-    split = pd.read_csv(io.StringIO(path.read_text()), dtype={"id": str, "label": str})
+    split = pd.read_csv(io.StringIO(path.read_text()),
+                        dtype={"id": str, "label": str, DATASET_COLUMN: str})
     missing = [c for c in SPLIT_COLUMNS if c not in split]
     if missing:
         raise DataError(f"{path}: split file lacks columns {missing}")
