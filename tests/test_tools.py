@@ -49,3 +49,21 @@ def test_ensemble_eval_refuses_runs_of_different_splits(busi_folder, tmp_path):
     other = _run(busi_folder, tmp_path, "c", seed=2)
     out = _ensemble(first / "best.h5", other / "best.h5")
     assert out.returncode != 0 and "do not share one split.csv" in out.stderr
+
+
+PREDICT_AGREES = SCRIPT.with_name("predict_agrees.py")
+
+
+def test_predict_agrees_with_evaluate_on_a_tiny_run(busi_folder, tmp_path):
+    run = busi.train(TrainConfig(
+        name="p", data=str(busi_folder), run_dir=str(tmp_path / "p"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, augment=False, evaluate=True, seed=1,
+    ))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, str(PREDICT_AGREES), str(run / "best.h5"), str(run),
+                          "--tolerance", "1e-6"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    # the same weights and post-processing through the written PNGs: the same scores
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "difference 0.0000" in out.stdout
