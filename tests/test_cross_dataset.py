@@ -113,6 +113,9 @@ def test_cli_evaluates_another_dataset_and_indexes_it(
     assert "images: 28" in printed and "patients: 12" in printed
     assert main(["evaluate", str(run), "--dataset", "busbra", "--part", "all",
                  "--data", str(busbra_folder)]) == 0
+    assert "busbra" in capsys.readouterr().out  # the readable table names where it is
+    assert main(["evaluate", str(run), "--dataset", "busbra", "--part", "all",
+                 "--data", str(busbra_folder), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["dataset"], printed["part"]) == ("busbra", "all")
     assert (run / "evaluation-busbra" / "per_image_all.csv").is_file()

@@ -59,8 +59,10 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
         f"components under {fraction:.1%} of the image removed" if fraction else "",
         "largest component kept" if post.get("keep_largest") else "",
     ) if part)
+    dataset = f" of {summary['dataset']}" if summary.get("dataset") else ""
+    where = f"all images{dataset}" if split == "all" else f"the {split} images{dataset}"
     return (
-        f"{summary.get('model', 'model')} on the {split} images ({summary.get('image_size')} px, "
+        f"{summary.get('model', 'model')} on {where} ({summary.get('image_size')} px, "
         f"{summary.get('resize')}); post-processing chosen on val: {chosen}\n"
         "Dice and IoU per image at the original size; lesion = benign + malignant; normal "
         "images count only as false positives (any predicted pixel).\n\n"
