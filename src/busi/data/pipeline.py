@@ -5,7 +5,7 @@ is done once, up front, by :func:`load_arrays` (BUSI at 256x256 gray is about 50
 arrays are fed to tf.data from memory. Only the cheap, random part (augmentation) runs per epoch.
 
 Normalisation for the encoder (ImageNet mean/std or whatever the backbone wants) is *not* done
-here: the model's first layer does it (DESIGN.md, "Model input convention"), so a saved model is
+here: the model's first layer does it (busi.models, "Input convention"), so a saved model is
 self-contained and this pipeline is the same for every encoder. Images leave the pipeline as
 float32 in [0, 255] with the gray channel replicated to 3, masks as float32 {0, 1}.
 """
