@@ -169,3 +169,24 @@ def test_bad_set_values_fail_before_a_run_folder_is_made(tmp_path, capsys):
                  "--set", "learning_rate=abc"])
     assert code == 2 and not run.exists()
     assert "learning_rate must be a number, got 'abc'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"val_fraction": 0}, "val_fraction must be in"),
+    ({"test_fraction": 0}, "test_fraction must be in"),
+    ({"test_fraction": 0.7}, "test_fraction must be in"),
+    ({"val_fraction": 0.6, "test_fraction": 0.2}, "too large for test_fraction"),
+    ({"datasets": ["busi", "busbra"], "authors_fold": 9}, "authors_fold must be in 1..5"),
+    ({"data_paths": {"busi": 3}}, "data_paths must be a mapping of names to strings"),
+    ({"encoder_weights": "imagenett"}, "encoder_weights must be imagenet or none"),
+])
+def test_values_that_used_to_fail_after_the_run_folder_existed(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_data_paths_given_as_paths_are_saved_as_strings(tmp_path):
+    config = TrainConfig(data_paths={"busi": tmp_path})
+    assert config.data_paths == {"busi": str(tmp_path)}
+    config.save(tmp_path / "config.json")  # JSON: a Path would not serialise
+    assert TrainConfig.load(tmp_path / "config.json") == config

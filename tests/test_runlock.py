@@ -90,3 +90,27 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_is_opened(tmp_pat
     assert not any(path.exists() for path in leftovers)
     assert all(path.exists() for path in kept)
     assert "removed 3 temporary file(s)" in caplog.text and ".best.h5.k2j_9x1a.h5" in caplog.text
+
+
+def test_temp_file_cleanup_leaves_dotfiles_and_hidden_folders_alone(tmp_path):
+    from busi.atomic import leftover_temp_file, remove_leftover_temp_files
+
+    keep = [tmp_path / ".bashrc.original", tmp_path / ".git" / ".best.h5.abcd1234.h5"]
+    gone = tmp_path / "evaluation" / ".summary.json.k2j3h4g5.json"
+    for path in (*keep, gone):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert not leftover_temp_file(keep[0]) and leftover_temp_file(gone)
+    assert remove_leftover_temp_files(tmp_path) == [gone]
+    assert all(path.exists() for path in keep)
+
+
+def test_a_parent_of_runs_is_not_cleaned(tmp_path):
+    from busi.runlock import run_lock
+
+    (tmp_path / "other-run").mkdir()
+    in_flight = tmp_path / "other-run" / ".last.h5.abcd1234.h5"  # another run's write
+    in_flight.write_text("x")
+    with run_lock(tmp_path, "training"):  # not a run folder: no config.json, not empty
+        pass
+    assert in_flight.exists()

@@ -247,3 +247,25 @@ def test_a_split_with_the_left_out_conflicts_is_explained(busi_folder, tmp_path)
     kept = training.split_parts(config.replace(drop_conflicts=False), table,
                                 training.make_run_split(config, table))
     assert sum(len(part) for part in kept.values()) == len(table)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, recorded):
+    """A kill between saving a new best and recording its hash in state.json must not leave a
+    best.h5 whose hash the state does not know (publish would refuse it as replaced)."""
+    import pandas as pd
+
+    from busi.runs import RunFolder, file_digest
+    from busi.training import RunCheckpoint
+
+    run = RunFolder(tmp_path)
+    run.best.write_bytes(b"old best")
+    run.last.write_bytes(b"last")  # a state counts only beside its last.h5
+    pending = tmp_path / "best.pending.h5"
+    pending.write_bytes(b"new best")
+    wanted = file_digest(pending) if recorded else file_digest(run.best)
+    run.write_json(run.state, {"epoch": 3, "sha256": {run.best.name: wanted}})
+    RunCheckpoint(run, TrainConfig(run_dir=str(tmp_path)), pd.DataFrame(), None, [])
+    assert not pending.exists()
+    assert run.best.read_bytes() == (b"new best" if recorded else b"old best")
+    assert file_digest(run.best) == run.read_state()["sha256"][run.best.name]

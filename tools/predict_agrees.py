@@ -29,6 +29,7 @@ import busi  # noqa: F401  (Keras 2 before TensorFlow)
 from busi import scoring
 from busi.config import TrainConfig
 from busi.data.masks import merge_masks
+from busi.evaluation import file_sha1
 from busi.runs import RunFolder
 from busi.training import prepare_data
 
@@ -39,6 +40,8 @@ def written_masks(weights: Path, run_dir: Path, split: str = "test"
     images, each at the image's original size."""
     config = TrainConfig.load(run_dir / "config.json")
     rows = prepare_data(config, RunFolder(run_dir))[split]
+    if "dataset" in rows:  # a joint run: evaluation/ holds its first dataset's scores
+        rows = rows[rows["dataset"] == config.datasets[0]]
     lesions = rows[rows["label"] != "normal"]
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = Path(tmp) / "in", Path(tmp) / "out"
@@ -46,8 +49,12 @@ def written_masks(weights: Path, run_dir: Path, split: str = "test"
         for i, path in enumerate(lesions["image_path"]):
             (inputs / f"{i:05d}{Path(path).suffix}").symlink_to(Path(path).resolve())
         busi.predict(weights, inputs, outputs)
-        predicted = [cv2.imread(str(outputs / f"{i:05d}_pred.png"), cv2.IMREAD_GRAYSCALE)
-                     for i in range(len(lesions))]
+        predicted = []
+        for i, image in enumerate(lesions["image_path"]):
+            mask = outputs / f"{i:05d}_pred.png"
+            if not mask.is_file():
+                raise SystemExit(f"busi predict wrote no mask for {image}")
+            predicted.append(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE))
     return predicted, [merge_masks(paths) for paths in lesions["mask_paths"]]
 
 
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, help="a second model file to compare masks with")
     args = parser.parse_args(argv)
     summary = json.loads((args.run / "evaluation" / "summary.json").read_text())
+    if args.weights.suffix == ".h5" and file_sha1(args.weights) != summary["model_sha1"]:
+        parser.error(f"{args.weights} is not the model {args.run}/evaluation/summary.json scored "
+                     "(SHA-1 differs): evaluate these weights first")
     reported = summary["splits"]["test"]["lesion"]["dice_mean"]
     predicted, truths = written_masks(args.weights, args.run)
     mean = float(np.mean([scoring.dice(t, p) for t, p in zip(truths, predicted, strict=True)]))

@@ -55,14 +55,19 @@ def leftover_temp_file(path: Path) -> bool:
     """Whether ``path`` is named like a temporary file of :func:`atomic_path`
     (``.<final name>.<8 random characters><final suffix>``), which only a killed write leaves."""
     match = _TEMP_NAME.fullmatch(path.name)
-    return bool(match) and Path(match["name"]).suffix == match["suffix"]
+    # every output of busi has a suffix (.h5, .json, .csv, .png ...): a dotfile without one
+    # (".bashrc.original") is never busi's
+    return bool(match) and match["suffix"] != "" and Path(match["name"]).suffix == match["suffix"]
 
 
 def remove_leftover_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files interrupted atomic writes left in ``folder`` and below; return
     them. Only safe while no other process writes there (see :mod:`busi.runlock`)."""
     removed = []
-    for path in sorted(Path(folder).rglob(".*")):
+    folder = Path(folder)
+    for path in sorted(folder.rglob(".*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
+            continue  # inside a hidden folder (.git, .venv): never busi's
         if path.is_file() and not path.is_symlink() and leftover_temp_file(path):
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -200,6 +200,9 @@ class TrainConfig:
         self.augmentation = _augmentation_overrides(self.augmentation)
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None
+        if self.encoder_weights not in (None, "imagenet"):
+            raise ValueError(f"encoder_weights must be imagenet or none, got "
+                             f"{self.encoder_weights!r}")
         choices = {
             "architecture": ("unet", "classic_unet"),
             "resize": ("letterbox", "stretch"),
@@ -231,6 +234,12 @@ class TrainConfig:
                 f"val_fraction + test_fraction must be below 1 (some images must be left to "
                 f"train on), got {self.val_fraction} + {self.test_fraction}"
             )
+        if round((1 - self.test_fraction) / self.val_fraction) < 2:  # see busi.data.splits
+            raise ValueError(
+                f"val_fraction {self.val_fraction} is too large for test_fraction "
+                f"{self.test_fraction}: validation is one of round((1 - test) / val) >= 2 "
+                "grouped folds of the rest"
+            )
         if self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} "
@@ -257,8 +266,6 @@ class TrainConfig:
             if not with_split:
                 raise ValueError(f"authors_fold: none of the datasets {list(self.datasets)} has "
                                  "a published partition (BUS-BRA has)")
-            if self.authors_fold < 1:
-                raise ValueError(f"authors_fold counts from 1, got {self.authors_fold}")
 
     def data_path(self, name: str) -> str | None:
         """Where dataset ``name`` is: ``data_paths[name]``, else ``data`` for the first dataset,

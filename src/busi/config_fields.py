@@ -27,8 +27,10 @@ _NUMBER = "a number"
 RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "name": (lambda v: v not in ("", ".", "..") and not set(v) & set("/\\"),
              "a plain folder name (no '/' or '\\', not empty, '.' or '..')"),
-    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "test_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    # the test part is one of round(1 / test_fraction) grouped folds: at least 2
+    "test_fraction": (lambda v: 0 < v < 1 and round(1 / v) >= 2, "in (0, 0.66]"),
+    "authors_fold": (lambda v: 1 <= v <= 5, "in 1..5 (a fold of the authors' 5-fold file)"),
     "seed": (lambda v: v >= 0, ">= 0"),
     "freeze_encoder_epochs": (lambda v: v >= 0, ">= 0"),
     "base_filters": (lambda v: v >= 1, ">= 1"),
@@ -112,6 +114,15 @@ def check_value(name: str, hint: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _fail(name, value, "a mapping")
+        if args and args[1] is str:  # e.g. data_paths: names -> folders (saved as JSON)
+            checked = {}
+            for key, item in value.items():
+                if isinstance(item, os.PathLike):
+                    item = os.fspath(item)
+                if not isinstance(key, str) or not isinstance(item, str):
+                    raise _fail(name, value, "a mapping of names to strings (folders)")
+                checked[key] = item
+            return checked
         return value
     raise TypeError(f"no check for the type {hint} of field {name}")  # a new field's type
 

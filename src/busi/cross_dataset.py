@@ -118,26 +118,28 @@ def evaluate_dataset(
     from busi.runs import RunFolder
 
     run = RunFolder(Path(run_dir))
-    config = TrainConfig.load(run.config)
-    model_path = Path(model_path) if model_path is not None else run.best
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: model file not found")
-    rows = dataset_rows(config, dataset, part, data)
-    params = run_postprocess(run.root, model_path)
-    model = weights.load_for_inference(model_path)
-    per_image, _ = evaluate_model(model, rows, params, config.image_size, config.resize,
-                                  batch_size or config.batch_size)
-    out_dir = evaluation_dir(run.root, model_path, dataset)
-    record = _write_summary(out_dir, {part: per_image}, model_path, file_sha1(model_path),
-                            params, config.image_size, config.resize, dataset)
-    record.update({
-        "part": part, "dataset_fingerprint": fingerprint(rows),
-        "postprocess_chosen_on": f"val of the run's own datasets ({', '.join(config.datasets)})",
-    })
-    from busi.evaluation import _write_json
+    with run.lock("evaluation"):  # one writer (reentrant: evaluate() may hold it already)
+        config = TrainConfig.load(run.config)
+        model_path = Path(model_path) if model_path is not None else run.best
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path}: model file not found")
+        rows = dataset_rows(config, dataset, part, data)
+        params = run_postprocess(run.root, model_path)
+        model = weights.load_for_inference(model_path)
+        per_image, _ = evaluate_model(model, rows, params, config.image_size, config.resize,
+                                      batch_size or config.batch_size)
+        out_dir = evaluation_dir(run.root, model_path, dataset)
+        record = _write_summary(out_dir, {part: per_image}, model_path, file_sha1(model_path),
+                                params, config.image_size, config.resize, dataset)
+        record.update({
+            "part": part, "dataset_fingerprint": fingerprint(rows),
+            "postprocess_chosen_on":
+                f"val of the run's own datasets ({', '.join(config.datasets)})",
+        })
+        from busi.evaluation import _write_json
 
-    _write_json(out_dir / "summary.json", record)
-    return record
+        _write_json(out_dir / "summary.json", record)
+        return record
 
 
 def dataset_predictions(

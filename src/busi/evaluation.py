@@ -715,9 +715,12 @@ def _evaluate(
 
         return evaluate_dataset(run.root, dataset, split, model_path, data, batch_size)
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if data is not None:
-        config = config.replace(data=str(data))
+        hint = (" ('all' scores a whole dataset the run did not train on: give it with "
+                "--dataset)" if split == "all" else "")
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}{hint}")
+    if data is not None:  # the folder of the dataset asked for (default the run's first)
+        name = dataset or config.datasets[0]
+        config = config.replace(data_paths={**config.data_paths, name: str(data)})
     model_path = Path(model_path) if model_path is not None else run.best
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model file not found")

@@ -206,8 +206,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         *_encoder_source(config),
         "",
         "## Data",
-        "- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound images of 600 women "
-        "aged 25-75, one device family, one hospital (Baheya, Cairo), 2018.",
+        *_dataset_lines(config),
         f"- Trained on the {', '.join(config.get('train_classes') or config['classes'])} "
         "images of the training part.",
         f"- Classes {', '.join(config['classes'])}; duplicate-grouped, label-stratified split "
@@ -226,8 +225,12 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
                   ""]
     lines += [
         "## Limits",
-        "- Trained and tested on one public dataset from one centre; no external validation. "
-        "Expect lower scores on other scanners, settings and populations.",
+        *(["- Trained and tested on one public dataset from one centre; no external validation. "
+           "Expect lower scores on other scanners, settings and populations."]
+          if tuple(config.get("datasets", ("busi",))) == ("busi",) else
+          [f"- Trained on {' + '.join(config['datasets'])}; the metrics above are on the test "
+           f"part of {config['datasets'][0]}, the others' are in the run's evaluation-<name>/ "
+           "folders. Expect lower scores on other scanners, settings and populations."]),
         "- Some BUSI images carry calliper marks and text near the lesion; a model can learn "
         "them as cues.",
         "- Masks are single hand-drawn outlines; inter-observer variability is not captured.",
@@ -237,6 +240,23 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _dataset_lines(config: dict[str, Any]) -> list[str]:
+    """The datasets a model was trained on, from the config (BUSI alone for older runs)."""
+    from busi.data import datasets
+
+    lines = []
+    for name in config.get("datasets", ("busi",)):
+        if name == "busi":
+            lines.append("- BUSI (Al-Dhabyani et al., Data in Brief 28, 2020): 780 ultrasound "
+                         "images of 600 women aged 25-75, one device family, one hospital "
+                         "(Baheya, Cairo), 2018.")
+        else:
+            dataset = datasets.get(name)
+            lines.append(f"- {dataset.title}" + (f" ({dataset.citation})" if dataset.citation
+                                                  else "") + ".")
+    return lines
 
 
 def _encoder_source(config: dict[str, Any]) -> list[str]:

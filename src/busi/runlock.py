@@ -110,7 +110,10 @@ def run_lock(root: str | os.PathLike, purpose: str) -> Iterator[None]:
                                  "purpose": purpose,
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         handle.flush()
-        removed = remove_leftover_temp_files(root)
+        # only in a run folder: a --run-dir pointed at a parent (runs/, ~) must not clean the
+        # in-flight files of other runs
+        is_run = (root / "config.json").is_file() or not any(root.iterdir())
+        removed = remove_leftover_temp_files(root) if is_run else []
         if removed:
             log.warning("%s: removed %d temporary file(s) left by an interrupted write: %s",
                         root, len(removed), ", ".join(str(p.relative_to(root)) for p in removed))

@@ -159,8 +159,10 @@ def _missing_images(config: TrainConfig, missing: list[str]) -> str:
     indexing the dataset again to find the label-conflicting images is affordable)."""
     source = f"{config.split_file}: " if config.split_file else ""
     if config.drop_conflicts:
-        full = data.add_groups(data.index(data.locate(config.data)))
-        conflicting = set(data.conflicting_groups(full)["id"])
+        conflicting: set[str] = set()
+        for name in config.datasets:
+            kept = single_dataset_table(config.replace(drop_conflicts=False), name)
+            conflicting |= set(data.conflicting_groups(kept)["id"])
         if set(missing) <= conflicting:
             return (
                 f"{source}the split holds {len(missing)} image(s) of label-conflicting duplicate "
@@ -170,7 +172,7 @@ def _missing_images(config: TrainConfig, missing: list[str]) -> str:
             )
     return (
         f"{source}the split names {len(missing)} image(s) not in this dataset, e.g. "
-        f"{missing[:3]}; was it made for another copy of BUSI?"
+        f"{missing[:3]}; was it made for other data than {', '.join(config.datasets)}?"
     )
 
 
@@ -387,6 +389,21 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.best = best
         self.tracked = tracked
         self.checkpoints: dict[str, str] = dict(run.read_state().get("sha256", {}))
+        self._settle_pending_best()
+
+    @property
+    def _pending(self) -> Path:
+        return self.run.best.with_name("best.pending.h5")
+
+    def _settle_pending_best(self) -> None:
+        """A ``best.pending.h5`` left by a kill between ``state.json`` and its rename: promoted
+        if the state recorded it (its epoch finished), else dropped (its epoch did not)."""
+        pending = self._pending
+        if pending.is_file():
+            if file_digest(pending) == self.checkpoints.get(self.run.best.name):
+                os.replace(pending, self.run.best)
+            else:
+                pending.unlink()
 
     def _improved(self, value: float) -> bool:
         if self.best is None or math.isnan(self.best):
@@ -404,9 +421,11 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best = float(value)
             # best.h5 is for evaluation and prediction: float32 whatever the training precision,
             # so that reported scores are float32 scores and the file runs fast on any device.
+            # It becomes best.h5 only after state.json records its hash: a kill in between
+            # leaves best.h5 and the recorded hash in step (see _settle_pending_best).
             best = weights.with_policy(self.model, "float32")
-            weights.save_model(best, self.run.best, include_optimizer=False)
-            self.checkpoints[self.run.best.name] = file_digest(self.run.best)
+            weights.save_model(best, self._pending, include_optimizer=False)
+            self.checkpoints[self.run.best.name] = file_digest(self._pending)
         weights.save_model(self.model, self.run.last, include_optimizer=True)
         self.checkpoints[self.run.last.name] = file_digest(self.run.last)
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
@@ -419,6 +438,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             # what was written, so that publishing can tell a damaged or replaced checkpoint
             "sha256": dict(self.checkpoints),
         })
+        if self._pending.is_file():
+            os.replace(self._pending, self.run.best)
 
 
 @dataclass

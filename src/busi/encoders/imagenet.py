@@ -8,7 +8,8 @@ is all a user needs. On first use the PyTorch file is checked against its pinned
 without torch (:mod:`busi.encoders.torch_pickle`), converted to Keras layer weights and cached
 as a plain ``.npz`` (no pickle) beside Keras' own downloads (``~/.keras/models/busi/``, or
 ``$BUSI_CACHE``). The cache's own SHA-256 is recorded next to it and checked on every load: a
-corrupted or altered cache file is rebuilt, never used.
+corrupted cache file (a truncated write, a bad disk) is rebuilt, never used. The record guards
+against accidents, not against someone who can write to the cache folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +81,8 @@ def cache_dir() -> Path:
         return Path(os.environ["BUSI_CACHE"])
     base = Path(os.path.expanduser("~")) / ".keras"
     if not os.access(base if base.exists() else base.parent, os.W_OK):
-        base = Path("/tmp") / ".keras"
+        # a folder of this user's own: a shared /tmp/.keras could be filled by someone else
+        base = Path(tempfile.gettempdir()) / f".keras-{getattr(os, 'getuid', lambda: 0)()}"
     return base / "models" / "busi"
 
 
