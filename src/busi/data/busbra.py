@@ -113,20 +113,54 @@ def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Pat
             raise DataError(f"{api}: the record lists no .zip file ({[f['key'] for f in files]})")
         dest.mkdir(parents=True, exist_ok=True)
         for entry in archives:
-            target = dest / Path(entry["key"]).name
-            partial = target.with_name(f".{target.name}.partial")
-            with urllib.request.urlopen(entry["links"]["self"], timeout=60) as response, \
-                    open(partial, "wb") as handle:
-                shutil.copyfileobj(response, handle)
-            os.replace(partial, target)  # a broken download never looks like a finished one
-            with zipfile.ZipFile(target) as archive:
-                archive.extractall(dest)
+            _fetch_and_extract(entry, dest)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise DataError(
             f"Could not download BUS-BRA from Zenodo ({DOI}): {type(error).__name__}: "
             f"{str(error)[:200]}\n" + MANUAL_STEPS.format(doi=DOI, dest=dest, env=ENV_VAR)
         ) from error
     return locate(dest)
+
+
+def _fetch_and_extract(entry: dict, dest: Path) -> None:
+    """Download one archive of the record (progress bar, Zenodo's MD5 checked), then extract it
+    into a hidden folder and move its contents into ``dest``: an interrupted download or
+    extraction never leaves a partial ``Images/`` that :func:`locate` would accept."""
+    import hashlib
+    import tempfile
+
+    from busi import progress
+
+    target = dest / Path(entry["key"]).name
+    partial = target.with_name(f".{target.name}.partial")
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(entry["links"]["self"], timeout=60) as response, \
+                open(partial, "wb") as handle, \
+                progress.bar(total=entry.get("size"), desc=target.name, unit="B",
+                             unit_scale=True) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                handle.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        expected = str(entry.get("checksum", "")).removeprefix("md5:")
+        if expected and digest.hexdigest() != expected:
+            raise DataError(f"{target.name}: MD5 {digest.hexdigest()} differs from Zenodo's "
+                            f"{expected}: the download is damaged, run it again")
+        os.replace(partial, target)  # a broken download never looks like a finished one
+    finally:
+        partial.unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=dest))
+    try:
+        with zipfile.ZipFile(target) as archive:
+            archive.extractall(staging)
+        for item in staging.iterdir():
+            final = dest / item.name
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(item, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_metadata(root: str | os.PathLike) -> pd.DataFrame:
