@@ -199,7 +199,7 @@ def test_colab_cell_clones_then_installs_with_pip_magic(monkeypatch, tmp_path):
     shell, _ = run_colab_cell(monkeypatch, tmp_path, in_colab=True, repo="alice/busi", git=git)
     clone = str(tmp_path / "busi")
     assert calls == [["git", "clone", "--depth", "1", "https://github.com/alice/busi", clone]]
-    assert shell.magics == ["%pip install -q -e {CLONE}"]  # IPython expands {CLONE}
+    assert shell.magics == ['%pip install -q -e "{CLONE}[pretrained]"']  # IPython expands {CLONE}
     assert sys.path[0] == f"{clone}/src"
 
 

@@ -59,7 +59,8 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
         f"components under {fraction:.1%} of the image removed" if fraction else "",
         "largest component kept" if post.get("keep_largest") else "",
     ) if part)
-    dataset = f" of {summary['dataset']}" if summary.get("dataset") else ""
+    name = summary.get("dataset")
+    dataset = f" of {name}" if name not in (None, "busi") else ""  # BUSI: the project's own
     where = f"all images{dataset}" if split == "all" else f"the {split} images{dataset}"
     return (
         f"{summary.get('model', 'model')} on {where} ({summary.get('image_size')} px, "

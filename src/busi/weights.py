@@ -14,6 +14,7 @@ architecture first, since Keras' own error for a mismatch does not say what diff
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -45,8 +46,35 @@ def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = Tr
         # .h5 is chosen on purpose (readable by tf-keras and Keras 3): silence "legacy format".
         warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
         model.save(tmp, include_optimizer=include_optimizer, save_format="h5")
+        _drop_keras2_only_keys(tmp)
     model_file.remember_if_unsafe(model, path)  # an encoder's own Lambda layers: see there
     return path
+
+
+# Keys tf-keras writes into a layer's config that Keras 3 refuses ("Unrecognized keyword
+# arguments"), with the value tf-keras takes when the key is absent, so dropping it changes nothing.
+_KERAS2_ONLY = {"DepthwiseConv2D": {"groups": 1}}
+
+
+def _drop_keras2_only_keys(path: Path) -> None:
+    """Remove from the saved architecture the keys only tf-keras knows, at their default
+    values, so the ``.h5`` of a model with ``DepthwiseConv2D`` (EfficientNet-Lite) also loads in
+    Keras 3."""
+    import h5py
+
+    with h5py.File(path, "r+") as handle:
+        raw = handle.attrs.get("model_config")
+        if raw is None:
+            return
+        config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        changed = False
+        for layer in config.get("config", {}).get("layers", []):
+            for key, default in _KERAS2_ONLY.get(layer.get("class_name"), {}).items():
+                if layer["config"].get(key, default) == default and key in layer["config"]:
+                    del layer["config"][key]
+                    changed = True
+        if changed:
+            handle.attrs["model_config"] = json.dumps(config).encode("utf-8")
 
 
 def _check_h5(path: Path) -> None:

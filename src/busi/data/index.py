@@ -143,7 +143,7 @@ def index_pairs(
         warnings.warn(report + "\nThese images are left out.", stacklevel=3)
     table = pd.DataFrame(rows, columns=COLUMNS)
     if table.empty:
-        raise DataError(f"{root}: no usable images found (see the problems above, if any)")
+        raise DataError(f"{root}: no usable images (see the problems above, if any)")
     return sort_table(table)
 
 
@@ -173,6 +173,11 @@ def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd
     for folder in folders:
         for stem, (image_path, mask_paths) in _scan_folder(folder, problems).items():
             items.append((stem, folder.name, image_path, mask_paths))
+    if not items:
+        raise DataError(
+            f"{root}: no usable images in {', '.join(f.name + '/' for f in folders)}; expected "
+            "'<class> (N).png' files, each with its '<class> (N)_mask.png'"
+        )
     table = index_pairs(items, root, problems, strict=strict, workers=workers)
     _warn_missing_classes(root, table)
     return table
