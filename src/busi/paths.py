@@ -23,3 +23,12 @@ RUNS_DIR = Path(os.environ.get("BUSI_RUNS", PROJ_ROOT / "runs"))
 SHIPPED_MODEL = PROJ_ROOT / "weights" / "classic-unet-cosine-cpu.h5"
 """The small model committed with the project (see its model card), for prediction with no
 training."""
+
+
+def search_roots(path: str | os.PathLike | None, env_var: str, default: Path) -> list[Path]:
+    """Where a dataset adapter looks for its folder, in order: ``path`` alone if given, else
+    ``$<env_var>``, the adapter's download folder and the project's ``data/``."""
+    if path is not None:
+        return [Path(path).expanduser()]
+    starts = [Path(os.environ[env_var]).expanduser()] if os.environ.get(env_var) else []
+    return [*starts, default, DATA_DIR]

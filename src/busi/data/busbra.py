@@ -30,7 +30,7 @@ import pandas as pd
 
 from busi.data.index import LABELS, index_pairs
 from busi.errors import DataError
-from busi.paths import DATA_DIR
+from busi.paths import DATA_DIR, search_roots
 
 NAME = "busbra"
 ENV_VAR = "BUSBRA_DATA"
@@ -70,11 +70,7 @@ def locate(path: str | os.PathLike | None = None) -> Path:
     Raises:
         DataError: naming every place looked at and how to get the data.
     """
-    if path is not None:
-        starts = [Path(path).expanduser()]
-    else:
-        starts = [Path(os.environ[ENV_VAR]).expanduser()] if os.environ.get(ENV_VAR) else []
-        starts += [DEFAULT_DEST, DATA_DIR]
+    starts = search_roots(path, ENV_VAR, DEFAULT_DEST)
     looked = []
     for start in starts:
         candidates = [start]
@@ -255,7 +251,7 @@ def authors_split(
     Returns:
         DataFrame with ``id``, ``label``, ``group``, ``split``, like :func:`busi.data.make_split`.
     """
-    from busi.data.splits import _one_fold, _prepare
+    from busi.data.splits import _prepare, split_around_test
 
     path = Path(root) / f"{n_folds}-fold-cv.csv"
     if not 1 <= fold <= n_folds:
@@ -274,11 +270,4 @@ def authors_split(
     straddling = set(table.loc[test, "group"]) & set(table.loc[~test, "group"])
     keep = test | ~table["group"].isin(straddling)
     table, test = table[keep].reset_index(drop=True), test[keep].reset_index(drop=True)
-    rest = table[~test]
-    val_folds = round((1 - test_fraction) / val_fraction)
-    val = _one_fold(rest, val_folds, seed).reindex(table.index, fill_value=False)
-    split = table[["id", "label", "group"]].copy()
-    split["split"] = "train"
-    split.loc[val, "split"] = "val"
-    split.loc[test, "split"] = "test"
-    return split
+    return split_around_test(table, test, val_fraction, test_fraction, seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from busi.data.index import LABELS
 from busi.errors import DataError
-from busi.paths import DATA_DIR
+from busi.paths import DATA_DIR, search_roots
 
 KAGGLE_HANDLE = "aryashah2k/breast-ultrasound-images-dataset"
 FOLDER_NAME = "Dataset_BUSI_with_GT"
@@ -53,11 +53,7 @@ def locate(path: str | os.PathLike | None = None) -> Path:
     Raises:
         DataError: naming every place looked at.
     """
-    if path is not None:
-        starts = [Path(path).expanduser()]
-    else:
-        starts = [Path(os.environ[ENV_VAR]).expanduser()] if os.environ.get(ENV_VAR) else []
-        starts += [DEFAULT_DEST, DATA_DIR]
+    starts = search_roots(path, ENV_VAR, DEFAULT_DEST)
     looked = []
     for start in starts:
         for candidate in _candidates(start):

@@ -89,6 +89,14 @@ def make_split(
     """
     table = _prepare(table, classes)
     test = _one_fold(table, round(1 / test_fraction), seed)
+    return split_around_test(table, test, val_fraction, test_fraction, seed)
+
+
+def split_around_test(table: pd.DataFrame, test: pd.Series, val_fraction: float,
+                      test_fraction: float, seed: int) -> pd.DataFrame:
+    """The split whose test part is the rows of ``test`` (a boolean mask): validation is one
+    grouped, stratified fold of the rest, the remainder trains. Shared by :func:`make_split` and
+    published partitions (BUS-BRA's authors' folds)."""
     rest = table[~test]
     val_folds = round((1 - test_fraction) / val_fraction)
     val = _one_fold(rest, val_folds, seed).reindex(table.index, fill_value=False)
