@@ -85,6 +85,7 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_is_opened(tmp_pat
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{}")  # a run folder (only those are cleaned)
     with caplog.at_level(logging.WARNING, logger="busi.runlock"), run_lock(tmp_path, "training"):
         pass
     assert not any(path.exists() for path in leftovers)
