@@ -8,7 +8,10 @@ In an installed (non-editable) package the project root is the current directory
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from busi.errors import DataError
 
 
 def _project_root() -> Path:
@@ -32,3 +35,15 @@ def search_roots(path: str | os.PathLike | None, env_var: str, default: Path) ->
         return [Path(path).expanduser()]
     starts = [Path(os.environ[env_var]).expanduser()] if os.environ.get(env_var) else []
     return [*starts, default, DATA_DIR]
+
+
+def existing_copy(locate: Callable[[Path], Path], dest: Path, force: bool) -> Path | None:
+    """The copy of a dataset a download would replace, or None: downloads reuse what is there
+    (gigabytes, minutes) unless forced. ``locate`` is the adapter's; its "not found" error
+    means no usable copy, so the download goes ahead and its own errors are the ones reported."""
+    if force:
+        return None
+    try:
+        return locate(dest)
+    except DataError:
+        return None

@@ -30,7 +30,7 @@ import pandas as pd
 
 from busi.data.index import LABELS, index_pairs
 from busi.errors import DataError
-from busi.paths import DATA_DIR, search_roots
+from busi.paths import DATA_DIR, existing_copy, search_roots
 
 NAME = "busbra"
 ENV_VAR = "BUSBRA_DATA"
@@ -95,11 +95,8 @@ def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Pat
     fails at once with the steps to place the folder by hand.
     """
     dest = Path(dest).expanduser()
-    if not force:
-        try:
-            return locate(dest)
-        except DataError:
-            pass
+    if (found := existing_copy(locate, dest, force)) is not None:
+        return found
     api = f"https://zenodo.org/api/records/{ZENODO_RECORD}"
     try:
         with urllib.request.urlopen(api, timeout=30) as response:

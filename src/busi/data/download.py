@@ -16,7 +16,7 @@ from pathlib import Path
 
 from busi.data.index import LABELS
 from busi.errors import DataError
-from busi.paths import DATA_DIR, search_roots
+from busi.paths import DATA_DIR, existing_copy, search_roots
 
 KAGGLE_HANDLE = "aryashah2k/breast-ultrasound-images-dataset"
 FOLDER_NAME = "Dataset_BUSI_with_GT"
@@ -78,11 +78,8 @@ def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Pat
     place the folder by hand.
     """
     dest = Path(dest).expanduser()
-    if not force:
-        try:
-            return locate(dest)
-        except DataError:
-            pass
+    if (found := existing_copy(locate, dest, force)) is not None:
+        return found
     import kagglehub  # imported here: only this path needs it
 
     kwargs = {"force_download": force}
