@@ -4,7 +4,8 @@ folder indexed and split honestly, and every kind of bad input named by file."""
 from __future__ import annotations
 
 import hashlib
-import os
+import io
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -119,19 +120,40 @@ def test_busbra_groups_keep_patients_and_cross_patient_duplicates_together(busbr
 def test_busbra_authors_split_takes_their_test_fold_and_drops_straddling_groups(busbra_folder):
     table = add_groups(busbra.index(busbra_folder, strict=True))
     patient = table.set_index("id")["patient"].astype(int)
+    csv = busbra_folder / "5-fold-cv.csv"
     for fold in range(1, 6):
-        split = busbra.authors_split(busbra_folder, table, fold)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            split = busbra.authors_split(busbra_folder, table, fold)
         test = split.loc[split["split"] == "test", "id"]
         assert set(test) == {i for i in table["id"] if patient[i] % 5 + 1 == fold}
         rest = split[split["split"] != "test"].merge(table[["id", "patient"]], on="id")
         assert rest.groupby("patient")["split"].nunique().max() == 1
         assert split.groupby("group")["split"].nunique().max() == 1
-    # fold 2 tests patient 1, whose near duplicate is patient 3's: patient 3 is left out
-    split = busbra.authors_split(busbra_folder, table, 2)
+        # patients 1 and 3 share a group: folds 2 and 4 test one of them and leave the other out
+        ours = [str(w.message) for w in caught if str(w.message).startswith(f"{csv}: ")]
+        assert len(ours) == (fold in (2, 4)), ours
+    # fold 2 tests patient 1, whose near duplicate is patient 3's: patient 3 is left out, and
+    # the warning names the partition file and every image left out
+    with pytest.warns(UserWarning, match=rf"{csv}: 3 image\(s\) outside test fold 2 share a"
+                      ) as caught:
+        split = busbra.authors_split(busbra_folder, table, 2)
     assert not split["id"].str.startswith("bus_0003").any()
+    message = next(str(w.message) for w in caught if str(w.message).startswith(f"{csv}: "))
+    assert "bus_0003-l, bus_0003-r, bus_0003-s (grouped with test image(s) bus_0001-l, " \
+           "bus_0001-r)" in message
     assert len(busbra.authors_split(busbra_folder, table, 1)) == len(table)
     with pytest.raises(ValueError, match=r"fold must be in 1..5"):
         busbra.authors_split(busbra_folder, table, 6)
+
+
+def test_busbra_authors_partition_with_an_id_twice_is_named(busbra_folder, tmp_path):
+    table = add_groups(busbra.index(busbra_folder, strict=True))
+    lines = (busbra_folder / "5-fold-cv.csv").read_text().splitlines()
+    csv = tmp_path / "5-fold-cv.csv"
+    csv.write_text("\n".join([*lines, lines[1].replace(",2,", ",3,")]) + "\n")
+    with pytest.raises(DataError, match=rf"{csv}: IDs listed twice: \['bus_0001-l'\]"):
+        busbra.authors_split(tmp_path, table, 1)
 
 
 def test_busbra_locate_and_download_say_how_to_get_it(tmp_path, monkeypatch):
@@ -145,6 +167,49 @@ def test_busbra_locate_and_download_say_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(busbra.urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match=r"Could not download BUS-BRA(.|\n)*BUSBRA_DATA"):
         busbra.download(tmp_path / "dest")
+
+
+def test_busbra_locate_ignores_a_half_extracted_hidden_folder(busbra_folder, tmp_path,
+                                                               monkeypatch):
+    """A killed download leaves ``.extracting-*`` with whatever was extracted so far; it must
+    not pass for the dataset (a visible copy beside it is found as usual)."""
+    monkeypatch.delenv("BUSBRA_DATA", raising=False)
+    dest = tmp_path / "dest"
+    shutil.copytree(busbra_folder, dest / ".extracting-abc123")
+    with pytest.raises(DataError, match="BUS-BRA not found"):
+        busbra.locate(dest)
+    shutil.copytree(busbra_folder, dest / "BUS-BRA")
+    assert busbra.locate(dest) == (dest / "BUS-BRA").resolve()
+
+
+class _Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_busbra_download_errors_that_say_what_is_wrong_are_not_rewrapped(tmp_path, monkeypatch):
+    """A DataError (a ValueError) of the download itself, a damaged archive say, reaches the
+    user whole, not shortened inside "Could not download"."""
+    record = {"files": [{"key": "BUS-BRA.zip", "links": {"self": "https://z/BUS-BRA.zip"},
+                         "size": 3, "checksum": "md5:" + "0" * 32}]}
+
+    def fake_urlopen(url, timeout):
+        return _Response(json.dumps(record).encode() if "/api/records/" in url else b"abc")
+
+    monkeypatch.setattr(busbra.urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(DataError) as error:
+        busbra.download(tmp_path / "dest")
+    assert str(error.value).startswith("BUS-BRA.zip: MD5 900150983cd24fb0d6963f7d28e17f72 "
+                                       "differs from Zenodo's 000")
+    assert "Could not download" not in str(error.value)
+    assert not list((tmp_path / "dest").iterdir())  # the damaged download is not kept
+    record["files"] = [{"key": "README.md"}]
+    with pytest.raises(DataError, match=r"lists no \.zip file(.|\n)*BUSBRA_DATA") as error:
+        busbra.download(tmp_path / "dest")
+    assert "Could not download" not in str(error.value)
 
 
 def _strict_message(index, root: Path) -> str:
@@ -239,7 +304,7 @@ def test_folder_labels_and_patients_from_csv(tmp_path):
     assert table["group"].nunique() == 4
 
 
-def test_folder_bad_input_is_named_by_file(tmp_path):
+def test_folder_bad_input_is_named_by_file(tmp_path, monkeypatch):
     root = _write_folder(tmp_path / "mine")
     (root / "masks" / "case2.png").rename(root / "masks" / "case2b.png")  # unmatched names
     (root / "labels.csv").write_text("id,label\ncase0,benign\ncase1,maybe\ncase3,normal\n"
@@ -253,9 +318,43 @@ def test_folder_bad_input_is_named_by_file(tmp_path):
     assert set(table["id"]) == {"case0", "case4", "case5"}
     with pytest.raises(DataError, match="no images/ or masks/ folder inside"):
         folder.index(tmp_path)
-    os.environ.pop("BUSI_FOLDER_DATA", None)
+    monkeypatch.delenv("BUSI_FOLDER_DATA", raising=False)
     with pytest.raises(DataError, match="the folder dataset needs a path"):
         folder.locate(None)
+
+
+def test_folder_several_files_for_one_image_are_named(tmp_path):
+    """``a.png`` + ``a.jpg``, or masks ``a.png`` + ``a_mask.png``: which one is meant is a guess,
+    so neither is used, and the files are named (silently keeping one was the old behaviour)."""
+    root = _write_folder(tmp_path / "mine")
+    shutil.copy(root / "images" / "case0.png", root / "images" / "case0.jpg")
+    shutil.copy(root / "masks" / "case1_mask.png", root / "masks" / "case1.png")
+    message, table = _strict_message(folder.index, root)
+    images, masks = root / "images", root / "masks"
+    assert f"{images / 'case0.jpg'}, {images / 'case0.png'}: several files for image case0" \
+        in message
+    assert f"{masks / 'case1.png'}, {masks / 'case1_mask.png'}: several files for image case1" \
+        in message
+    assert message.startswith("2 problem(s)")
+    assert set(table["id"]) == {"case2", "case3", "case4", "case5"}
+
+
+def test_folder_labels_csv_from_excel_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark, and people type labels as they like;
+    neither may turn into "needs columns id and label" or an unknown label."""
+    root = _write_folder(tmp_path / "mine")
+    rows = ["id,label", "case0,Benign", "case1, MALIGNANT", "case2,benign ", "case3,Lesion",
+            "case4,malignant", "case5,Normal"]
+    (root / "labels.csv").write_bytes("\r\n".join(rows).encode("utf-8-sig") + b"\r\n")
+    table = folder.index(root, strict=True).sort_values("id")
+    assert list(table["label"]) == ["benign", "malignant", "benign", "lesion", "malignant",
+                                    "normal"]
+    (root / "labels.csv").write_bytes("id;label\ncase0;bénin\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{root / 'labels.csv'}: not UTF-8 text"):
+        folder.index(root)
+    (root / "labels.csv").write_text("id;label\ncase0;benign\n")
+    with pytest.raises(DataError, match=r"needs columns id and label .*found \['id;label'\]"):
+        folder.index(root)
 
 
 # ------------------------------------------------------------------------------- joint
@@ -282,3 +381,37 @@ def test_combine_refuses_an_id_in_two_datasets(busbra_folder):
     table = busbra.index(busbra_folder, strict=True)
     with pytest.raises(ValueError, match="'bus_0001-l' is in datasets 'a' and 'b'"):
         datasets.combine({"a": table, "b": table})
+
+
+def test_joint_run_refuses_an_image_that_two_datasets_share(busi_folder, tmp_path):
+    """A user's folder made partly of BUSI images: each dataset is grouped and split on its own,
+    so the copy could train in one and be tested in the other. The run is refused, naming both
+    images (dataset:id) and what to do."""
+    from busi.training import dataset_table
+
+    busi_table = datasets.load("busi", busi_folder)
+    original = busi_table.set_index("id").loc["benign (4)"]
+    root = _write_folder(tmp_path / "mine")
+    shutil.copy(original["image_path"], root / "images" / "exact.png")
+    near = cv2.imread(original["image_path"], cv2.IMREAD_GRAYSCALE)
+    near[:2, :2] = 255  # a few pixels changed: a near duplicate, not an exact one
+    cv2.imwrite(str(root / "images" / "near.png"), near)
+    for name in ("exact", "near"):
+        shutil.copy(original["mask_paths"][0], root / "masks" / f"{name}.png")
+    config = TrainConfig(data=str(busi_folder), architecture="classic_unet",
+                         datasets=["busi", "folder"], data_paths={"folder": str(root)})
+    with pytest.raises(DataError) as error:
+        dataset_table(config)
+    message = str(error.value)
+    assert message.startswith("2 pair(s) of images are exact or near duplicates across the "
+                              "datasets of this run")
+    assert "busi:benign (4) ~ folder:exact (identical pixels)" in message
+    assert "busi:benign (4) ~ folder:near (perceptual hash" in message
+    assert "Remove the copies from one of the datasets" in message
+    pairs = datasets.cross_duplicate_pairs(busi_table, folder.index(root))
+    assert sorted(pairs["id_b"]) == ["exact", "near"] and pairs["exact"].sum() == 1
+    # without the copies, the same two datasets combine
+    for name in ("exact", "near"):
+        (root / "images" / f"{name}.png").unlink()
+        (root / "masks" / f"{name}.png").unlink()
+    assert set(dataset_table(config)["dataset"]) == {"busi", "folder"}

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,8 +75,9 @@ def locate(path: str | os.PathLike | None = None) -> Path:
     looked = []
     for start in starts:
         candidates = [start]
-        if start.is_dir():
-            candidates += sorted(p for p in start.glob("*") if p.is_dir())
+        if start.is_dir():  # not hidden folders: a killed download leaves .extracting-* half full
+            candidates += sorted(p for p in start.iterdir()
+                                 if p.is_dir() and not p.name.startswith("."))
         for candidate in candidates:
             looked.append(candidate)
             if _is_root(candidate):
@@ -103,10 +105,14 @@ def download(dest: str | os.PathLike = DEFAULT_DEST, force: bool = False) -> Pat
             files = json.load(response)["files"]
         archives = [f for f in files if f["key"].lower().endswith(".zip")]
         if not archives:
-            raise DataError(f"{api}: the record lists no .zip file ({[f['key'] for f in files]})")
+            raise DataError(
+                f"{api}: the record lists no .zip file ({[f['key'] for f in files]})\n"
+                + MANUAL_STEPS.format(doi=DOI, dest=dest, env=ENV_VAR))
         dest.mkdir(parents=True, exist_ok=True)
         for entry in archives:
             _fetch_and_extract(entry, dest)
+    except DataError:  # already says what is wrong (a ValueError, so it must not be re-wrapped)
+        raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise DataError(
             f"Could not download BUS-BRA from Zenodo ({DOI}): {type(error).__name__}: "
@@ -238,7 +244,8 @@ def authors_split(
     file), so validation is drawn here from the rest, grouped by patient and near duplicate like
     :func:`busi.data.make_split` (the fractions are of the whole, as there). A near-duplicate
     group that crosses patients and straddles the authors' test fold would leak: its images
-    outside the test fold are left out (none in the published data; see the tests).
+    outside the test fold are left out, with a warning naming them (none in the published data;
+    see the tests).
 
     Args:
         root: the BUS-BRA folder (for the CSV).
@@ -258,6 +265,9 @@ def authors_split(
     folds = pd.read_csv(io.StringIO(path.read_text()), dtype={"ID": str})
     if not {"ID", "kFold"} <= set(folds):
         raise DataError(f"{path}: lacks columns ID and kFold")
+    twice = sorted(set(folds["ID"][folds["ID"].duplicated()]))
+    if twice:
+        raise DataError(f"{path}: IDs listed twice: {twice}")
     table = _prepare(table, classes)
     test_fold = table["id"].map(folds.set_index("ID")["kFold"])
     missing = sorted(table.loc[test_fold.isna(), "id"])
@@ -265,6 +275,30 @@ def authors_split(
         raise DataError(f"{path}: no fold for {len(missing)} image(s), e.g. {missing[:3]}")
     test = test_fold == fold
     straddling = set(table.loc[test, "group"]) & set(table.loc[~test, "group"])
+    if straddling:
+        _warn_left_out(path, fold, table, test, straddling)
     keep = test | ~table["group"].isin(straddling)
     table, test = table[keep].reset_index(drop=True), test[keep].reset_index(drop=True)
     return split_around_test(table, test, val_fraction, test_fraction, seed)
+
+
+def _warn_left_out(
+    path: Path, fold: int, table: pd.DataFrame, test: pd.Series, straddling: set
+) -> None:
+    """Warn, naming the images, that images grouped with test images but outside the authors'
+    test fold are left out: the split is smaller than the user may expect, and they should know
+    which images it lacks."""
+    details = []
+    for group in sorted(straddling):
+        members = table["group"] == group
+        inside = ", ".join(table.loc[members & test, "id"])
+        outside = ", ".join(table.loc[members & ~test, "id"])
+        details.append(f"{outside} (grouped with test image(s) {inside})")
+    count = int((~test & table["group"].isin(straddling)).sum())
+    warnings.warn(
+        f"{path}: {count} image(s) outside test fold {fold} share a group with images in it (a "
+        "near duplicate, or another view of that near duplicate's patient) and are left out of "
+        "the split, so that no copy of a test image trains:\n  "
+        + "\n  ".join(details),
+        stacklevel=3,
+    )

@@ -25,13 +25,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from busi.data import busbra, folder
 from busi.data.download import ENV_VAR as BUSI_ENV_VAR
 from busi.data.download import download as busi_download
 from busi.data.download import locate as busi_locate
+from busi.data.duplicates import NEAR_DUPLICATE_BITS
 from busi.data.index import index as busi_index
+from busi.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,14 @@ def combine(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Tables of several datasets as one, with a ``dataset`` column and duplicate groups kept
     apart (each table's ``group`` numbers offset past the previous table's).
 
+    Duplicate groups are made within each dataset, and each dataset is split on its own, so an
+    image that two datasets share (a user's ``folder`` assembled partly from BUSI, say) could
+    train in one and be tested in the other. Such copies are looked for across every pair of
+    datasets (:func:`cross_duplicate_pairs`) and refused rather than silently split.
+
     Raises:
         ValueError: an id occurs in two datasets (a split names images by id).
+        DataError: an image of one dataset is an exact or near duplicate of one in another.
     """
     frames, offset, seen = [], 0, {}
     for name, table in tables.items():
@@ -135,7 +144,65 @@ def combine(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             frame["group"] = frame["group"] + offset
             offset = int(frame["group"].max()) + 1 if len(frame) else offset
         frames.append(frame)
+    _refuse_shared_images(tables)
     return pd.concat(frames, ignore_index=True)
+
+
+_BITS_SET = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+
+
+def cross_duplicate_pairs(
+    first: pd.DataFrame, second: pd.DataFrame, max_distance: int = NEAR_DUPLICATE_BITS
+) -> pd.DataFrame:
+    """Pairs of an image of ``first`` and an image of ``second`` that are exact or near
+    duplicates, by the rule of :func:`busi.data.duplicate_pairs` (identical pixel ``hash``, or
+    perceptual hashes at most ``max_distance`` bits apart).
+
+    Only the cross pairs are compared, as 64-bit integers (XOR and bit count): BUSI x BUS-BRA
+    is 1.5 M comparisons in a few tens of MB, where :func:`busi.data.duplicate_pairs` on the stacked
+    tables would hold every pair's 64 bits (~450 MB).
+
+    Returns:
+        DataFrame with ``id_a`` (of ``first``), ``id_b`` (of ``second``), ``distance`` and
+        ``exact``, sorted by distance.
+    """
+    a_bits = np.array([int(h, 16) for h in first["phash"]], dtype=np.uint64)
+    b_bits = np.array([int(h, 16) for h in second["phash"]], dtype=np.uint64)
+    differing = a_bits[:, None] ^ b_bits[None, :]
+    distance = _BITS_SET[differing.view(np.uint8)].reshape(*differing.shape, 8).sum(
+        axis=2, dtype=np.int64)  # a bit count that numpy < 2 (no np.bitwise_count) has too
+    exact = first["hash"].to_numpy()[:, None] == second["hash"].to_numpy()[None, :]
+    a, b = np.nonzero((distance <= max_distance) | exact)
+    pairs = pd.DataFrame({
+        "id_a": first["id"].to_numpy()[a], "id_b": second["id"].to_numpy()[b],
+        "distance": distance[a, b], "exact": exact[a, b],
+    })
+    return pairs.sort_values(["distance", "id_a", "id_b"], kind="stable").reset_index(drop=True)
+
+
+def _refuse_shared_images(tables: dict[str, pd.DataFrame], shown: int = 20) -> None:
+    """Raise :class:`DataError` naming the images two datasets of one run share."""
+    found = []
+    names = list(tables)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            pairs = cross_duplicate_pairs(tables[first], tables[second])
+            found += [
+                f"{first}:{a} ~ {second}:{b} ("
+                + ("identical pixels" if exact else f"perceptual hash {distance} bits apart")
+                + ")"
+                for a, b, distance, exact in zip(pairs["id_a"], pairs["id_b"],
+                                                 pairs["distance"], pairs["exact"], strict=True)
+            ]
+    if found:
+        more = f"\n  ... and {len(found) - shown} more" if len(found) > shown else ""
+        raise DataError(
+            f"{len(found)} pair(s) of images are exact or near duplicates across the datasets "
+            f"of this run (dataset:id ~ dataset:id):\n  " + "\n  ".join(found[:shown]) + more
+            + "\nEach dataset is split on its own, so such a copy could train in one dataset and "
+            "be tested in the other. Remove the copies from one of the datasets (e.g. from your "
+            "own folder dataset), or train on one of them only."
+        )
 
 
 def check_names(values: Sequence[str]) -> tuple[str, ...]:
@@ -148,5 +215,5 @@ def check_names(values: Sequence[str]) -> tuple[str, ...]:
     return values
 
 
-__all__ = ["BUSBRA", "BUSI", "FOLDER", "Dataset", "check_names", "combine", "get",
-           "load", "names", "register"]
+__all__ = ["BUSBRA", "BUSI", "FOLDER", "Dataset", "check_names", "combine",
+           "cross_duplicate_pairs", "get", "load", "names", "register"]

@@ -49,18 +49,35 @@ def download(dest: str | os.PathLike | None = None, force: bool = False) -> Path
     return locate(dest)
 
 
-def _files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES}
+def _files(folder: Path) -> dict[str, list[Path]]:
+    """The image files of ``folder`` by stem, as lists: ``a.png`` and ``a.jpg`` are two files
+    for one image, a fault to report, not something to settle by picking one."""
+    files: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.setdefault(path.stem, []).append(path)
+    return files
 
 
 def _labels(root: Path, problems: list[str]) -> pd.DataFrame | None:
+    """``labels.csv`` checked, or None without one. Read as ``utf-8-sig``: Excel writes a byte
+    order mark that would otherwise become part of the first column's name (``\ufeffid``).
+    Labels are compared lower-cased and stripped (``Benign `` is benign), as for BUS-BRA."""
     path = root / LABELS_FILE
     if not path.is_file():
         return None
-    labels = pd.read_csv(io.StringIO(path.read_text()), dtype=str)
+    try:
+        labels = pd.read_csv(io.StringIO(path.read_text(encoding="utf-8-sig")), dtype=str)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error}); save it as CSV UTF-8") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    labels.columns = [str(column).strip() for column in labels.columns]
     if not {"id", "label"} <= set(labels):
-        raise DataError(f"{path}: needs columns id and label (and optionally patient)")
+        raise DataError(f"{path}: needs columns id and label (and optionally patient); found "
+                        f"{list(labels.columns)}")
+    labels["id"] = labels["id"].str.strip()
+    labels["label"] = labels["label"].str.strip().str.lower()
     twice = sorted(set(labels["id"][labels["id"].duplicated()]))
     if twice:
         raise DataError(f"{path}: ids listed twice: {twice}")
@@ -73,7 +90,8 @@ def _labels(root: Path, problems: list[str]) -> pd.DataFrame | None:
 def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd.DataFrame:
     """Index a folder of images and masks: one checked row per image (see the module docstring).
 
-    Problems named by file: an image without a mask, a mask without an image, an id of
+    Problems named by file: an image without a mask, a mask without an image, several files for
+    one image (``a.png`` and ``a.jpg``, or masks ``a.png`` and ``a_mask.png``), an id of
     ``labels.csv`` with no image or an image missing from it, an unknown label, a mask whose size
     differs from its image, a label the mask contradicts, an unreadable file. ``strict`` raises
     listing them all; the default warns and leaves those images out. Nothing is written.
@@ -81,23 +99,31 @@ def index(root: str | os.PathLike, strict: bool = False, workers: int = 4) -> pd
     root = locate(root)
     problems: list[str] = []
     images = _files(root / "images")
-    masks = {}
-    for stem, path in _files(root / "masks").items():
+    masks: dict[str, list[Path]] = {}
+    for stem, paths in _files(root / "masks").items():
         key = stem[: -len("_mask")] if stem.endswith("_mask") and stem not in images else stem
-        masks[key] = path
+        masks.setdefault(key, []).extend(paths)
+    several = {key for found in (images, masks) for key, paths in found.items() if len(paths) > 1}
+    for key in sorted(several):
+        for found in (images, masks):
+            if len(found.get(key, [])) > 1:
+                problems.append(f"{', '.join(map(str, found[key]))}: several files for image "
+                                f"{key}; keep one")
     labels = _labels(root, problems)
     items = []
     for stem in sorted(set(images) | set(masks)):
+        if stem in several:
+            continue  # reported above
         if stem not in masks:
-            problems.append(f"{images[stem]}: image has no mask (masks/{stem}.png)")
+            problems.append(f"{images[stem][0]}: image has no mask (masks/{stem}.png)")
         elif stem not in images:
-            problems.append(f"{masks[stem]}: mask has no image (images/{stem}.png)")
+            problems.append(f"{masks[stem][0]}: mask has no image (images/{stem}.png)")
         elif labels is not None and stem not in labels.index:
-            problems.append(f"{images[stem]}: image not listed in {root / LABELS_FILE}")
+            problems.append(f"{images[stem][0]}: image not listed in {root / LABELS_FILE}")
         else:
             label = None if labels is None else labels.at[stem, "label"]
             if label is None or label in KNOWN_LABELS:
-                items.append((stem, label, images[stem], [masks[stem]]))
+                items.append((stem, label, images[stem][0], [masks[stem][0]]))
     if labels is not None:
         for image_id in sorted(set(labels.index) - set(images)):
             problems.append(f"{root / LABELS_FILE}: {image_id} has no image (images/{image_id}.*)")
