@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import warnings
 
 import pandas as pd
 import pytest
 
 from busi.config import TrainConfig
-from busi.data import add_groups, busbra, duplicate_pairs
+from busi.data import add_groups, busbra, duplicate_pairs, make_split
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,27 @@ def test_busbra_groups_are_the_patients(busbra_table):
     grouped = add_groups(busbra_table)
     assert grouped["group"].nunique() == 1064
     assert grouped.groupby("group")["patient"].nunique().max() == 1
+
+
+@pytest.mark.busbra_data
+def test_busbra_splits_keep_patients_and_groups_in_one_part(busbra_table):
+    """The honest-split guarantee on the real data: our grouped split (seeds 0-4) and the
+    authors' partition (folds 1-5, validation drawn by us) never put a patient (``Case``) or a
+    duplicate group in two parts, and the authors' folds leave no image out here (no group
+    straddles their test folds, so authors_split warns of nothing)."""
+    grouped = add_groups(busbra_table)
+    root = busbra.locate(os.environ.get("BUSBRA_DATA"))
+    splits = {f"seed {seed}": make_split(grouped, seed=seed) for seed in range(5)}
+    for fold in range(1, 6):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=re.escape(str(root)))
+            splits[f"fold {fold}"] = busbra.authors_split(root, grouped, fold)
+    for name, split in splits.items():
+        parts = split.merge(grouped[["id", "patient"]], on="id")
+        assert len(parts) == len(grouped), name
+        assert parts.groupby("patient")["split"].nunique().max() == 1, name
+        assert parts.groupby("group")["split"].nunique().max() == 1, name
+        assert set(parts["split"]) == {"train", "val", "test"}, name
 
 
 @pytest.mark.busi_data
