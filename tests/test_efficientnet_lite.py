@@ -8,9 +8,11 @@ numerical: the Keras classifier must give the reference's ImageNet logits on rea
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 import sys
+import zipfile
 
 import cv2
 import numpy as np
@@ -21,6 +23,7 @@ from busi._keras import keras as get_keras
 from busi.encoders import efficientnet_lite as el
 from busi.encoders import imagenet
 from busi.encoders.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
+from busi.runs import file_digest
 
 keras = get_keras()
 
@@ -109,6 +112,27 @@ def test_reader_names_the_file_when_it_is_not_a_state_dict(tmp_path):
         load_state_dict(tmp_path / "missing.pth")
 
 
+def test_reader_names_the_file_for_any_malformed_content(tmp_path):
+    """Faults deep in a malformed file (a tensor rebuilt with the wrong arguments: TypeError; a
+    zip entry whose bytes fail their CRC: BadZipFile) come out as TorchFileError naming the
+    file, not as a bare exception from pickle, numpy or zipfile."""
+    wrong_call = tmp_path / "wrong_call.pth"
+    # protocol 2: {"w": torch._utils._rebuild_tensor_v2()} (no arguments)
+    _legacy_file(wrong_call, b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n)Rs.")
+    with pytest.raises(TorchFileError, match=r"wrong_call\.pth: not a readable PyTorch state "
+                                             r"dict \(TypeError"):
+        load_state_dict(wrong_call)
+    bad_crc = tmp_path / "bad_crc.pth"
+    with zipfile.ZipFile(bad_crc, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+    raw = bytearray(bad_crc.read_bytes())
+    raw[raw.index(b"}")] ^= 0xFF  # the pickle's first byte after the header: the CRC fails
+    bad_crc.write_bytes(bytes(raw))
+    with pytest.raises(TorchFileError, match=r"bad_crc\.pth: not a readable PyTorch state dict "
+                                             r"\(BadZipFile"):
+        load_state_dict(bad_crc)
+
+
 @needs_wheel
 def test_reader_detects_a_truncated_file(tmp_path):
     source = imagenet.source_file("efficientnet-lite0")
@@ -175,18 +199,31 @@ def test_keras_port_matches_the_pytorch_reference(variant):
 # --- the cache ------------------------------------------------------------------------------
 
 
+def _cached_file(variant: str = "efficientnet-lite0"):
+    """The cache record of ``variant`` and the weights file it names."""
+    record_file = imagenet.cache_dir() / f"{variant}-imagenet.json"
+    record = json.loads(record_file.read_text())
+    return record_file, record, imagenet.cache_dir() / record["file"]
+
+
 @needs_wheel
-def test_cache_is_written_once_checked_and_rebuilt_when_corrupted(tmp_path, caplog):
+def test_cache_is_written_once_checked_and_rebuilt_when_corrupted(caplog, monkeypatch):
     first = imagenet.imagenet_weights("efficientnet-lite0")
-    cached, record = (imagenet.cache_dir() / f"efficientnet-lite0-imagenet.{ext}"
-                      for ext in ("npz", "json"))
-    assert cached.is_file() and record.is_file()
-    stamp = cached.stat().st_mtime_ns
-    again = imagenet.imagenet_weights("efficientnet-lite0")  # from the cache: not rewritten
-    assert cached.stat().st_mtime_ns == stamp
+    record_file, record, cached = _cached_file()
+    assert record["format"] == imagenet.CACHE_FORMAT and record["file"] == (
+        f"efficientnet-lite0-imagenet-{record['sha256'][:16]}.npz")
+    assert cached.is_file() and file_digest(cached) == record["sha256"]
+    converter = imagenet.load_state_dict
+
+    def no_second_conversion(path):
+        raise AssertionError("converted again although the cache is intact")
+
+    monkeypatch.setattr(imagenet, "load_state_dict", no_second_conversion)
+    again = imagenet.imagenet_weights("efficientnet-lite0")  # from the cache
     for name, values in first.items():
         for a, b in zip(values, again[name], strict=True):
             np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(imagenet, "load_state_dict", converter)
     # flip bytes inside the cache file: the checksum catches it, and it is converted again
     raw = bytearray(cached.read_bytes())
     raw[len(raw) // 2: len(raw) // 2 + 8] = b"\xff" * 8
@@ -196,6 +233,53 @@ def test_cache_is_written_once_checked_and_rebuilt_when_corrupted(tmp_path, capl
     assert "unusable" in caplog.text and "checksum" in caplog.text
     np.testing.assert_array_equal(rebuilt["stem_conv"][0], first["stem_conv"][0])
     assert imagenet._read_cache("efficientnet-lite0") is not None  # the new file is intact
+    names = [p.name for p in imagenet.cache_dir().iterdir() if p.suffix == ".npz"]
+    assert names == [_cached_file()[1]["file"]]  # the damaged file is gone, if named otherwise
+
+
+@needs_wheel
+def test_cache_of_another_format_is_rebuilt(caplog):
+    """A record of an older cache layout is not trusted, even with an intact file."""
+    imagenet.imagenet_weights("efficientnet-lite0")
+    record_file, record, _ = _cached_file()
+    record_file.write_text(json.dumps({**record, "format": imagenet.CACHE_FORMAT - 1}))
+    with caplog.at_level("WARNING"):
+        assert imagenet._read_cache("efficientnet-lite0") is None
+    assert f"cache format {imagenet.CACHE_FORMAT - 1}, not {imagenet.CACHE_FORMAT}" in caplog.text
+    imagenet.imagenet_weights("efficientnet-lite0")
+    assert _cached_file()[1]["format"] == imagenet.CACHE_FORMAT
+
+
+def test_cache_weights_file_without_a_record_is_not_used():
+    """The record is the commit: a weights file alone (a write killed before the record) is
+    ignored."""
+    folder = imagenet.cache_dir()
+    folder.mkdir(parents=True)
+    np.savez(folder / "efficientnet-lite0-imagenet-0123456789abcdef.npz", x=np.zeros(2))
+    assert imagenet._read_cache("efficientnet-lite0") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_tmp_fallback_cache_folder_must_be_private(tmp_path, monkeypatch):
+    """With a read-only home, the cache goes to /tmp/.keras-<uid>, which anyone could have
+    made first: it is used only if it is this user's and writable by no one else."""
+    monkeypatch.delenv("BUSI_CACHE")
+    monkeypatch.setattr(imagenet.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(imagenet.os, "access", lambda *args, **kwargs: False)
+    uid = os.getuid()
+    base = tmp_path / f".keras-{uid}"
+    assert imagenet.cache_dir() == base / "models" / "busi"
+    assert base.stat().st_mode & 0o777 == 0o700  # made private
+    base.chmod(0o777)
+    with pytest.raises(PermissionError, match=rf"{base}: .* not a private folder of this user.*"
+                                              r"BUSI_CACHE"):
+        imagenet.cache_dir()
+    base.chmod(0o700)
+    other = tmp_path / f".keras-{uid + 1}"
+    other.mkdir(mode=0o700)  # made by this user, so someone else's for user uid + 1
+    monkeypatch.setattr(imagenet.os, "getuid", lambda: uid + 1)
+    with pytest.raises(PermissionError, match=rf"{other}: .*\(owner uid {uid},"):
+        imagenet.cache_dir()
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
@@ -207,7 +291,6 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
         models.build_model("efficientnet-lite0", input_shape=(64, 64, 3))
 
 
-@needs_wheel
 def test_a_tampered_source_file_is_refused(tmp_path, monkeypatch):
     source = imagenet.SOURCES["efficientnet-lite0"]
     fake_package = tmp_path / "pkgs" / source.package

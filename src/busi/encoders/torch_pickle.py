@@ -188,7 +188,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: no such file.
-        TorchFileError: not a state dict, truncated, or naming a class outside the allow-list.
+        TorchFileError: not a state dict, truncated, malformed in any other way, or naming a
+            class outside the allow-list; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -201,8 +202,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 result = _read_legacy(handle, path)
     except TorchFileError:
         raise
-    except (pickle.UnpicklingError, EOFError, struct.error, ValueError) as error:
-        raise TorchFileError(f"{path}: not a readable PyTorch state dict ({error})") from error
+    except Exception as error:  # any fault of a malformed file, named by the file
+        # A hostile or damaged file can fail anywhere in unpickling or in numpy (TypeError,
+        # IndexError, AttributeError, BadZipFile, MemoryError of a huge claimed size ...); the
+        # caller gets one error type that names the file, never a bare traceback.
+        raise TorchFileError(f"{path}: not a readable PyTorch state dict ({error!r})") from error
     if not isinstance(result, dict) or not all(
         isinstance(value, np.ndarray) for value in result.values()
     ):
