@@ -101,14 +101,53 @@ def test_shape_of_a_notebook(name):
             assert nb.cells[number - 1].cell_type == "markdown", f"{name}: cell {number}"
 
 
+# ------------------------------------------------------------------------ sources
+
+
+def make_notebooks():
+    """tools/make_notebooks.py as a module (tools/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_notebooks",
+                                                  ROOT / "tools" / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_notebooks_are_made_from_their_sources():
+    tool = make_notebooks()
+    assert [path.stem for path in tool.sources()] == list(ORDER)
+    assert tool.stale() == [], "edit the .py sources, then run python tools/make_notebooks.py"
+
+
+def test_a_notebook_that_differs_from_its_source_is_named(tmp_path, capsys):
+    tool = make_notebooks()
+    for path in [*NOTEBOOK_DIR.glob("*.py"), *NOTEBOOK_DIR.glob("*.ipynb")]:
+        shutil.copy(path, tmp_path / path.name)
+    assert tool.stale(tmp_path) == []
+    # a cell edited in the notebook only, and a cell edited in the source only
+    nb = nbformat.read(tmp_path / "03_evaluate.ipynb", as_version=4)
+    nb.cells[-1].source += "\nprint('edited in Jupyter')"
+    nbformat.write(nb, tmp_path / "03_evaluate.ipynb")
+    source = tmp_path / "05_cross_dataset.py"
+    source.write_text(source.read_text().replace("N_FAILURES = 4", "N_FAILURES = 5", 1))
+    assert tool.stale(tmp_path) == ["03_evaluate.ipynb", "05_cross_dataset.ipynb"]
+    assert tool.main(["--check", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "03_evaluate.ipynb differs" in err and "05_cross_dataset.ipynb differs" in err
+    assert "01_data" not in err
+    assert tool.main(["--dir", str(tmp_path)]) == 0  # written again from the sources
+    assert tool.stale(tmp_path) == []
+    assert "N_FAILURES = 5" in nbformat.read(tmp_path / "05_cross_dataset.ipynb", 4).cells[4].source
+
+
 # ------------------------------------------------------------------------------ Colab
 
 
 def tool_repo() -> str:
-    """``REPO`` of tools/make_notebooks.py, read without running the script."""
-    tree = ast.parse((ROOT / "tools" / "make_notebooks.py").read_text())
-    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                and any(getattr(t, "id", None) == "REPO" for t in node.targets))
+    """``REPO`` of the Colab setup cell (notebooks/_colab_setup.py), as the tool reads it."""
+    return make_notebooks().repo()
 
 
 def test_the_repository_name_is_the_tools_in_every_notebook_and_badge():
