@@ -41,7 +41,7 @@ def test_busbra_groups_are_the_patients(busbra_table):
 def test_real_busi_default_split_and_fingerprint_unchanged():
     """Values computed with the code before datasets became plug-ins (commit 345dbc6)."""
     from busi.data import fingerprint
-    from busi.training import dataset_table, make_run_split, split_parts
+    from busi.data.parts import dataset_table, make_run_split, split_parts
 
     config = TrainConfig(architecture="classic_unet")
     table = dataset_table(config)
