@@ -264,7 +264,7 @@ def test_missing_optional_dependency_says_what_to_install(tiny, tmp_path, monkey
         bx.export(tiny[0], tmp_path / "m.onnx")
 
 
-def test_load_predictor_errors(tiny, tmp_path):
+def test_load_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError):
         inference.load(tmp_path / "missing.onnx")
     other = tmp_path / "model.pt"
