@@ -100,6 +100,20 @@ def test_postprocess_rejects_bad_arguments() -> None:
         PostProcess().apply(np.zeros((2, 4, 4)))
 
 
+def test_postprocess_dict_form_is_what_files_hold() -> None:
+    """postprocess.json, summaries and sidecars hold these four keys; other keys are ignored."""
+    recorded = {"threshold": 0.3, "tta": True, "min_component_fraction": 0.001,
+                "keep_largest": False, "model_sha1": "0" * 40, "val_lesion_dice": 0.7}
+    post = PostProcess.from_dict(recorded)
+    assert post.to_dict() == {"threshold": 0.3, "tta": True, "min_component_fraction": 0.001,
+                              "keep_largest": False}
+    assert list(post.to_dict()) == list(PostProcess.keys())
+    assert PostProcess.from_dict(None) == PostProcess.from_dict({}) == PostProcess()
+    assert PostProcess.from_dict({"threshold": 1}).to_dict()["threshold"] == 1.0
+    changed = post.override(threshold=None, tta=False)  # None: keep the recorded value
+    assert (changed.threshold, changed.tta) == (0.3, False)
+
+
 # ------------------------------------------------------- exact scores of known predictions
 
 
@@ -358,6 +372,24 @@ def test_evaluate_reuses_a_saved_choice_for_the_same_weights(
     assert (run / "evaluation" / "other" / "postprocess.json").is_file()
     assert other["model"] == "other.h5"
     assert json.loads(saved.read_text())["threshold"] == 0.9
+
+
+def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_folder: Path) -> None:
+    """RunFolder.predictions opens the run as evaluate does: same images, weights and
+    post-processing, so figures show what was scored."""
+    from busi.runs import RunFolder
+
+    run, data_root = make_run(tmp_path, busi_folder)
+    _set_lesion_masks(run, data_root, "val", 0.7)
+    ev.evaluate(run)
+    folder = RunFolder(run)
+    table, masks = folder.predictions("test")
+    per_image = folder.per_image("test")
+    assert list(table["id"]) == list(per_image["id"])
+    rescored = ev.score_table(table, [masks[i].astype(np.float32) for i in table["id"]])
+    assert np.allclose(rescored["dice"], per_image["dice"])
+    assert folder.summary_for()["postprocess"] == PostProcess.from_dict(
+        folder.postprocess_for()).to_dict()
 
 
 @pytest.mark.busi_data

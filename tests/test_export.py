@@ -27,7 +27,7 @@ import pytest
 
 import busi
 from busi import export as bx
-from busi import inference
+from busi import inference, runtimes
 from busi.runtimes import Predictor
 
 FLOAT32_ATOL = 1e-4
@@ -149,9 +149,9 @@ def onnx_files(tiny, tmp_path_factory):
 
 
 def test_onnx_records_precision(onnx_files):
-    assert bx._onnx_precision(onnx_files[None]) == "float32"
-    assert bx._onnx_precision(onnx_files["bfloat16"]) == "bfloat16"
-    assert bx._onnx_precision(onnx_files["int8"]) == "int8"
+    assert runtimes.onnx_precision(onnx_files[None]) == "float32"
+    assert runtimes.onnx_precision(onnx_files["bfloat16"]) == "bfloat16"
+    assert runtimes.onnx_precision(onnx_files["int8"]) == "int8"
 
 
 def test_onnxruntime_float32_matches_keras(tiny, onnx_files):
@@ -298,12 +298,13 @@ def test_predictor_works_with_evaluation_code(tiny):
 
 
 def test_busi_import_stays_light():
-    """busi.export must not pull in TensorFlow or the optional runtimes at import."""
+    """busi.export, busi.inference and busi.predict must not pull in TensorFlow or the optional
+    runtimes at import."""
     import subprocess
     import sys
 
     code = (
-        "import sys, busi.export\n"
+        "import sys, busi.export, busi.inference, busi.prediction\n"
         "heavy = [m for m in ('tensorflow', 'onnxruntime', 'tf2onnx', 'openvino', 'onnx') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
