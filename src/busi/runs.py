@@ -32,7 +32,7 @@ import pandas as pd
 
 from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
-from busi.digests import file_digest, file_sha1  # file_digest: training's checkpoints use it
+from busi.digests import file_digest, file_sha1  # file_digest: also importable from here, as before
 from busi.paths import PROJ_ROOT
 
 if TYPE_CHECKING:
