@@ -1,7 +1,7 @@
 """How fast, and how faithfully, does each inference backend run the U-Net on CPU? (A script.)
 
 Keras float32 ``model.predict`` is the baseline. Every other candidate goes through
-:mod:`busi.export` (export + :func:`busi.export.load_predictor`), so what is measured is what
+:mod:`busi.export` and :func:`busi.inference.load`, so what is measured is what
 ``busi predict`` and the evaluation get. For each candidate it prints:
 
 - images/s on one fixed batch of real BUSI images (default 8 at 256x256), timed in interleaved
@@ -134,20 +134,21 @@ def make_candidate(name: str, h5: Path, folder: Path, calibration: np.ndarray,
                    threads: int | None) -> Result:
     """Export (timed) and open one candidate; failures are recorded, not raised."""
     from busi import export as bx
+    from busi import inference
 
     backend, quantize, runtime = CANDIDATES[name]
     result = Result(name)
     try:
         start = time.perf_counter()
         if backend is None:
-            predictor = bx.load_predictor(h5, precision=quantize or "float32")
+            predictor = inference.load(h5, precision=quantize or "float32")
         else:
             out = folder / f"model_{quantize or 'fp32'}.{backend}"
             if not out.exists():
                 bx.export(h5, out, backend=backend, quantize=quantize, calibration=calibration)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                predictor = bx.load_predictor(out, runtime=runtime, threads=threads)
+                predictor = inference.load(out, runtime=runtime, threads=threads)
         result.export_seconds = time.perf_counter() - start
         result.run = predictor.predict
         if quantize == "bfloat16" and predictor.precision != "bfloat16":

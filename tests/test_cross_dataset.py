@@ -14,7 +14,10 @@ from test_evaluate import _set_lesion_masks, _write_masks, darkness_model, make_
 import busi
 from busi import evaluation as ev
 from busi.config import TrainConfig
-from busi.cross_dataset import dataset_rows, evaluate_dataset
+from busi.cross_dataset import dataset_rows
+from busi.evaluation import evaluate_dataset
+from busi.inference import predict_probabilities
+from busi.postprocess import PostProcess
 
 
 def _busbra_copy(tmp_path: Path, busbra_folder: Path, threshold: float | None = None) -> Path:
@@ -23,8 +26,8 @@ def _busbra_copy(tmp_path: Path, busbra_folder: Path, threshold: float | None = 
     root = Path(shutil.copytree(busbra_folder, tmp_path / "busbra" / busbra_folder.name))
     if threshold is not None:
         rows = busi.data.busbra.index(root)
-        probs = ev.predict_probabilities(darkness_model(), rows, size=32, batch_size=4)
-        _write_masks(rows, [ev.postprocess(p, threshold) for p in probs])
+        probs = predict_probabilities(darkness_model(), rows, image_size=32, batch_size=4)
+        _write_masks(rows, [PostProcess(threshold=threshold).apply(p) for p in probs])
     return root
 
 
@@ -57,7 +60,7 @@ def test_cross_dataset_uses_the_runs_own_choice_and_its_own_folder(
 def test_test_part_is_the_datasets_own_split_with_the_runs_settings(
     tmp_path: Path, busi_folder: Path, busbra_folder: Path
 ) -> None:
-    from busi.training import dataset_split, single_dataset_table
+    from busi.data.parts import dataset_split, single_dataset_table
 
     run, _ = make_run(tmp_path, busi_folder)
     summary = evaluate_dataset(run, "busbra", part="test", data=busbra_folder)
@@ -78,7 +81,7 @@ def test_test_part_is_the_datasets_own_split_with_the_runs_settings(
 def test_joint_run_reports_each_dataset_apart(
     tmp_path: Path, busi_folder: Path, busbra_folder: Path
 ) -> None:
-    from busi.training import dataset_table, make_run_split
+    from busi.data.parts import dataset_table, make_run_split
 
     run, data_root = make_run(tmp_path, busi_folder)
     config = TrainConfig.load(run / "config.json").replace(

@@ -76,7 +76,7 @@ BUSI_BEFORE = {
 @pytest.mark.parametrize("variant", ["default", "variant"])
 def test_busi_split_and_fingerprint_are_unchanged(busi_folder, variant):
     from busi.data import fingerprint
-    from busi.training import dataset_table, make_run_split, split_parts
+    from busi.data.parts import dataset_table, make_run_split, split_parts
 
     config = TrainConfig(data=str(busi_folder), architecture="classic_unet")
     if variant == "variant":
@@ -361,7 +361,7 @@ def test_folder_labels_csv_from_excel_with_a_byte_order_mark(tmp_path):
 
 
 def test_joint_table_and_split_keep_each_dataset_apart(busi_folder, busbra_folder):
-    from busi.training import dataset_table, make_run_split
+    from busi.data.parts import dataset_table, make_run_split
 
     alone = TrainConfig(data=str(busi_folder), architecture="classic_unet")
     joint = alone.replace(datasets=["busi", "busbra"], data_paths={"busbra": str(busbra_folder)})

@@ -16,7 +16,10 @@ import pytest
 import busi
 from busi import evaluation as ev
 from busi.data.geometry import to_model
-from busi.data.masks import load_example
+from busi.data.masks import load_example, load_truths
+from busi.inference import predict_probabilities
+from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
+from busi.runs import postprocess_for
 
 SIZE = 32
 
@@ -27,7 +30,7 @@ def lesion_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def truths(busi_table: pd.DataFrame) -> list[np.ndarray]:
-    return ev.load_truths(busi_table)
+    return load_truths(busi_table)
 
 
 class LookupModel:
@@ -72,9 +75,9 @@ def darkness_model(input_size: int = SIZE):
 
 def test_postprocess_threshold_is_strict_and_accepts_a_channel_axis() -> None:
     prob = np.array([[0.2, 0.5], [0.51, 0.9]], np.float32)
-    assert ev.postprocess(prob, 0.5).tolist() == [[0, 0], [1, 1]]
-    assert ev.postprocess(prob[..., None], 0.1).tolist() == [[1, 1], [1, 1]]
-    assert ev.postprocess(prob, 0.5).dtype == np.uint8
+    assert PostProcess(threshold=0.5).apply(prob).tolist() == [[0, 0], [1, 1]]
+    assert PostProcess(threshold=0.1).apply(prob[..., None]).tolist() == [[1, 1], [1, 1]]
+    assert PostProcess(threshold=0.5).apply(prob).dtype == np.uint8
 
 
 def test_postprocess_removes_small_components_and_keeps_the_largest() -> None:
@@ -82,19 +85,33 @@ def test_postprocess_removes_small_components_and_keeps_the_largest() -> None:
     prob[10:40, 10:40] = 0.9  # 900 px
     prob[60:70, 60:70] = 0.9  # 100 px = 1% of the image
     prob[90:92, 5:7] = 0.9  # 4 px
-    assert ev.postprocess(prob).sum() == 1004
-    assert ev.postprocess(prob, min_component_fraction=0.001).sum() == 1000
-    assert ev.postprocess(prob, min_component_fraction=0.02).sum() == 900
-    largest = ev.postprocess(prob, keep_largest=True)
+    assert PostProcess().apply(prob).sum() == 1004
+    assert PostProcess(min_component_fraction=0.001).apply(prob).sum() == 1000
+    assert PostProcess(min_component_fraction=0.02).apply(prob).sum() == 900
+    largest = PostProcess(keep_largest=True).apply(prob)
     assert largest.sum() == 900 and largest[10:40, 10:40].all()
-    assert ev.postprocess(prob, min_component_fraction=0.5, keep_largest=True).sum() == 0
+    assert PostProcess(min_component_fraction=0.5, keep_largest=True).apply(prob).sum() == 0
 
 
 def test_postprocess_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="threshold"):
-        ev.postprocess(np.zeros((4, 4)), threshold=1.5)
+        PostProcess(threshold=1.5).apply(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="shape"):
-        ev.postprocess(np.zeros((2, 4, 4)))
+        PostProcess().apply(np.zeros((2, 4, 4)))
+
+
+def test_postprocess_dict_form_is_what_files_hold() -> None:
+    """postprocess.json, summaries and sidecars hold these four keys; other keys are ignored."""
+    recorded = {"threshold": 0.3, "tta": True, "min_component_fraction": 0.001,
+                "keep_largest": False, "model_sha1": "0" * 40, "val_lesion_dice": 0.7}
+    post = PostProcess.from_dict(recorded)
+    assert post.to_dict() == {"threshold": 0.3, "tta": True, "min_component_fraction": 0.001,
+                              "keep_largest": False}
+    assert list(post.to_dict()) == list(PostProcess.keys())
+    assert PostProcess.from_dict(None) == PostProcess.from_dict({}) == PostProcess()
+    assert PostProcess.from_dict({"threshold": 1}).to_dict()["threshold"] == 1.0
+    changed = post.override(threshold=None, tta=False)  # None: keep the recorded value
+    assert (changed.threshold, changed.tta) == (0.3, False)
 
 
 # ------------------------------------------------------- exact scores of known predictions
@@ -102,7 +119,7 @@ def test_postprocess_rejects_bad_arguments() -> None:
 
 def test_perfect_predictions_score_one(busi_table: pd.DataFrame, truths) -> None:
     probs = [t.astype(np.float32) for t in truths]
-    per_image = ev.score_table(busi_table, probs, threshold=0.5)
+    per_image = ev.score_table(busi_table, probs, PostProcess(threshold=0.5))
     assert list(per_image.columns) == ev.PER_IMAGE_COLUMNS
     assert list(per_image["id"]) == list(busi_table["id"])
     assert np.allclose(per_image["dice"], 1.0) and np.allclose(per_image["iou"], 1.0)
@@ -143,7 +160,7 @@ def test_false_positive_rate_on_normals_stays_out_of_lesion_figures(
     assert summary["lesion"]["dice_mean"] == pytest.approx(1.0)
     # component filtering removes the 9-pixel specks (< 1% of a ~50x60 image)
     filtered = ev.summarize(
-        ev.score_table(busi_table, probs, min_component_fraction=0.01, truths=truths)
+        ev.score_table(busi_table, probs, PostProcess(min_component_fraction=0.01), truths=truths)
     )
     assert filtered["normal"]["false_positives"] == 0
 
@@ -177,7 +194,7 @@ def test_score_table_rejects_model_size_maps(busi_table: pd.DataFrame, truths) -
 def test_predictions_come_back_at_original_size(busi_table: pd.DataFrame, truths) -> None:
     model = LookupModel(busi_table)
     for tta in (False, True):
-        probs = ev.predict_probabilities(model, busi_table, size=SIZE, batch_size=4, tta=tta)
+        probs = predict_probabilities(model, busi_table, image_size=SIZE, batch_size=4, tta=tta)
         assert [p.shape for p in probs] == [t.shape for t in truths]
         assert all(p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1 for p in probs)
         summary = ev.summarize(ev.score_table(busi_table, probs, truths=truths))
@@ -194,8 +211,8 @@ def test_tta_averages_the_mirrored_prediction(busi_table: pd.DataFrame) -> None:
         out[:, :, : batch.shape[2] // 2] = 1.0
         return out
 
-    plain = ev.predict_probabilities(left_half, rows, size=SIZE, mode="stretch")
-    averaged = ev.predict_probabilities(left_half, rows, size=SIZE, mode="stretch", tta=True)
+    plain = predict_probabilities(left_half, rows, image_size=SIZE, resize="stretch")
+    averaged = predict_probabilities(left_half, rows, image_size=SIZE, resize="stretch", tta=True)
     for p, a in zip(plain, averaged, strict=True):
         assert p[:, 0].min() == pytest.approx(1.0) and p[:, -1].max() == pytest.approx(0.0)
         assert np.allclose(a[:, [0, -1]], 0.5)  # left and mirrored-left disagree at the edges
@@ -203,7 +220,7 @@ def test_tta_averages_the_mirrored_prediction(busi_table: pd.DataFrame) -> None:
 
 def test_untrained_unet_runs_end_to_end(busi_table: pd.DataFrame) -> None:
     model = busi.classic_unet(input_shape=(SIZE, SIZE, 3), base_filters=4, depth=2)
-    per_image, summary = ev.evaluate_model(model, busi_table, {"threshold": 0.5, "tta": True})
+    per_image, summary = ev.evaluate_model(model, busi_table, PostProcess(threshold=0.5, tta=True))
     assert len(per_image) == len(busi_table)
     assert summary["lesion"]["n"] == len(lesion_rows(busi_table))
     assert 0 <= summary["normal"]["false_positive_rate"] <= 1
@@ -212,7 +229,7 @@ def test_untrained_unet_runs_end_to_end(busi_table: pd.DataFrame) -> None:
 
 def test_model_without_a_fixed_size_needs_size(busi_table: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="size"):
-        ev.predict_probabilities(LookupModel(busi_table), busi_table.head(1))
+        predict_probabilities(LookupModel(busi_table), busi_table.head(1))
 
 
 # ------------------------------------------------------------ choosing on validation
@@ -230,16 +247,16 @@ def test_selection_rule_prefers_dice_then_fewer_false_positives_then_simplicity(
     columns = ["tta", "threshold", "min_component_fraction", "keep_largest", "lesion_dice",
                "normal_fp_rate"]
     grid = pd.DataFrame(rows, columns=columns).assign(n_lesion=10, n_normal=5)
-    chosen = ev.select_postprocess(grid, tolerance=0.005)
+    chosen = select_postprocess(grid, tolerance=0.005)
     # among the tied (>= 0.799): fewest false positives (0.2: rows 3 and 4), then no TTA
     assert (chosen["threshold"], chosen["tta"], chosen["min_component_fraction"]) == (
         0.6, False, 0.001)
     # no normals in val: simplicity decides among the tied
-    chosen = ev.select_postprocess(grid.assign(normal_fp_rate=math.nan), tolerance=0.005)
+    chosen = select_postprocess(grid.assign(normal_fp_rate=math.nan), tolerance=0.005)
     assert (chosen["threshold"], chosen["tta"]) == (0.5, False)
     assert chosen["val_normal_fp_rate"] is None
     # with no tolerance the best Dice wins outright
-    assert ev.select_postprocess(grid, tolerance=0.0)["tta"] is True
+    assert select_postprocess(grid, tolerance=0.0)["tta"] is True
 
 
 def test_grid_needs_lesion_images(busi_table: pd.DataFrame) -> None:
@@ -247,17 +264,18 @@ def test_grid_needs_lesion_images(busi_table: pd.DataFrame) -> None:
     probs = [np.zeros((h, w), np.float32) for h, w in zip(normals["height"], normals["width"],
                                                           strict=True)]
     with pytest.raises(ValueError, match="no lesion"):
-        ev.postprocess_grid(normals, probs)
+        postprocess_grid(normals, probs)
 
 
-def test_choose_postprocess_finds_the_threshold_of_the_masks(busi_table: pd.DataFrame) -> None:
-    """If the val masks are the model's own prediction at 0.7, threshold 0.7 scores Dice 1."""
+def test_choosing_on_val_finds_the_threshold_of_the_masks(busi_table: pd.DataFrame) -> None:
+    """If the val masks are the model's own prediction at 0.7, threshold 0.7 scores Dice 1
+    (the grid search and selection rule evaluate() uses)."""
     model = darkness_model()
     lesions = lesion_rows(busi_table).head(6)
-    probs = ev.predict_probabilities(model, lesions)
-    truths = [ev.postprocess(p, 0.7) for p in probs]
-    grid = ev.postprocess_grid(lesions, probs, truths=truths)
-    chosen = ev.select_postprocess(grid)
+    probs = predict_probabilities(model, lesions)
+    truths = [PostProcess(threshold=0.7).apply(p) for p in probs]
+    grid = postprocess_grid(lesions, probs, truths=truths)
+    chosen = select_postprocess(grid)
     assert chosen["threshold"] == 0.7 and chosen["val_lesion_dice"] == pytest.approx(1.0)
     assert (chosen["tta"], chosen["min_component_fraction"], chosen["keep_largest"]) == (
         False, 0.0, False)
@@ -300,8 +318,8 @@ def _set_lesion_masks(run: Path, data_root: Path, part: str, threshold: float) -
     table = busi.data.index(data_root)
     split = busi.data.load_split(run / "split.csv")
     rows = lesion_rows(busi.data.select(table, split, part))
-    probs = ev.predict_probabilities(darkness_model(), rows, batch_size=4)
-    _write_masks(rows, [ev.postprocess(p, threshold) for p in probs])
+    probs = predict_probabilities(darkness_model(), rows, batch_size=4)
+    _write_masks(rows, [PostProcess(threshold=threshold).apply(p) for p in probs])
 
 
 def test_evaluate_chooses_on_val_and_ignores_test_masks(
@@ -347,7 +365,7 @@ def test_evaluate_reuses_a_saved_choice_for_the_same_weights(
     values["threshold"] = 0.9  # an edited (or earlier) choice for the same weights is reused
     saved.write_text(json.dumps(values))
     assert ev.evaluate(run, split="val")["postprocess"]["threshold"] == 0.9
-    assert ev.postprocess_for(run / "best.h5")["threshold"] == 0.9
+    assert postprocess_for(run / "best.h5")["threshold"] == 0.9
     # other weights: a separate folder, and the saved choice is not used for them
     busi.save_model(darkness_model(), run / "other.h5")
     other = ev.evaluate(run, split="val", model_path=run / "other.h5")
@@ -356,11 +374,29 @@ def test_evaluate_reuses_a_saved_choice_for_the_same_weights(
     assert json.loads(saved.read_text())["threshold"] == 0.9
 
 
+def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_folder: Path) -> None:
+    """RunFolder.predictions opens the run as evaluate does: same images, weights and
+    post-processing, so figures show what was scored."""
+    from busi.runs import RunFolder
+
+    run, data_root = make_run(tmp_path, busi_folder)
+    _set_lesion_masks(run, data_root, "val", 0.7)
+    ev.evaluate(run)
+    folder = RunFolder(run)
+    table, masks = folder.predictions("test")
+    per_image = folder.per_image("test")
+    assert list(table["id"]) == list(per_image["id"])
+    rescored = ev.score_table(table, [masks[i].astype(np.float32) for i in table["id"]])
+    assert np.allclose(rescored["dice"], per_image["dice"])
+    assert folder.summary_for()["postprocess"] == PostProcess.from_dict(
+        folder.postprocess_for()).to_dict()
+
+
 @pytest.mark.busi_data
 def test_real_images_are_scored_at_their_own_size(real_table: pd.DataFrame) -> None:
     rows = real_table.groupby("label").head(2)
     model = LookupModel(rows, size=64)
-    probs = ev.predict_probabilities(model, rows, size=64, tta=True)
+    probs = predict_probabilities(model, rows, image_size=64, tta=True)
     assert [p.shape for p in probs] == list(zip(rows["height"], rows["width"], strict=True))
     summary = ev.summarize(ev.score_table(rows, probs))
     assert summary["lesion"]["n"] == 4 and summary["lesion"]["dice_mean"] > 0.85

@@ -27,6 +27,8 @@ import pytest
 
 import busi
 from busi import export as bx
+from busi import inference, runtimes
+from busi.runtimes import Predictor
 
 FLOAT32_ATOL = 1e-4
 
@@ -73,7 +75,7 @@ def _reference(tiny) -> np.ndarray:
     return model.predict(images, verbose=0)
 
 
-def _check_predictor(predictor: bx.Predictor, tiny, atol: float | None, mean_atol: float) -> None:
+def _check_predictor(predictor: Predictor, tiny, atol: float | None, mean_atol: float) -> None:
     model, _, images, _ = tiny
     reference = _reference(tiny)
     assert predictor.input_size == tuple(model.input_shape[1:3])
@@ -115,13 +117,13 @@ def test_calibrated_models_are_not_saturated(tiny):
 
 
 def test_keras_predictor_matches_model(tiny):
-    predictor = bx.load_predictor(tiny[1])
+    predictor = inference.load(tiny[1])
     assert predictor.runtime == "keras" and predictor.precision == "float32"
     _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-6)
 
 
 def test_keras_bfloat16_is_close(tiny):
-    predictor = bx.load_predictor(tiny[1], precision="bfloat16")
+    predictor = inference.load(tiny[1], precision="bfloat16")
     assert predictor.precision == "bfloat16"
     assert predictor.model.get_layer("mask").compute_dtype == "float32"
     assert predictor.model.layers[2].compute_dtype == "bfloat16"
@@ -147,27 +149,27 @@ def onnx_files(tiny, tmp_path_factory):
 
 
 def test_onnx_records_precision(onnx_files):
-    assert bx._onnx_precision(onnx_files[None]) == "float32"
-    assert bx._onnx_precision(onnx_files["bfloat16"]) == "bfloat16"
-    assert bx._onnx_precision(onnx_files["int8"]) == "int8"
+    assert runtimes.onnx_precision(onnx_files[None]) == "float32"
+    assert runtimes.onnx_precision(onnx_files["bfloat16"]) == "bfloat16"
+    assert runtimes.onnx_precision(onnx_files["int8"]) == "int8"
 
 
 def test_onnxruntime_float32_matches_keras(tiny, onnx_files):
-    predictor = bx.load_predictor(onnx_files[None], runtime="onnxruntime", threads=1)
+    predictor = inference.load(onnx_files[None], runtime="onnxruntime", threads=1)
     assert predictor.runtime == "onnxruntime"
     _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
 
 
 def test_onnx_from_h5_path_equals_from_model(tiny, onnx_files, tmp_path):
     out = bx.export(tiny[1], tmp_path / "from_h5.onnx")
-    a = bx.load_predictor(out, runtime="onnxruntime").predict(tiny[2])
-    b = bx.load_predictor(onnx_files[None], runtime="onnxruntime").predict(tiny[2])
+    a = inference.load(out, runtime="onnxruntime").predict(tiny[2])
+    b = inference.load(onnx_files[None], runtime="onnxruntime").predict(tiny[2])
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_onnxruntime_runs_bfloat16_file_in_float32_with_a_warning(tiny, onnx_files):
     with pytest.warns(UserWarning, match="openvino"):
-        predictor = bx.load_predictor(onnx_files["bfloat16"], runtime="onnxruntime")
+        predictor = inference.load(onnx_files["bfloat16"], runtime="onnxruntime")
     assert predictor.precision == "float32"
     _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
 
@@ -186,20 +188,20 @@ def _static_int8_checked(tiny) -> bool:
 def test_onnxruntime_int8_is_close(tiny, onnx_files):
     if not _static_int8_checked(tiny):
         pytest.skip("static int8 of a random ResNet18 is not a meaningful check (see above)")
-    predictor = bx.load_predictor(onnx_files["int8"], runtime="onnxruntime")
+    predictor = inference.load(onnx_files["int8"], runtime="onnxruntime")
     _check_predictor(predictor, tiny, atol=None, mean_atol=0.1)
 
 
 def test_openvino_float32_bfloat16_int8(tiny, onnx_files):
     pytest.importorskip("openvino")
-    predictor = bx.load_predictor(onnx_files[None])  # OpenVINO is the default when installed
+    predictor = inference.load(onnx_files[None])  # OpenVINO is the default when installed
     assert predictor.runtime == "openvino" and predictor.precision == "float32"
     _check_predictor(predictor, tiny, atol=FLOAT32_ATOL, mean_atol=1e-5)
-    predictor = bx.load_predictor(onnx_files["bfloat16"])
+    predictor = inference.load(onnx_files["bfloat16"])
     assert predictor.precision in ("bfloat16", "float32")  # float32 on CPUs without bf16
     _check_predictor(predictor, tiny, atol=None, mean_atol=0.04)
     if _static_int8_checked(tiny):
-        _check_predictor(bx.load_predictor(onnx_files["int8"]), tiny, atol=None, mean_atol=0.1)
+        _check_predictor(inference.load(onnx_files["int8"]), tiny, atol=None, mean_atol=0.1)
 
 
 # --------------------------------------------------------------------------- TFLite
@@ -220,7 +222,7 @@ def test_tflite_matches_keras(tiny, tmp_path, quantize, precision, atol, mean_at
     assert [p.name for p in tmp_path.iterdir()] == ["model.tflite"]  # no temporary left
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        predictor = bx.load_predictor(out, threads=1)
+        predictor = inference.load(out, threads=1)
     assert predictor.runtime == "tflite" and predictor.precision == precision
     _check_predictor(predictor, tiny, atol=atol, mean_atol=mean_atol)
 
@@ -262,25 +264,25 @@ def test_missing_optional_dependency_says_what_to_install(tiny, tmp_path, monkey
         bx.export(tiny[0], tmp_path / "m.onnx")
 
 
-def test_load_predictor_errors(tiny, tmp_path):
+def test_load_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError):
-        bx.load_predictor(tmp_path / "missing.onnx")
+        inference.load(tmp_path / "missing.onnx")
     other = tmp_path / "model.pt"
     other.write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown model format"):
-        bx.load_predictor(other)
+        inference.load(other)
     with pytest.raises(ValueError, match="runtime"):
-        bx.load_predictor(tiny[1], runtime="onnxruntime")
+        inference.load(tiny[1], runtime="onnxruntime")
     onnx_like = tmp_path / "m.onnx"
     onnx_like.write_bytes(b"x")
     with pytest.raises(ValueError, match="precision"):
-        bx.load_predictor(onnx_like, precision="bfloat16")
+        inference.load(onnx_like, precision="bfloat16")
     with pytest.raises(ValueError, match="precision"):
-        bx.load_predictor(tiny[1], precision="int4")
+        inference.load(tiny[1], precision="int4")
 
 
 def test_predict_rejects_wrong_shapes(tiny):
-    predictor = bx.load_predictor(tiny[1])
+    predictor = inference.load(tiny[1])
     size = predictor.input_size
     with pytest.raises(ValueError, match="expected a batch"):
         predictor.predict(np.zeros((2, size[0] + 32, size[1], 3), np.float32))
@@ -290,21 +292,19 @@ def test_predict_rejects_wrong_shapes(tiny):
 
 
 def test_predictor_works_with_evaluation_code(tiny):
-    """busi.evaluation takes any callable with an input_shape: a Predictor is one."""
-    evaluation = pytest.importorskip("busi.evaluation")
-    if not hasattr(evaluation, "model_input_size"):
-        pytest.skip("busi.evaluation has no model_input_size")
-    predictor = bx.load_predictor(tiny[1])
-    assert evaluation.model_input_size(predictor) == predictor.input_size
+    """busi.inference takes any callable with an input_shape: a Predictor is one."""
+    predictor = inference.load(tiny[1])
+    assert inference.model_input_size(predictor) == predictor.input_size
 
 
 def test_busi_import_stays_light():
-    """busi.export must not pull in TensorFlow or the optional runtimes at import."""
+    """busi.export, busi.inference and busi.predict must not pull in TensorFlow or the optional
+    runtimes at import."""
     import subprocess
     import sys
 
     code = (
-        "import sys, busi.export\n"
+        "import sys, busi.export, busi.inference, busi.prediction\n"
         "heavy = [m for m in ('tensorflow', 'onnxruntime', 'tf2onnx', 'openvino', 'onnx') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 import busi
-from busi import evaluation as ev
+from busi.digests import file_sha1
+from busi.inference import predict_images
+from busi.postprocess import PostProcess
 from busi.prediction import list_inputs, predict
 
 SIZE = 32
@@ -51,7 +53,7 @@ def test_predict_writes_masks_and_overlays_at_original_size(tmp_path: Path, inpu
     before = digest(inputs)
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="broken.png"):
-        table = predict(dark_is_lesion, inputs, out, size=SIZE)
+        table = predict(dark_is_lesion, inputs, out, image_size=SIZE)
     assert digest(inputs) == before  # inputs untouched, nothing added to the input folder
 
     images = list_inputs(inputs)
@@ -76,8 +78,8 @@ def test_predict_writes_masks_and_overlays_at_original_size(tmp_path: Path, inpu
         assert (row["height"], row["width"]) == original.shape
     # the same prediction path as evaluation: same probabilities, same threshold rule
     first = images[0]
-    prob = ev.predict_images(dark_is_lesion, [busi.data.read_image(first)], size=SIZE)[0]
-    expected = ev.postprocess(prob, 0.5) * 255
+    prob = predict_images(dark_is_lesion, [busi.data.read_image(first)], image_size=SIZE)[0]
+    expected = PostProcess(threshold=0.5).apply(prob) * 255
     assert np.array_equal(cv2.imread(str(out / f"{first.stem}_pred.png"), 0), expected)
     assert not list(out.glob(".*"))  # no temporary files left behind
 
@@ -85,16 +87,16 @@ def test_predict_writes_masks_and_overlays_at_original_size(tmp_path: Path, inpu
 def test_predict_refuses_to_write_into_the_input_folder(inputs: Path) -> None:
     before = digest(inputs)
     with pytest.raises(ValueError, match="input folder"):
-        predict(dark_is_lesion, inputs, inputs, size=SIZE)
+        predict(dark_is_lesion, inputs, inputs, image_size=SIZE)
     with pytest.raises(ValueError, match="input folder"):
-        predict(dark_is_lesion, inputs, inputs / ".." / inputs.name, size=SIZE)
+        predict(dark_is_lesion, inputs, inputs / ".." / inputs.name, image_size=SIZE)
     assert digest(inputs) == before
 
 
 def test_predict_refuses_colliding_outputs(tmp_path: Path, inputs: Path) -> None:
     cv2.imwrite(str(inputs / "colour.png"), np.zeros((20, 20), np.uint8))  # colour.jpg too
     with pytest.raises(ValueError, match="colour"):
-        predict(dark_is_lesion, inputs, tmp_path / "out", size=SIZE)
+        predict(dark_is_lesion, inputs, tmp_path / "out", image_size=SIZE)
     assert not (tmp_path / "out").exists()
 
 
@@ -102,13 +104,13 @@ def test_predict_a_single_file_beside_itself(tmp_path: Path, inputs: Path) -> No
     single = tmp_path / "single"
     single.mkdir()
     image = shutil.copy(inputs / "gray.bmp", single / "gray.bmp")
-    table = predict(dark_is_lesion, image, single, size=SIZE, threshold=0.4)
+    table = predict(dark_is_lesion, image, single, image_size=SIZE, threshold=0.4)
     assert table["error"].isna().all()
     assert sorted(p.name for p in single.iterdir()) == [
         "gray.bmp", "gray_overlay.png", "gray_pred.png"]
     # 120/255 gray -> probability 0.53: lesion at 0.4, not at 0.6
     assert cv2.imread(str(single / "gray_pred.png"), 0).min() == 255
-    predict(dark_is_lesion, image, single, size=SIZE, threshold=0.6)
+    predict(dark_is_lesion, image, single, image_size=SIZE, threshold=0.6)
     assert cv2.imread(str(single / "gray_pred.png"), 0).max() == 0
 
 
@@ -138,7 +140,7 @@ def test_predict_uses_the_threshold_chosen_for_the_weights(tmp_path: Path, input
 
     chosen = {"threshold": 0.6, "tta": False, "min_component_fraction": 0.0,
               "keep_largest": False, "resize": "letterbox", "image_size": SIZE,
-              "model_sha1": ev.file_sha1(model_path)}
+              "model_sha1": file_sha1(model_path)}
     (run / "evaluation").mkdir()
     (run / "evaluation" / "postprocess.json").write_text(json.dumps(chosen))
     assert predict(model_path, image, tmp_path / "b")["lesion_pixels"].iloc[0] == 0
@@ -160,5 +162,5 @@ def test_busi_masks_next_to_their_images_are_not_predicted(tmp_path: Path) -> No
     names = [p.name for p in list_inputs(folder)]
     assert names == ["benign (1).png", "lonely_mask.png"]
     assert len(list_inputs(folder, include_masks=True)) == 4
-    table = predict(dark_is_lesion, folder, tmp_path / "out", size=SIZE)
+    table = predict(dark_is_lesion, folder, tmp_path / "out", image_size=SIZE)
     assert [Path(p).name for p in table["input"]] == names

@@ -12,7 +12,7 @@ import pytest
 
 import busi
 from busi.config import TrainConfig
-from busi.evaluation import postprocess_for
+from busi.runs import postprocess_for
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +228,7 @@ def test_an_int8_export_applies_the_threshold_of_its_sidecar(evaluated_run, busi
 
 
 def test_training_records_each_checkpoints_sha256(evaluated_run):
-    from busi.runs import file_digest
+    from busi.digests import file_digest
 
     state = json.loads((evaluated_run / "state.json").read_text())
     for name in ("best.h5", "last.h5"):

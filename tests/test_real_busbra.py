@@ -64,7 +64,7 @@ def test_busbra_splits_keep_patients_and_groups_in_one_part(busbra_table):
 def test_real_busi_default_split_and_fingerprint_unchanged():
     """Values computed with the code before datasets became plug-ins (commit 345dbc6)."""
     from busi.data import fingerprint
-    from busi.training import dataset_table, make_run_split, split_parts
+    from busi.data.parts import dataset_table, make_run_split, split_parts
 
     config = TrainConfig(architecture="classic_unet")
     table = dataset_table(config)

@@ -68,10 +68,10 @@ def test_a_lambda_layer_is_refused_by_load_and_by_busi_predict(evil, images, tmp
 
 
 def test_every_loader_goes_through_the_check(evil, tmp_path):
-    from busi.export import load_predictor
+    from busi import inference
 
     path, marker = evil
-    for load in (lambda: weights.load_for_inference(path), lambda: load_predictor(path),
+    for load in (lambda: weights.load_for_inference(path), lambda: inference.load(path),
                  lambda: weights.load_model(path)):
         with pytest.raises(model_file.UnsafeModelError):
             load()
@@ -161,7 +161,7 @@ def test_a_read_only_output_folder_is_named_before_inference(tmp_path, images):
     out.chmod(0o500)
     try:
         with pytest.raises(DataError, match=r"out: the output folder is not writable"):
-            prediction.predict(no_inference, images, out, size=32)
+            prediction.predict(no_inference, images, out, image_size=32)
     finally:
         out.chmod(0o700)
 

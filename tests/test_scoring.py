@@ -114,14 +114,14 @@ def test_score_image_fields():
     assert empty["empty_truth"] is True and empty["dice"] == 1.0 and empty["hd95"] == 0.0
 
 
-def test_summarize_counts_and_skips_nan():
+def test_metric_stats_counts_and_skips_nan():
     rows = [
         scoring.score_image(grid("110 110 000"), grid("110 110 000")),  # perfect
         scoring.score_image(grid("000 010 000"), np.zeros((3, 3))),  # missed
         scoring.score_image(np.zeros((3, 3)), grid("010 000 000")),  # false positive
         scoring.score_image(np.zeros((3, 3)), np.zeros((3, 3))),  # correct normal
     ]
-    summary = scoring.summarize(pd.DataFrame(rows))
+    summary = scoring.metric_stats(pd.DataFrame(rows))
     assert summary["n_images"] == 4
     assert summary["n_empty_truth"] == 2
     assert summary["n_missed"] == 1

@@ -14,6 +14,7 @@ import pytest
 import busi
 from busi import training
 from busi.config import TrainConfig
+from busi.data import parts
 from busi.runs import RunFolder
 from busi.weights import load_for_inference
 
@@ -186,12 +187,12 @@ def test_cosine_schedule_is_followed_across_an_interruption(busi_folder, tmp_pat
 def test_train_classes_trains_on_those_but_keeps_the_split(busi_folder, tmp_path):
     config = tiny(busi_folder, tmp_path, epochs=1, train_classes=["benign", "malignant"])
     run = RunFolder(config.directory)
-    parts = training.prepare_data(config, run, new_run=True)
-    assert set(parts["train"]["label"]) == {"benign", "malignant"}
-    everything = training.prepare_data(config.replace(train_classes=None), run)
+    trained = run.parts(config, new_run=True)
+    assert set(trained["train"]["label"]) == {"benign", "malignant"}
+    everything = run.parts(config.replace(train_classes=None))
     assert "normal" in set(everything["train"]["label"])
     for name in ("val", "test"):  # evaluation still sees the normal images
-        assert parts[name]["id"].tolist() == everything[name]["id"].tolist()
+        assert trained[name]["id"].tolist() == everything[name]["id"].tolist()
 
 
 def test_best_checkpoint_is_float32_after_bfloat16_training(busi_folder, tmp_path):
@@ -242,10 +243,10 @@ def test_a_split_with_the_left_out_conflicts_is_explained(busi_folder, tmp_path)
     config = tiny(busi_folder, tmp_path, split_file=str(tmp_path / "split.csv"))
     with pytest.raises(busi.errors.DataError, match=r"split\.csv: the split holds 2 image\(s\) "
                        r"of label-conflicting duplicate groups.*drop_conflicts\(table\)"):
-        training.split_parts(config, training.dataset_table(config), training.make_run_split(
+        parts.split_parts(config, parts.dataset_table(config), parts.make_run_split(
             config, table))
-    kept = training.split_parts(config.replace(drop_conflicts=False), table,
-                                training.make_run_split(config, table))
+    kept = parts.split_parts(config.replace(drop_conflicts=False), table,
+                             parts.make_run_split(config, table))
     assert sum(len(part) for part in kept.values()) == len(table)
 
 
@@ -255,7 +256,8 @@ def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, rec
     best.h5 whose hash the state does not know (publish would refuse it as replaced)."""
     import pandas as pd
 
-    from busi.runs import RunFolder, file_digest
+    from busi.digests import file_digest
+    from busi.runs import RunFolder
     from busi.training import RunCheckpoint
 
     run = RunFolder(tmp_path)

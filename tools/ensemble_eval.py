@@ -17,24 +17,17 @@ from pathlib import Path
 import numpy as np
 
 import busi  # noqa: F401  (sets up Keras before TensorFlow is touched)
-from busi import weights
-from busi.config import TrainConfig
-from busi.evaluation import (
-    load_truths,
-    postprocess_grid,
-    postprocess_kwargs,
-    predict_probabilities,
-    score_table,
-    select_postprocess,
-    summarize,
-)
+from busi.data.masks import load_truths
+from busi.evaluation import score_table, summarize
+from busi.inference import predict_probabilities
+from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
 from busi.runs import RunFolder
-from busi.training import prepare_data
 
 
 def _probabilities(model_path: Path, parts: dict) -> dict:
-    config = TrainConfig.load(RunFolder(model_path.parent).config)
-    model = weights.load_for_inference(model_path)
+    run = RunFolder(model_path.parent)
+    config = run.load_config()
+    model = run.open_model(model_path)
     return {(split, tta): predict_probabilities(model, parts[split], config.image_size,
                                                 config.resize, config.batch_size, tta)
             for split in ("val", "test") for tta in (False, True)}
@@ -49,7 +42,7 @@ def main() -> None:
     splits = {run.root: run.split.read_bytes() for run in runs}
     if len(set(splits.values())) != 1:
         raise SystemExit(f"the runs do not share one split.csv: {sorted(map(str, splits))}")
-    parts = prepare_data(TrainConfig.load(runs[0].config), runs[0])
+    parts = runs[0].parts()
     truths = {split: load_truths(parts[split]) for split in ("val", "test")}
     probs = {path: _probabilities(path, parts) for path in args.weights}
 
@@ -62,10 +55,9 @@ def main() -> None:
         for members in itertools.combinations(args.weights, size):
             grid = postprocess_grid(parts["val"], mean(members, "val", False),
                                     mean(members, "val", True), truths=truths["val"])
-            params = select_postprocess(grid)
+            post = PostProcess.from_dict(select_postprocess(grid))
             scores = {split: summarize(score_table(
-                parts[split], mean(members, split, params["tta"]),
-                **postprocess_kwargs(params), truths=truths[split]))
+                parts[split], mean(members, split, post.tta), post, truths=truths[split]))
                 for split in ("val", "test")}
             test = scores["test"]["lesion"]
             print(f"{' + '.join(map(str, members))} | {scores['val']['lesion']['dice_mean']:.3f} | "

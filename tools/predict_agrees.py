@@ -27,19 +27,18 @@ import numpy as np
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
 from busi import scoring
-from busi.config import TrainConfig
 from busi.data.masks import merge_masks
-from busi.evaluation import file_sha1
-from busi.runs import RunFolder
-from busi.training import prepare_data
+from busi.digests import file_sha1
+from busi.runs import SUMMARY_FILE, RunFolder
 
 
 def written_masks(weights: Path, run_dir: Path, split: str = "test"
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(masks ``busi.predict`` writes, merged ground truths) of the run's ``split`` lesion
     images, each at the image's original size."""
-    config = TrainConfig.load(run_dir / "config.json")
-    rows = prepare_data(config, RunFolder(run_dir))[split]
+    run = RunFolder(run_dir)
+    config = run.load_config()
+    rows = run.parts(config)[split]
     if "dataset" in rows:  # a joint run: evaluation/ holds its first dataset's scores
         rows = rows[rows["dataset"] == config.datasets[0]]
     lesions = rows[rows["label"] != "normal"]
@@ -65,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--against", type=Path, help="a second model file to compare masks with")
     args = parser.parse_args(argv)
-    summary = json.loads((args.run / "evaluation" / "summary.json").read_text())
+    run = RunFolder(args.run)
+    summary = json.loads((run.evaluation_dir() / SUMMARY_FILE).read_text())
     if args.weights.suffix == ".h5" and file_sha1(args.weights) != summary["model_sha1"]:
         parser.error(f"{args.weights} is not the model {args.run}/evaluation/summary.json scored "
                      "(SHA-1 differs): evaluate these weights first")

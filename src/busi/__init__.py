@@ -8,6 +8,7 @@ import TensorFlow::
     root = busi.data.locate()               # or busi.data.download("data")
     table = busi.data.index(root)
     model = busi.build_model(encoder_weights=None)
+    run = busi.RunFolder("runs/my-run")     # a trained run: parts, masks, evaluations
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _LAZY = {
     "TrainConfig": ("busi.config", "TrainConfig"),
     "train": ("busi.training", "train"),
     "evaluate": ("busi.evaluation", "evaluate"),
+    "RunFolder": ("busi.runs", "RunFolder"),
+    "PostProcess": ("busi.postprocess", "PostProcess"),
+    "postprocess_for": ("busi.runs", "postprocess_for"),
+    "inference": ("busi.inference", None),
     "predict": ("busi.prediction", "predict"),
     "plots": ("busi.plots", None),
     "notebook": ("busi.notebook", None),

@@ -85,21 +85,21 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from busi.evaluation import summary_for
     from busi.report import summary_text
+    from busi.runs import RunFolder
 
     config = _train_config(args)
-    run = busi.train(config, resume=not args.restart)
-    print(f"run folder: {run}")
-    summary = summary_for(run) if (run / "best.h5").is_file() else None
+    run = RunFolder(busi.train(config, resume=not args.restart))
+    print(f"run folder: {run.root}")
+    summary = run.summary_for() if run.best.is_file() else None
     if summary is not None and "test" in summary.get("splits", {}):
         print(summary_text(summary, "test"), end="")
-        print(f"per-image scores and summary.json in {run / 'evaluation'}")
+        print(f"per-image scores and summary.json in {run.evaluation}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from busi.evaluation import evaluation_dir
-    from busi.report import folder_dataset, summary_text
+    from busi.report import summary_text
+    from busi.runs import RunFolder
 
     summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data,
                             dataset=args.dataset)
@@ -107,8 +107,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2, default=str))
         return
     print(summary_text(summary, args.split), end="")
-    config = TrainConfig.load(Path(args.run) / "config.json")
-    where = evaluation_dir(args.run, args.weights, folder_dataset(config, args.dataset))
+    where = RunFolder(args.run).evaluation_dir(args.weights, args.dataset)
     print(f"per-image scores and summary.json in {where}")
 
 
@@ -144,7 +143,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     table = busi.predict(
-        args.weights, args.inputs, args.output, size=args.size, mode=args.resize,
+        args.weights, args.inputs, args.output, image_size=args.size, resize=args.resize,
         threshold=args.threshold, tta=args.tta, include_masks=args.include_masks,
     )
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]

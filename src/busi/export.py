@@ -1,5 +1,5 @@
-"""Fast CPU inference: export a model to ONNX or TFLite, and run ``.h5``, ``.onnx`` and ``.tflite``
-files through one :class:`Predictor`.
+"""Fast CPU inference: export a model to ONNX or TFLite (run by :func:`busi.inference.load`,
+like the ``.h5`` it came from).
 
 Why: float32 Keras runs the ResNet34 U-Net at about 6-20 images/s on 2 shared CPU cores, which
 makes evaluation, post-processing searches and ``busi predict`` on many images slow. Measured
@@ -15,7 +15,7 @@ model at val IoU 0.62):
   0.27, many probabilities near 0.5) it fell to 0.991, so check agreement on the model at hand.
 - ``export(..., backend="onnx", quantize="bfloat16")`` run by OpenVINO: float32 weights in the
   file, bfloat16 compute. 2.0-2.4x, Dice 0.998-0.999.
-- ``load_predictor("best.h5", precision="bfloat16")``: Keras under ``mixed_bfloat16``; 1.8x,
+- ``busi.inference.load("best.h5", precision="bfloat16")``: Keras under ``mixed_bfloat16``; 1.8x,
   Dice 0.999, no export and no extra dependency.
 
 Float32 gains nothing worth having: onnxruntime, OpenVINO and TFLite all run at 0.9-1.15x
@@ -23,13 +23,12 @@ Float32 gains nothing worth having: onnxruntime, OpenVINO and TFLite all run at 
 
 onnxruntime, tf2onnx, onnx, openvino and ai-edge-litert are optional (``pip install busi[fast]``),
 imported only when needed. The model input convention is unchanged: float32 ``[B, H, W, 3]`` in
-[0, 255] in, float32 ``[B, H, W, 1]`` sigmoid probabilities out, whatever the file.
+[0, 255] in, float32 ``[B, H, W, 1]`` sigmoid probabilities out, whatever the file
+(:class:`busi.runtimes.Predictor`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import tempfile
 import warnings
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from busi.atomic import atomic_path
+from busi.runtimes import PRECISION_KEY, require
 from busi.weights import with_policy
 
 BACKENDS: dict[str, tuple[str | None, ...]] = {
@@ -47,42 +47,10 @@ BACKENDS: dict[str, tuple[str | None, ...]] = {
 }
 """Export backend -> accepted ``quantize`` values (None = float32)."""
 
-RUNTIMES = ("keras", "openvino", "onnxruntime", "tflite")
-"""What can run a model file; :func:`load_predictor` picks one from the file suffix."""
-
 ONNX_OPSET = 17
-PRECISION_KEY = "busi.precision"
-"""ONNX metadata key: the precision the file was exported for ("float32", "bfloat16", "int8")."""
-
-_EXTRA_HINT = "install the optional extra with `pip install 'busi[fast]'` (or `pip install {}`)"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _optional(module: str, package: str, purpose: str) -> Any:
-    """Import an optional dependency, or raise an ImportError that says what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"{purpose} needs the {package!r} package: " + _EXTRA_HINT.format(package)
-        ) from error
-
-
-def _has(module: str) -> bool:
-    """Whether ``module`` can be imported, without importing it (imports are slow)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # ValueError: in sys.modules with no spec (e.g. None)
-        return False
-
-
-def _cores() -> int:
-    """CPU cores this process may use (the affinity mask, not the machine's core count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def _as_model(model_or_h5_path: Any) -> Any:
@@ -185,8 +153,8 @@ def _export_onnx(
     model: Any, out: Path, hw: tuple[int, int], quantize: str | None, calibration: Any
 ) -> None:
     """tf2onnx conversion with a dynamic batch axis, then optional int8, then metadata."""
-    onnx = _optional("onnx", "onnx", "exporting to ONNX")
-    tf2onnx = _optional("tf2onnx", "tf2onnx", "exporting to ONNX")
+    onnx = require("onnx", "onnx", "exporting to ONNX")
+    tf2onnx = require("tf2onnx", "tf2onnx", "exporting to ONNX")
     import tensorflow as tf
 
     spec = (tf.TensorSpec((None, *hw, 3), tf.float32, name="image"),)
@@ -207,8 +175,8 @@ def _quantize_onnx_int8(proto: Any, calibration: np.ndarray) -> Any:
     activations with int8 weights is onnxruntime's fast x86 (VNNI) combination. Symbolic shape
     inference is skipped: only the batch axis is dynamic, and it would need sympy.
     """
-    onnx = _optional("onnx", "onnx", "int8 quantisation")
-    quantization = _optional(
+    onnx = require("onnx", "onnx", "int8 quantisation")
+    quantization = require(
         "onnxruntime.quantization", "onnxruntime", "int8 quantisation of ONNX models"
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -259,262 +227,3 @@ def _export_tflite(model: Any, out: Path, quantize: str | None, calibration: Any
         flatbuffer = converter.convert()
     with atomic_path(out) as tmp:
         tmp.write_bytes(flatbuffer)
-
-
-# --------------------------------------------------------------------------- prediction
-
-
-class Predictor:
-    """Runs one model file on image batches, whatever its format.
-
-    Attributes:
-        input_size: ``(height, width)`` the model takes (resize images to it first, e.g. with
-            :func:`busi.data.geometry.to_model`).
-        runtime: what runs it: one of :data:`RUNTIMES`.
-        precision: what it computes in ("float32", "bfloat16", "int8", "dynamic-int8", ...).
-        path: the model file.
-
-    ``input_shape`` (``(None, H, W, 3)``) and calling the predictor like a function are also
-    provided, so code written for Keras models (``model.input_shape``, ``model(batch)``) works.
-    """
-
-    runtime = "?"
-
-    def __init__(self, path: Path, input_size: tuple[int, int], precision: str) -> None:
-        self.path = path
-        self.input_size = input_size
-        self.precision = precision
-
-    @property
-    def input_shape(self) -> tuple[None, int, int, int]:
-        return (None, *self.input_size, 3)
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities float32 ``[B, H, W, 1]`` of images float32 ``[B, H, W, 3]`` in 0-255."""
-        array = np.ascontiguousarray(batch, dtype=np.float32)
-        if array.ndim != 4 or array.shape[1:] != (*self.input_size, 3):
-            raise ValueError(
-                f"{self.path.name}: expected a batch [B, {self.input_size[0]}, "
-                f"{self.input_size[1]}, 3], got shape {np.shape(batch)}"
-            )
-        if len(array) == 0:
-            return np.zeros((0, *self.input_size, 1), np.float32)
-        out = np.asarray(self._run(array), dtype=np.float32)
-        return out.reshape(len(array), *self.input_size, 1)
-
-    __call__ = predict
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.path.name!r}, runtime={self.runtime!r}, "
-            f"precision={self.precision!r}, input_size={self.input_size})"
-        )
-
-
-class KerasPredictor(Predictor):
-    """A busi ``.h5`` run by Keras, in float32 or rebuilt under ``mixed_bfloat16``."""
-
-    runtime = "keras"
-
-    def __init__(self, path: Path, precision: str = "float32") -> None:
-        import tensorflow as tf
-
-        policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
-        if precision not in policies:
-            raise ValueError(f"Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
-        model = with_policy(_as_model(path), policies[precision])
-        super().__init__(path, _model_hw(model), precision)
-        self.model = model
-        # one traced graph for every batch size: no retracing per batch, no predict() overhead
-        self._call = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, *self.input_size, 3), tf.float32)],
-        )
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._call(batch).numpy()
-
-
-class OpenVinoPredictor(Predictor):
-    """An ``.onnx`` run by OpenVINO (float32, or bfloat16 if the file was exported for it)."""
-
-    runtime = "openvino"
-
-    def __init__(self, path: Path, precision: str, threads: int) -> None:
-        ov = _optional("openvino", "openvino", "running .onnx files with OpenVINO")
-        core = ov.Core()
-        model = core.read_model(str(path))
-        shape = model.inputs[0].get_partial_shape()
-        hw = (shape[1].get_length(), shape[2].get_length())
-        hint = "bf16" if precision == "bfloat16" else "f32"  # int8 QDQ files run int8 anyway
-        self._compiled = core.compile_model(
-            model, "CPU",
-            # no pinning of threads to cores: on a shared machine a pinned thread waits for its
-            # busy core, and the whole layer with it (measured: half the speed under load)
-            {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-             "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False},
-        )
-        actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if precision == "bfloat16" and "bf" not in actual.lower():
-            precision = "float32"  # no bfloat16 on this CPU: OpenVINO computes in float32
-        super().__init__(path, hw, precision)
-        self._request = self._compiled.create_infer_request()
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._request.infer({0: batch})[0].copy()
-
-
-class OnnxRuntimePredictor(Predictor):
-    """An ``.onnx`` run by onnxruntime on the CPU, all graph optimisations on."""
-
-    runtime = "onnxruntime"
-
-    def __init__(self, path: Path, precision: str, threads: int) -> None:
-        ort = _optional("onnxruntime", "onnxruntime", "running .onnx files with onnxruntime")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # idle threads sleep instead of spinning, which would take CPU from other processes
-        # (and from the next backend in a benchmark) for a small latency gain
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # tf2onnx writes nearest Resize with an attribute onnxruntime calls deprecated; it warns
-        # once per upsampling layer at load time through the default logger. Errors only.
-        ort.set_default_logger_severity(3)
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-        node = self._session.get_inputs()[0]
-        if precision == "bfloat16":
-            precision = "float32"  # onnxruntime has no bfloat16 CPU convolutions
-        super().__init__(path, (int(node.shape[1]), int(node.shape[2])), precision)
-        self._input = node.name
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: batch})[0]
-
-
-class TFLitePredictor(Predictor):
-    """A ``.tflite`` run with XNNPACK by LiteRT (``ai-edge-litert``) or ``tf.lite``."""
-
-    runtime = "tflite"
-
-    def __init__(self, path: Path, threads: int) -> None:
-        if _has("ai_edge_litert"):
-            from ai_edge_litert.interpreter import Interpreter
-        else:  # tf.lite.Interpreter is deprecated, and will go, in favour of ai-edge-litert
-            import tensorflow as tf
-
-            Interpreter = tf.lite.Interpreter  # noqa: N806
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        details = self._interpreter.get_input_details()[0]
-        self._input = details["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._batch = -1
-        super().__init__(path, (int(details["shape"][1]), int(details["shape"][2])),
-                         _tflite_precision(self._interpreter))
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) != self._batch:  # cheap next to a forward pass (~0.1 s measured)
-            self._interpreter.resize_tensor_input(self._input, [len(batch), *self.input_size, 3])
-            self._interpreter.allocate_tensors()
-            self._batch = len(batch)
-        self._interpreter.set_tensor(self._input, batch)
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output).copy()
-
-
-def _tflite_precision(interpreter: Any) -> str:
-    """What a ``.tflite`` computes in, from its tensor types (for reports only).
-
-    Full int8 has int8 activations, so most tensors are int8; dynamic-range files have int8
-    weights but float32 activations; float16 files keep fp16 weights (dequantised on x86).
-    """
-    counts: dict[str, int] = {}
-    for tensor in interpreter.get_tensor_details():
-        name = np.dtype(tensor["dtype"]).name
-        counts[name] = counts.get(name, 0) + 1
-    if counts.get("int8", 0) > counts.get("float32", 0):
-        return "int8"
-    if counts.get("int8", 0):
-        return "dynamic-int8"
-    return "float16-weights" if counts.get("float16", 0) else "float32"
-
-
-def _onnx_precision(path: Path) -> str:
-    """The precision recorded at export; files from elsewhere count as float32."""
-    if not _has("onnx"):
-        return "float32"
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    props = {entry.key: entry.value for entry in proto.metadata_props}
-    return props.get(PRECISION_KEY, "float32")
-
-
-def load_predictor(
-    path: str | os.PathLike,
-    *,
-    runtime: str | None = None,
-    precision: str | None = None,
-    threads: int | None = None,
-) -> Predictor:
-    """Open a ``.h5``, ``.onnx`` or ``.tflite`` model for prediction.
-
-    Args:
-        path: the model file; its suffix decides the format.
-        runtime: force one of :data:`RUNTIMES` that can read the format; by default ``.onnx``
-            runs under OpenVINO when installed (int8 about 1.3x faster than onnxruntime, and
-            only OpenVINO computes bfloat16 files in bfloat16), else onnxruntime.
-        precision: ``.h5`` only: ``"bfloat16"`` rebuilds the model under ``mixed_bfloat16``
-            (about 1.8x on AVX512_BF16 CPUs). ``.onnx`` and ``.tflite`` files carry their
-            precision.
-        threads: CPU threads for ONNX/TFLite runtimes; default all cores this process may use.
-
-    Returns:
-        A :class:`Predictor`: ``predict(float32 [B, H, W, 3] in [0, 255]) -> float32
-        [B, H, W, 1]`` probabilities, and ``input_size`` ``(H, W)``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unknown suffix, runtime or precision for that format.
-        ImportError: the runtime needed is not installed (the message says what to install).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    suffix = path.suffix.lower()
-    threads = threads or _cores()
-    formats = {".h5": ("keras",), ".hdf5": ("keras",), ".onnx": ("openvino", "onnxruntime"),
-               ".tflite": ("tflite",)}
-    if suffix not in formats:
-        raise ValueError(f"{path}: unknown model format {suffix!r}; use .h5, .onnx or .tflite")
-    if runtime is not None and runtime not in formats[suffix]:
-        raise ValueError(f"{path}: runtime must be one of {formats[suffix]}, got {runtime!r}")
-    if precision is not None and suffix not in (".h5", ".hdf5"):
-        raise ValueError(
-            f"{path}: precision= applies to .h5 files only; {suffix} files carry the precision "
-            "chosen at export (busi.export.export(..., quantize=...))"
-        )
-    if suffix in (".h5", ".hdf5"):
-        return KerasPredictor(path, precision or "float32")
-    if suffix == ".tflite":
-        return TFLitePredictor(path, threads)
-    exported = _onnx_precision(path)
-    if runtime is None:
-        runtime = "openvino" if _has("openvino") else "onnxruntime"
-    if runtime == "openvino":
-        return OpenVinoPredictor(path, exported, threads)
-    if exported == "bfloat16":
-        warnings.warn(
-            f"{path.name} was exported for bfloat16, which needs OpenVINO; onnxruntime runs it "
-            "in float32 (same masks, about 3x slower): pip install openvino",
-            stacklevel=2,
-        )
-    return OnnxRuntimePredictor(path, exported, threads)

@@ -90,7 +90,7 @@ def remember_if_unsafe(model: Any, path: str | os.PathLike) -> None:
     try:
         check_model_config(json.loads(model.to_json()), path)
     except UnsafeModelError:
-        from busi.runs import file_digest
+        from busi.digests import file_digest
 
         _written_here.add(file_digest(path))
 
@@ -98,7 +98,7 @@ def remember_if_unsafe(model: Any, path: str | os.PathLike) -> None:
 def _written_by_this_process(path: Path) -> bool:
     if not _written_here:
         return False
-    from busi.runs import file_digest
+    from busi.digests import file_digest
 
     return file_digest(path) in _written_here
 

@@ -3,8 +3,8 @@
 The notebooks (``notebooks/0*.ipynb``) run in Jupyter, in Colab and headless in CI with tiny
 parameters. What differs between those places is handled here: where the dataset comes from,
 where runs and weights are written (the project's ``runs/`` and ``weights/``, or Google Drive in
-Colab so they outlive the session), and the glue between a run folder and the figures of the
-evaluation and prediction notebooks.
+Colab so they outlive the session), and demo images for the prediction notebook. What a run
+holds (its parts, masks, evaluations) the notebooks read through :class:`busi.RunFolder`.
 
 The Colab install cell itself cannot live here: it runs before busi is installed.
 """
@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from busi.atomic import atomic_path
@@ -100,47 +99,6 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
     return fetch(path if path is not None else DEFAULT_DEST)
 
 
-def run_predictions(
-    run_dir: str | os.PathLike, split: str = "test", data: str | os.PathLike | None = None,
-    model_path: str | os.PathLike | None = None,
-) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The images of one part of a run's split and the run's binary masks for them.
-
-    The images are those :func:`busi.evaluate` scores (the run's split and ``limit``); the masks
-    come from ``best.h5`` (or ``model_path``) at each image's original size, post-processed as
-    evaluation chose on validation (defaults if it has not run). For overlays and worst cases.
-
-    Returns:
-        ``(table, masks)``: the index rows, and ``{id: uint8 (H, W) mask in {0, 1}}``.
-    """
-    from busi import weights
-    from busi.config import TrainConfig
-    from busi.evaluation import (
-        postprocess,
-        postprocess_for,
-        postprocess_kwargs,
-        predict_probabilities,
-    )
-    from busi.runs import RunFolder
-    from busi.training import prepare_data
-
-    run = RunFolder(Path(run_dir))
-    config = TrainConfig.load(run.config)
-    if data is not None:
-        config = config.replace(data=str(data))
-    table = prepare_data(config, run)[split]
-    model_path = Path(model_path) if model_path is not None else run.best
-    params = postprocess_for(model_path) or {}
-    model = weights.load_for_inference(model_path)
-    probs = predict_probabilities(model, table, config.image_size, config.resize,
-                                  config.batch_size, tta=bool(params.get("tta", False)),
-                                  desc=split)
-    kwargs = postprocess_kwargs(params)
-    masks = {image_id: postprocess(prob, **kwargs)
-             for image_id, prob in zip(table["id"], probs, strict=True)}
-    return table, masks
-
-
 def weights_or_shipped(path: str | os.PathLike) -> Path:
     """``path`` if it exists, else the model shipped in ``weights/`` (with a notice), so the
     prediction notebook also runs on a fresh clone where nothing has been trained."""
@@ -163,16 +121,19 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     fingerprint recorded there confirms it is the same split of the same data. The dataset is
     only read.
     """
-    from busi import data as busi_data
     from busi.config import TrainConfig
-    from busi.training import dataset_table, make_run_split, split_parts, stratified_head
+    from busi.data.index import fingerprint
+    from busi.data.parts import dataset_table, make_run_split, split_parts, stratified_head
+    from busi.data.splits import load_split, select
+    from busi.runs import RunFolder
 
     source = Path(run_dir)
     sidecar = source.with_suffix(".json")
-    if (source / "config.json").is_file():
-        config = TrainConfig.load(source / "config.json")
+    run = RunFolder(source)
+    if run.config.is_file():
+        config = run.load_config()
         table = dataset_table(config if data is None else config.replace(data=str(data)))
-        rows = busi_data.select(table, busi_data.load_split(source / "split.csv"), split)
+        rows = select(table, load_split(run.split), split)
     elif source.suffix == ".h5" and sidecar.is_file():
         facts = json.loads(sidecar.read_text())
         # The dataset here, not the path the model was trained from on another machine.
@@ -180,7 +141,7 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
             {**facts["config"], "data": None if data is None else str(data)})
         table = dataset_table(config)
         parts = split_parts(config, table, make_run_split(config, table))
-        found = busi_data.fingerprint(pd.concat(parts.values()))
+        found = fingerprint(pd.concat(parts.values()))
         if found != facts.get("dataset_fingerprint"):
             raise DataError(
                 f"{sidecar}: {source.name} was trained on other data (fingerprint "
@@ -203,6 +164,5 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
 
 
 __all__ = [
-    "demo_inputs", "drive_folder", "get_data", "in_colab", "locations", "run_predictions",
-    "weights_or_shipped",
+    "demo_inputs", "drive_folder", "get_data", "in_colab", "locations", "weights_or_shipped",
 ]

@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from busi.atomic import atomic_path
 from busi.data.masks import load_example
 from busi.data.splits import is_lesion
+from busi.postprocess import PostProcess
 
 TRUTH_COLOUR = "lime"
 PRED_COLOUR = "red"
@@ -85,9 +86,7 @@ def overlay(image: np.ndarray, truth: np.ndarray | None = None, pred: np.ndarray
 
 def _binary(pred: np.ndarray, threshold: float) -> np.ndarray:
     """Masks pass through; probability maps are thresholded like evaluation does."""
-    from busi.evaluation import postprocess
-
-    return postprocess(pred, threshold=threshold)
+    return PostProcess(threshold=threshold).apply(pred)
 
 
 def _by_id(table: pd.DataFrame, preds: Preds) -> Mapping[str, np.ndarray]:
@@ -114,7 +113,8 @@ def sample_grid(table: pd.DataFrame, n: int = 8, seed: int = 0, ncols: int = 4,
 
 
 def overlays(table: pd.DataFrame, preds: Preds, ids: Sequence[str] | None = None,
-             ncols: int = 4, threshold: float = 0.5, titles: Mapping[str, str] | None = None,
+             ncols: int = 4, threshold: float = PostProcess.threshold,
+             titles: Mapping[str, str] | None = None,
              path: str | os.PathLike | None = None) -> Figure:
     """Images of ``table`` with truth (green) and prediction (red) contours.
 
@@ -175,7 +175,7 @@ def training_curves(history: pd.DataFrame | str | os.PathLike,
 
 
 def worst_cases(per_image: pd.DataFrame, table: pd.DataFrame, preds: Preds, n: int = 6,
-                ncols: int = 3, threshold: float = 0.5,
+                ncols: int = 3, threshold: float = PostProcess.threshold,
                 path: str | os.PathLike | None = None) -> Figure:
     """The ``n`` lesion images with the lowest Dice, with truth and prediction contours.
 
@@ -204,7 +204,8 @@ __all__ = ["draw", "overlay", "overlays", "sample_grid", "save", "training_curve
 
 
 def side_by_side(table: pd.DataFrame, predictions: Mapping[str, Preds], ids: Sequence[str],
-                 threshold: float = 0.5, scores: Mapping[str, Mapping[str, float]] | None = None,
+                 threshold: float = PostProcess.threshold,
+                 scores: Mapping[str, Mapping[str, float]] | None = None,
                  path: str | os.PathLike | None = None) -> Figure:
     """One row per image, one column per model: truth (green) and each model's prediction (red),
     so two models' failures on the same image can be told apart (a BUSI model and a joint model

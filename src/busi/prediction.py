@@ -1,13 +1,16 @@
 """Segment new images with a trained model: one mask PNG and one overlay PNG per image.
 
-Prediction goes through the same functions as evaluation (:func:`busi.evaluation.predict_images`
-and :func:`busi.evaluation.postprocess`), so a delivered mask is exactly what was scored.
+Prediction goes through the same functions as evaluation (:func:`busi.inference.predict_images`
+and :class:`busi.postprocess.PostProcess`), so a delivered mask is exactly what was scored; it
+needs nothing of the scoring code (:mod:`busi.evaluation`).
 
 Post-processing: when ``model_or_path`` is a path and ``evaluate`` has been run on those weights,
 the settings it chose on the validation images (``evaluation/postprocess.json`` beside the model,
-recorded for the same file by SHA-1) are used for every argument left at None: threshold, flip
-TTA, component filtering and the resize mode. Otherwise the defaults are threshold 0.5, no TTA,
-no filtering, letterbox (or the ``resize`` of a ``config.json`` beside the model).
+or the sidecar of published weights, recorded for the same file by SHA-1:
+:func:`busi.runs.postprocess_for`) are used for every argument left at None: threshold, flip
+TTA, component filtering and the resize mode. Otherwise :class:`~busi.postprocess.PostProcess`'s
+defaults apply (threshold 0.5, no TTA, no filtering) and letterbox (or the ``resize`` of the run
+folder the model sits in).
 
 Research software: the masks are not for clinical decisions.
 """
@@ -25,12 +28,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from busi import progress
+from busi import inference, progress
 from busi.atomic import atomic_write_bytes
 from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
 from busi.errors import DataError
-from busi.evaluation import model_input_size, postprocess, postprocess_for, predict_images
+from busi.inference import ImageSize, model_input_size, predict_images
+from busi.postprocess import PostProcess
+from busi.runs import RunFolder, postprocess_for
 
 log = logging.getLogger(__name__)
 
@@ -152,33 +157,25 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def _run_settings(model_path: Path) -> dict[str, Any]:
-    """Settings recorded beside a model file: post-processing from ``evaluate``, else the resize
-    mode of the run's ``config.json``."""
+    """Settings recorded beside a model file: post-processing from ``evaluate`` (or a sidecar),
+    else the input size and resize mode of the run folder it sits in."""
     chosen = postprocess_for(model_path)
     if chosen is not None:
         log.info("using the post-processing chosen on validation for %s", model_path)
         return chosen
-    config_path = model_path.parent / "config.json"
-    if config_path.is_file():
-        from busi.config import TrainConfig
-
-        config = TrainConfig.load(config_path)
+    run = RunFolder(model_path.parent)
+    if run.config.is_file():
+        config = run.load_config()
         return {"resize": config.resize, "image_size": config.image_size}
     return {}
-
-
-def _pick(value: Any, settings: dict[str, Any], key: str, default: Any) -> Any:
-    if value is not None:
-        return value
-    return settings.get(key, default)
 
 
 def predict(
     model_or_path: Any,
     inputs: str | os.PathLike,
     output_dir: str | os.PathLike,
-    size: int | tuple[int, int] | None = None,
-    mode: str | None = None,
+    image_size: ImageSize | None = None,
+    resize: str | None = None,
     threshold: float | None = None,
     tta: bool | None = None,
     min_component_fraction: float | None = None,
@@ -195,14 +192,15 @@ def predict(
     with the mask in red. Files are written atomically. Inputs are never modified.
 
     Args:
-        model_or_path: a Keras model (or callable, see :func:`busi.evaluation.predict_images`) or
-            the path of a model saved by busi.
+        model_or_path: the path of a model file saved by busi (``.h5``, or ``.tflite``/``.onnx``
+            from ``busi publish``), or a loaded model (:func:`busi.inference.load`, a Keras model
+            or a callable, see :func:`busi.inference.predict_images`).
         inputs: an image file or a folder of images (see :func:`list_inputs`).
         output_dir: folder for the outputs (created); must not be the input folder.
-        size: model input side; default the model's input size (or the run's ``image_size``).
-        mode, threshold, tta, min_component_fraction, keep_largest: None takes the value chosen
-            on validation for these weights (module docstring), else letterbox, 0.5, no TTA, no
-            filtering.
+        image_size: model input side; default the model's input size (or the run's).
+        resize, threshold, tta, min_component_fraction, keep_largest: None takes the value chosen
+            on validation for these weights (module docstring), else letterbox and
+            :class:`~busi.postprocess.PostProcess`'s defaults.
         batch_size: images per forward pass.
         include_masks: also segment BUSI ground-truth masks found next to their images
             (see :func:`list_inputs`).
@@ -229,29 +227,19 @@ def predict(
     settings: dict[str, Any] = {}
     model = model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
-        from busi import weights
-
         model_path = Path(model_or_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: model file not found")
         settings = _run_settings(model_path)
-        if model_path.suffix.lower() in (".onnx", ".tflite"):  # exported for fast CPU inference
-            from busi.export import load_predictor
-
-            model = load_predictor(model_path)
-        else:
-            model = weights.load_for_inference(model_path, safe_mode=safe_mode)
-    size = size if size is not None else model_input_size(model) or settings.get("image_size")
-    if size is None:
-        raise ValueError("the model has no fixed input size: pass size=")
-    mode = _pick(mode, settings, "resize", "letterbox")
-    use_tta = bool(_pick(tta, settings, "tta", False))
-    kwargs = {
-        "threshold": float(_pick(threshold, settings, "threshold", 0.5)),
-        "min_component_fraction": float(
-            _pick(min_component_fraction, settings, "min_component_fraction", 0.0)),
-        "keep_largest": bool(_pick(keep_largest, settings, "keep_largest", False)),
-    }
+        model = inference.load(model_path, safe_mode=safe_mode)
+    if image_size is None:
+        image_size = model_input_size(model) or settings.get("image_size")
+    if image_size is None:
+        raise ValueError("the model has no fixed input size: pass image_size=")
+    resize = resize if resize is not None else settings.get("resize", "letterbox")
+    post = PostProcess.from_dict(settings).override(
+        threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,
+        keep_largest=keep_largest)
     make_output_dir(output_dir)
 
     rows: list[dict[str, Any]] = []
@@ -268,10 +256,10 @@ def predict(
                     rows.append({"input": str(file), "error": str(error)})
             if not readable:
                 continue
-            probs = predict_images(model, [image for _, image in readable], size, mode,
-                                   batch_size, use_tta)
+            probs = predict_images(model, [image for _, image in readable], image_size, resize,
+                                   batch_size, post.tta)
             for (file, image), prob in zip(readable, probs, strict=True):
-                mask = postprocess(prob, **kwargs)
+                mask = post.apply(prob)
                 pred_path, overlay_path = output_paths(file, output_dir)
                 _write_png(pred_path, mask * np.uint8(255))
                 _write_png(overlay_path, overlay_image(image, mask))

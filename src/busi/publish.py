@@ -4,7 +4,7 @@ A copy of ``best.h5`` taken out of its run folder would lose what evaluation cho
 validation (threshold, flip TTA, component filtering) and the input size and resize mode it was
 trained with. :func:`publish_weights` writes ``<name>.h5`` and ``<name>.json`` side by side; the
 JSON holds those settings tied to the weights by SHA-1, the training config and the test
-metrics, and :func:`busi.predict` reads it (see :func:`busi.evaluation.postprocess_for`).
+metrics, and :func:`busi.predict` reads it (see :func:`busi.runs.postprocess_for`).
 
 A published file travels, so it is checked before anything is written (the SHA-256 training
 recorded for it, that it loads safely as a busi model, its shapes), and the weights, sidecar,
@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from busi.atomic import atomic_write_text
-from busi.config import TrainConfig
-from busi.runs import RunFolder
+from busi.digests import file_digest, file_sha1
+from busi.postprocess import PostProcess
+from busi.runs import RunFolder, postprocess_for, read_json
 
 log = logging.getLogger(__name__)
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def publish_weights(
@@ -107,8 +104,7 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
     and takes the run's image size. Raises DataError naming the file otherwise."""
     from busi import weights
     from busi.errors import DataError
-    from busi.evaluation import model_input_size
-    from busi.runs import file_digest
+    from busi.inference import model_input_size
 
     recorded = None
     if source.parent.resolve() == run.root.resolve():
@@ -122,7 +118,7 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
         log.warning("%s: no SHA-256 recorded by training (run made before busi recorded them, "
                     "or weights from elsewhere); checking only that it loads", source)
     model = weights.load_for_inference(source)
-    config = TrainConfig.load(run.config)
+    config = run.load_config()
     size = model_input_size(model)
     shapes = (model.input_shape, model.output_shape)
     if size not in (None, (config.image_size, config.image_size)) or \
@@ -136,9 +132,7 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
 
 def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
     """Write the weights, sidecar and card of ``source`` as ``target`` (+ .json, .md)."""
-    from busi.evaluation import POSTPROCESS_KEYS, file_sha1, postprocess_for, summary_for
-
-    config = TrainConfig.load(run.config)
+    config = run.load_config()
     if source.resolve() == run.best.resolve():
         shutil.copyfile(source, target)
     else:
@@ -146,12 +140,10 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
 
         weights.save_model(model, target, include_optimizer=False)
     chosen = postprocess_for(source)
-    defaults = {"threshold": 0.5, "tta": False, "min_component_fraction": 0.0,
-                "keep_largest": False}
-    summary = summary_for(run.root, source)  # None for metrics of earlier weights
-    env = _read(run.env) or {}
+    summary = run.summary_for(source)  # None for metrics of earlier weights
+    env = read_json(run.env) or {}
     sidecar = {
-        **(defaults if chosen is None else {k: chosen[k] for k in POSTPROCESS_KEYS}),
+        **PostProcess.from_dict(chosen).to_dict(),  # the defaults if not evaluated
         "chosen_on": None if chosen is None else chosen.get("chosen_on", "val"),
         "model": target.name,
         "model_sha1": file_sha1(target),
@@ -298,12 +290,11 @@ def publish_export(
         The exported file's path (``<name>.tflite`` or ``<name>.onnx``; int8 or bfloat16
         variants get ``.int8``/``.bf16`` before the suffix).
     """
-    from busi.evaluation import file_sha1
     from busi.export import export
 
     weights = Path(weights)
     sidecar_path = weights.with_suffix(".json")
-    sidecar = _read(sidecar_path)
+    sidecar = read_json(sidecar_path)
     if sidecar is None or sidecar.get("model_sha1") != file_sha1(weights):
         raise FileNotFoundError(
             f"{sidecar_path}: no sidecar for these weights; publish them first "

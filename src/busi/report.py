@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from busi.atomic import atomic_write_text
+from busi.runs import SUMMARY_FILE, RunFolder
 
 ROWS = ("lesion", "benign", "malignant")
 
@@ -71,12 +72,6 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     )
 
 
-def folder_dataset(config: Any, dataset: str | None) -> str | None:
-    """The ``dataset`` argument of :func:`busi.evaluation.evaluation_dir` for a run's results
-    on ``dataset``: None for the run's first dataset (``evaluation/``), else the name."""
-    return None if dataset is None or dataset == config.datasets[0] else dataset
-
-
 def results_table(
     run_dirs: list[str | os.PathLike], split: str = "test", dataset: str | None = None
 ) -> str:
@@ -90,9 +85,6 @@ def results_table(
     in it is typed by hand (the README's results table is its output). Wall time is the sum of
     the recorded epochs (training and validation; start-up and evaluation excluded).
     """
-    from busi.config import TrainConfig
-    from busi.evaluation import evaluation_dir, summary_for
-
     lines = [
         "| run | model | params | trained on | epochs (kept), wall time "
         "| lesion Dice mean / median | 95% CI of the mean | IoU mean / median "
@@ -101,14 +93,12 @@ def results_table(
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in map(Path, run_dirs):
-        run_dir, model_path = (entry.parent, entry) if entry.suffix == ".h5" else (
-            entry, entry / "best.h5")
-        where = None if dataset is None else folder_dataset(
-            TrainConfig.load(run_dir / "config.json"), dataset)
-        out_dir = evaluation_dir(run_dir, model_path, where)
-        summary_path = out_dir / "summary.json"
-        summary = summary_for(run_dir, model_path, where)
-        command = f"busi evaluate {run_dir}" + (f" --dataset {dataset}" if dataset else "")
+        is_file = entry.suffix == ".h5"
+        run = RunFolder(entry.parent if is_file else entry)
+        model_path = run.weights(entry if is_file else None)
+        summary_path = run.evaluation_dir(model_path, dataset) / SUMMARY_FILE
+        summary = run.summary_for(model_path, dataset)
+        command = f"busi evaluate {run.root}" + (f" --dataset {dataset}" if dataset else "")
         if summary is None and summary_path.is_file():
             raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
                              f"(training went on); run `{command}` again")
@@ -118,8 +108,8 @@ def results_table(
             raise ValueError(f"{summary_path}: no {split!r} split; run `{command} "
                              f"--split {split}`")
         part = summary["splits"][split]
-        config = TrainConfig.load(run_dir / "config.json")
-        history = pd.read_csv(run_dir / "history.csv")
+        config = run.load_config()
+        history = pd.read_csv(run.history)
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
         model = (f"classic U-Net, {config.base_filters} filters, depth {config.depth}"
@@ -133,13 +123,14 @@ def results_table(
         if config.datasets != ("busi",):
             trained_on += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
+        kept = _kept_epoch(run, config, history, model_path)
         lines.append(
-            f"| `{_label(run_dir, model_path)}` | {model} "
+            f"| `{_label(run, model_path)}` | {model} "
             f"| {_parameter_count(model_path) / 1e6:.1f} M "
-            f"| {trained_on} | {len(history)} (kept {_kept_epoch(config, history, model_path)}), "
+            f"| {trained_on} | {len(history)} (kept {kept}), "
             f"{history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
-            f"| {_ci(out_dir / f'per_image_{split}.csv')} "
+            f"| {_ci(run.per_image_path(split, model_path, dataset))} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
@@ -148,12 +139,12 @@ def results_table(
     return "\n".join(lines) + "\n"
 
 
-def _kept_epoch(config: Any, history: pd.DataFrame, model_path: Path) -> Any:
+def _kept_epoch(run: RunFolder, config: Any, history: pd.DataFrame, model_path: Path) -> Any:
     """The epoch whose weights these are: the monitor's best for ``best.h5``, the last for
     ``last.h5``, unknown ("?") for other files."""
-    if model_path.name == "last.h5":
+    if model_path.name == run.last.name:
         return int(history["epoch"].iloc[-1])
-    if model_path.name != "best.h5" or config.monitor not in history:
+    if model_path.name != run.best.name or config.monitor not in history:
         return "?"
     scores = history[config.monitor]
     best = scores.idxmin() if config.monitor_mode == "min" else scores.idxmax()
@@ -177,8 +168,9 @@ def _ci(per_image_csv: Path, resamples: int = 2000, seed: int = 0) -> str:
     return f"{low:.2f}-{high:.2f}"
 
 
-def _label(run_dir: Path, model_path: Path) -> str:
-    return run_dir.name if model_path.name == "best.h5" else f"{run_dir.name}/{model_path.name}"
+def _label(run: RunFolder, model_path: Path) -> str:
+    name = run.root.name
+    return name if model_path.name == run.best.name else f"{name}/{model_path.name}"
 
 
 def _parameter_count(h5_path: Path) -> int:
@@ -214,35 +206,33 @@ def write_report(
     first if they have not been (see :func:`busi.evaluate`). ``dataset``: report on that dataset
     (one of a joint run's, or another one: ``split`` "all" or "test", see
     :mod:`busi.cross_dataset`); default the run's first.
+
+    The figures show the masks that were scored: the images of the part, post-processed as the
+    summary records (:meth:`busi.runs.RunFolder.predictions`).
     """
     from busi import plots
-    from busi.config import TrainConfig
-    from busi.cross_dataset import dataset_predictions
-    from busi.evaluation import evaluate, evaluation_dir, summary_for
-    from busi.notebook import run_predictions
+    from busi.evaluation import evaluate
+    from busi.postprocess import PostProcess
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model_path = Path(model_path) if model_path is not None else run_dir / "best.h5"
-    config = TrainConfig.load(run_dir / "config.json")
-    where = folder_dataset(config, dataset)
-    summary = summary_for(run_dir, model_path, where)
+    run, out_dir = RunFolder(run_dir), Path(out_dir)
+    model_path = run.weights(model_path)
+    config = run.load_config()
+    summary = run.summary_for(model_path, dataset)
     if summary is None or split not in summary.get("splits", {}):
-        summary = evaluate(run_dir, split=split, data=data, model_path=model_path,
+        summary = evaluate(run.root, split=split, data=data, model_path=model_path,
                            dataset=dataset)
-    plots.training_curves(run_dir / "history.csv", path=out_dir / "curves.png")
-    if dataset is None or dataset in config.datasets:
-        table, masks = run_predictions(run_dir, split, data, model_path)
-        if "dataset" in table:
-            table = table[table["dataset"] == (dataset or config.datasets[0])]
-    else:
-        table, masks = dataset_predictions(run_dir, dataset, split, model_path, data)
-    per_image = pd.read_csv(evaluation_dir(run_dir, model_path, where) / f"per_image_{split}.csv")
+    plots.training_curves(run.history, path=out_dir / "curves.png")
+    # the images and masks scored: the run's own (its first dataset's, in a joint run) or
+    # another dataset's, post-processed as the summary says
+    table, masks = run.predictions(split, model_path, data, dataset or config.datasets[0],
+                                   PostProcess.from_dict(summary["postprocess"]))
+    per_image = run.per_image(split, model_path, dataset)
     lesions = table[table["label"] != "normal"]
     plots.overlays(table, masks, ids=list(lesions["id"][:n_overlays]),
                    path=out_dir / f"overlays_{split}.png")
     plots.worst_cases(per_image, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
     text = (
-        f"# {run_dir.name} ({model_path.name}): {split} split"
+        f"# {run.root.name} ({model_path.name}): {split} split"
         f"{f' of {dataset}' if dataset else ''}\n\n"
         f"Post-processing chosen on val: {json.dumps(summary.get('postprocess'))}\n\n"
         + metrics_table(summary, split)

@@ -25,7 +25,7 @@ prediction empty, truth not   0.0     0.0    NaN        0.0     NaN
 
 A ratio with nothing to count is NaN (recall with no lesion, precision with no prediction), and
 so is a distance to an empty mask (it would be infinite); averages skip NaN with ``nanmean``,
-and :func:`summarize` counts missed lesions and false alarms separately so they are not lost.
+and :func:`metric_stats` counts missed lesions and false alarms separately so they are not lost.
 This follows segmentation-models (an empty prediction of an empty truth scores 1) rather than
 nnU-Net (NaN), so that "normal" images reward a model for predicting nothing.
 """
@@ -135,8 +135,9 @@ def score_image(truth: np.ndarray, pred: np.ndarray) -> dict[str, float | int | 
     return scores
 
 
-def summarize(table: pd.DataFrame) -> dict[str, float | int]:
-    """Mean, median and std (NaN skipped) of each metric column of a per-image table, and counts.
+def metric_stats(table: pd.DataFrame) -> dict[str, float | int]:
+    """Mean, median and std (NaN skipped) of each metric column of a per-image table, and counts:
+    the statistics :func:`busi.evaluation.summarize` reports per class.
 
     Args:
         table: one row per image with the columns of :func:`score_image`.

@@ -15,7 +15,6 @@ option.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,16 +28,15 @@ from typing import Any
 import pandas as pd
 import tensorflow as tf
 
-from busi import _keras, data, losses, models, progress, weights
+from busi import _keras, losses, models, progress, weights
 from busi.atomic import atomic_write_text
 from busi.batchnorm import PreciseValidation
 from busi.config import TrainConfig
-from busi.data import datasets
 from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.splits import in_classes
-from busi.errors import DataError
-from busi.runs import RunFolder, check_same_config, environment, file_digest
+from busi.digests import file_digest
+from busi.runs import RunFolder, check_same_config
 
 keras = _keras.keras()
 log = logging.getLogger(__name__)
@@ -71,148 +69,6 @@ def precision_policy(name: str) -> str:
     if name == "auto":
         return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
     return name
-
-
-def prepare_data(
-    config: TrainConfig, run: RunFolder, new_run: bool = False
-) -> dict[str, pd.DataFrame]:
-    """Index and check the dataset and return the rows of each part of the run's split.
-
-    Args:
-        config: the run's settings.
-        run: the run folder.
-        new_run: make the split (or take ``config.split_file``) and write ``split.csv`` and
-            ``env.json``. Otherwise (resuming, evaluating) the run's own ``split.csv`` is read,
-            nothing is written, and the data must have the fingerprint recorded in ``env.json``.
-
-    Returns:
-        ``{"train": ..., "val": ..., "test": ...}`` index rows; "train" holds only
-        ``config.train_classes`` if set.
-    """
-    table = dataset_table(config)
-    if new_run:
-        split = make_run_split(config, table)
-    elif run.split.is_file():
-        split = data.load_split(run.split)
-    else:
-        raise DataError(f"{run.split}: the run folder has no split; was it trained?")
-    parts = split_parts(config, table, split)
-    fingerprint = data.fingerprint(pd.concat(parts.values()))
-    if new_run:
-        data.save_split(split, run.split)
-        run.write_json(run.env, environment(fingerprint))
-    elif run.env.is_file():
-        recorded = json.loads(run.env.read_text()).get("dataset_fingerprint")
-        if recorded != fingerprint:
-            raise DataError(
-                f"{run.env}: the run was made with other data (fingerprint {recorded}, this "
-                f"data {fingerprint}); point `data` at the dataset it was trained on"
-            )
-    if config.train_classes is not None:
-        train = parts["train"]
-        parts["train"] = train[in_classes(train["label"], config.train_classes)].reset_index(
-            drop=True)
-    return parts
-
-
-def dataset_table(config: TrainConfig) -> pd.DataFrame:
-    """The checked index of the run's datasets with duplicate (and patient) groups,
-    label-conflicting groups left out if ``config.drop_conflicts``: the table a run's split is
-    made from and selects in. Several datasets give one table with a ``dataset`` column
-    (:func:`busi.data.datasets.combine`)."""
-    tables = {name: single_dataset_table(config, name) for name in config.datasets}
-    if len(tables) == 1:
-        return tables[config.datasets[0]]
-    return datasets.combine(tables)
-
-
-def single_dataset_table(config: TrainConfig, name: str) -> pd.DataFrame:
-    """The grouped index of one dataset, where ``config`` says it is (see
-    :meth:`TrainConfig.data_path`), label-conflicting groups left out if the config says so."""
-    adapter = datasets.get(name)
-    table = data.add_groups(adapter.index(adapter.locate(config.data_path(name))))
-    return data.drop_conflicts(table) if config.drop_conflicts else table
-
-
-def split_parts(
-    config: TrainConfig, table: pd.DataFrame, split: pd.DataFrame
-) -> dict[str, pd.DataFrame]:
-    """The index rows of each part of ``split`` (in split-file order), ``config.limit`` applied.
-
-    Their :func:`busi.data.fingerprint` is the run's dataset fingerprint (``env.json``).
-
-    Raises:
-        DataError: the split names images ``table`` lacks; the message tells whether they are
-            label-conflicting duplicates the run leaves out or images of another dataset.
-    """
-    missing = sorted(set(split["id"]) - set(table["id"]))
-    if missing:
-        raise DataError(_missing_images(config, missing))
-    parts = {name: data.select(table, split, name) for name in ("train", "val", "test")}
-    if config.limit:
-        parts = {name: stratified_head(part, config.limit) for name, part in parts.items()}
-    return parts
-
-
-def _missing_images(config: TrainConfig, missing: list[str]) -> str:
-    """Why a split names images a run's table lacks, for the error message (an error path, so
-    indexing the dataset again to find the label-conflicting images is affordable)."""
-    source = f"{config.split_file}: " if config.split_file else ""
-    if config.drop_conflicts:
-        conflicting: set[str] = set()
-        for name in config.datasets:
-            kept = single_dataset_table(config.replace(drop_conflicts=False), name)
-            conflicting |= set(data.conflicting_groups(kept)["id"])
-        if set(missing) <= conflicting:
-            return (
-                f"{source}the split holds {len(missing)} image(s) of label-conflicting duplicate "
-                f"groups, e.g. {missing[:3]}, which training leaves out (drop_conflicts=True, "
-                "the default). Make the split from busi.data.drop_conflicts(table), as "
-                "busi.training.make_run_split does, or set drop_conflicts=False to keep them."
-            )
-    return (
-        f"{source}the split names {len(missing)} image(s) not in this dataset, e.g. "
-        f"{missing[:3]}; was it made for other data than {', '.join(config.datasets)}?"
-    )
-
-
-def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
-    """The split a new run with ``config`` trains on: ``config.split_file`` if given, else each
-    dataset's own split (:func:`dataset_split`); with several datasets they are stacked, with a
-    ``dataset`` column."""
-    if config.split_file:
-        return data.load_split(config.split_file)
-    if len(config.datasets) == 1:
-        return dataset_split(config, config.datasets[0], table)
-    return pd.concat([
-        dataset_split(config, name, table[table["dataset"] == name]).assign(dataset=name)
-        for name in config.datasets
-    ], ignore_index=True)
-
-
-def dataset_split(config: TrainConfig, name: str, table: pd.DataFrame) -> pd.DataFrame:
-    """The split of one dataset: the published partition if ``config.authors_fold`` is set and
-    the dataset has one, else a grouped, stratified split (label-conflicting duplicates left out
-    first when ``config.drop_conflicts``). The same for a dataset alone and in a joint run."""
-    if config.drop_conflicts:
-        table = data.drop_conflicts(table)
-    options = {"classes": config.classes, "val_fraction": config.val_fraction,
-               "test_fraction": config.test_fraction, "seed": config.seed}
-    adapter = datasets.get(name)
-    if config.authors_fold is not None and adapter.authors_split is not None:
-        root = adapter.locate(config.data_path(name))
-        return adapter.authors_split(root, table, config.authors_fold, **options)
-    return data.make_split(table, **options)
-
-
-def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The first ``n`` rows with the classes interleaved in proportion, so that a small subset
-    (quick runs, CI) still holds every class (of every dataset, in a joint run); rows keep their
-    relative order within a class."""
-    kind = table["label"] if "dataset" not in table else table["dataset"] + "/" + table["label"]
-    rank = kind.groupby(kind).cumcount() / kind.groupby(kind).transform("size")
-    order = sorted(range(len(table)), key=lambda i: (rank.iat[i], kind.iat[i]))
-    return table.iloc[sorted(order[:n])].reset_index(drop=True)
 
 
 def _optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -629,7 +485,7 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     policy = precision_policy(config.mixed_precision)
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
-    parts = prepare_data(config, run, new_run=not state)
+    parts = run.parts(config, new_run=not state)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
     if not finished:
         with global_policy(policy):
@@ -670,12 +526,4 @@ def time_budget_message(config: TrainConfig, run: RunFolder, done_before: int) -
     return message
 
 
-def history(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """The per-epoch history of a run (for plots and notebooks)."""
-    return RunFolder(Path(run_dir)).read_history()
-
-
-__all__ = [
-    "build", "compile_model", "dataset_split", "dataset_table", "history", "make_run_split",
-    "prepare_data", "single_dataset_table", "split_parts", "train",
-]
+__all__ = ["build", "compile_model", "train"]

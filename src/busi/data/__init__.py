@@ -13,6 +13,7 @@ from busi.data.download import download, locate
 from busi.data.duplicates import add_groups, conflicting_groups, drop_conflicts, duplicate_pairs
 from busi.data.index import LABELS, fingerprint, index
 from busi.data.masks import load_example, merge_masks, read_image, read_mask
+from busi.data.parts import make_run_split
 from busi.data.splits import (
     LESION_CLASSES,
     cross_validation_splits,
@@ -26,6 +27,6 @@ from busi.data.splits import (
 __all__ = [
     "LABELS", "LESION_CLASSES", "add_groups", "conflicting_groups", "cross_validation_splits",
     "datasets", "download", "drop_conflicts", "duplicate_pairs", "fingerprint", "index", "leaked",
-    "load_example", "load_split", "locate", "make_split", "merge_masks", "read_image", "read_mask",
-    "save_split", "select",
+    "load_example", "load_split", "locate", "make_run_split", "make_split", "merge_masks",
+    "read_image", "read_mask", "save_split", "select",
 ]

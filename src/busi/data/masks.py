@@ -109,3 +109,9 @@ def load_example(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             f"image {row['image_path']} ({image.shape[1]}x{image.shape[0]})"
         )
     return image, mask
+
+
+def load_truths(table: Any) -> list[np.ndarray]:
+    """Merged ground-truth masks of index rows (a DataFrame), at original size ({0, 1} uint8):
+    what predictions are scored against."""
+    return [load_example(row)[1] for row in table.to_dict("records")]

@@ -1,0 +1,227 @@
+"""Inference: open a model file, and turn images into probability maps at their own size.
+
+This is the one prediction path of busi: evaluation (:mod:`busi.evaluation`), the run's figures
+(:meth:`busi.runs.RunFolder.predictions`) and ``busi predict`` (:mod:`busi.prediction`) all call
+:func:`predict_images`, so a delivered mask and a scored mask cannot differ. The model sees a
+letterboxed (or stretched) copy at its input size; the probabilities are mapped back to the
+image's original size with :func:`busi.data.geometry.to_original`, and thresholded only there
+(:mod:`busi.postprocess`).
+
+Keyword names follow the run's ``config.json`` and the weights' sidecar: ``image_size`` (the
+model input side) and ``resize`` (``"letterbox"`` or ``"stretch"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from busi import progress, runtimes
+from busi.data.geometry import Mode, to_model, to_original
+from busi.data.masks import read_image
+
+ImageSize = int | tuple[int, int]
+"""A model input side, or ``(height, width)``."""
+
+_FORMATS = {".h5": ("keras",), ".hdf5": ("keras",), ".onnx": ("openvino", "onnxruntime"),
+            ".tflite": ("tflite",)}
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    runtime: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    safe_mode: bool | None = None,
+) -> runtimes.Predictor:
+    """Open a ``.h5``, ``.onnx`` or ``.tflite`` model for prediction.
+
+    Args:
+        path: the model file; its suffix decides the format.
+        runtime: force one of :data:`busi.runtimes.RUNTIMES` that can read the format; by
+            default ``.onnx`` runs under OpenVINO when installed (int8 about 1.3x faster than
+            onnxruntime, and only OpenVINO computes bfloat16 files in bfloat16), else
+            onnxruntime.
+        precision: ``.h5`` only: ``"bfloat16"`` rebuilds the model under ``mixed_bfloat16``
+            (about 1.8x on AVX512_BF16 CPUs). ``.onnx`` and ``.tflite`` files carry their
+            precision.
+        threads: CPU threads for ONNX/TFLite runtimes; default all cores this process may use.
+        safe_mode: ``.h5`` only: refuse layers that can run code stored in the file
+            (:func:`busi.weights.load_model`); False only for files you trust.
+
+    Returns:
+        A :class:`busi.runtimes.Predictor`: ``predict(float32 [B, H, W, 3] in [0, 255]) ->
+        float32 [B, H, W, 1]`` probabilities, and ``input_size`` ``(H, W)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown suffix, runtime or precision for that format.
+        ImportError: the runtime needed is not installed (the message says what to install).
+        busi.errors.DataError: an ``.h5`` that is not a busi segmentation model, or one with
+            layers that could run code (in safe mode).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise ValueError(f"{path}: unknown model format {suffix!r}; use .h5, .onnx or .tflite")
+    if runtime is not None and runtime not in _FORMATS[suffix]:
+        raise ValueError(f"{path}: runtime must be one of {_FORMATS[suffix]}, got {runtime!r}")
+    if precision is not None and suffix not in (".h5", ".hdf5"):
+        raise ValueError(
+            f"{path}: precision= applies to .h5 files only; {suffix} files carry the precision "
+            "chosen at export (busi.export.export(..., quantize=...))"
+        )
+    if suffix in (".h5", ".hdf5"):
+        return runtimes.KerasPredictor(path, precision or "float32", safe_mode=safe_mode)
+    threads = threads or runtimes.cores()
+    if suffix == ".tflite":
+        return runtimes.TFLitePredictor(path, threads)
+    exported = runtimes.onnx_precision(path)
+    if runtime is None:
+        runtime = "openvino" if runtimes.available("openvino") else "onnxruntime"
+    if runtime == "openvino":
+        return runtimes.OpenVinoPredictor(path, exported, threads)
+    if exported == "bfloat16":
+        warnings.warn(
+            f"{path.name} was exported for bfloat16, which needs OpenVINO; onnxruntime runs it "
+            "in float32 (same masks, about 3x slower): pip install openvino",
+            stacklevel=2,
+        )
+    return runtimes.OnnxRuntimePredictor(path, exported, threads)
+
+
+def model_input_size(model: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of a model's fixed input, or None if it has none (or no model)."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, list):  # several inputs: not a busi model
+        return None
+    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+def _resolve_size(model: Any, image_size: ImageSize | None) -> ImageSize:
+    if image_size is not None:
+        return image_size
+    fixed = model_input_size(model)
+    if fixed is None:
+        raise ValueError(
+            "the model has no fixed input size (or is a plain callable): pass image_size=, the "
+            "side the model was trained at"
+        )
+    return fixed
+
+
+def _forward(model: Any, batch: np.ndarray) -> np.ndarray:
+    """Probabilities ``(B, H, W)`` for a float32 ``(B, H, W, 3)`` batch.
+
+    Keras models go through ``predict_on_batch`` (no progress bar, no per-call retracing); any
+    other callable (a :class:`busi.runtimes.Predictor`, a fake model in tests) is simply called.
+    """
+    if hasattr(model, "predict_on_batch"):
+        out = model.predict_on_batch(batch)
+    else:
+        out = model(batch)
+    out = np.asarray(out, dtype=np.float32)  # float16 output of mixed-precision models, too
+    if out.ndim == 4 and out.shape[-1] == 1:
+        out = out[..., 0]
+    if out.shape != batch.shape[:3]:
+        raise ValueError(
+            f"the model returned shape {out.shape} for a batch of shape {batch.shape}; expected "
+            "one sigmoid channel per pixel, (B, H, W, 1)"
+        )
+    return out
+
+
+def _model_batch(images: Sequence[np.ndarray], image_size: ImageSize, resize: Mode):
+    """Gray images -> float32 ``(B, S, S, 3)`` in [0, 255] (the model input convention)."""
+    resized, placements = [], []
+    for image in images:
+        array, _, placement = to_model(image, size=image_size, mode=resize)
+        resized.append(array)
+        placements.append(placement)
+    batch = np.stack(resized).astype(np.float32)
+    return np.repeat(batch[..., np.newaxis], 3, axis=-1), placements
+
+
+def predict_images(
+    model: Any,
+    images: Sequence[np.ndarray],
+    image_size: ImageSize | None = None,
+    resize: Mode = "letterbox",
+    batch_size: int = 8,
+    tta: bool = False,
+) -> list[np.ndarray]:
+    """Probability maps of gray images, each at its image's original size.
+
+    Args:
+        model: what :func:`load` returns, a Keras model (fixed input size, [0, 255] float input,
+            sigmoid output) or any callable mapping a float32 ``(B, H, W, 3)`` batch to
+            ``(B, H, W, 1)`` probabilities.
+        images: uint8 gray ``(H, W)`` images of any sizes.
+        image_size: model input side or ``(height, width)``; default the model's input size.
+        resize: ``"letterbox"`` or ``"stretch"``, as the model was trained.
+        batch_size: images per forward pass (TTA doubles the pass).
+        tta: also predict the horizontally mirrored image and average the two maps. Mirroring
+            is done on the original image (then resized), so the letterbox padding, which is one
+            pixel off-centre for odd margins, is identical in both passes.
+
+    Returns:
+        One float32 ``(H, W)`` array per image, values in [0, 1].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    image_size = _resolve_size(model, image_size)
+    probs: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [np.asarray(image) for image in images[start : start + batch_size]]
+        for image in chunk:
+            if image.ndim != 2:
+                raise ValueError(f"images must be gray (H, W) arrays, got shape {image.shape}")
+        if tta:
+            chunk = chunk + [image[:, ::-1] for image in chunk]
+        batch, placements = _model_batch(chunk, image_size, resize)
+        out = _forward(model, batch)
+        maps = [to_original(o, p) for o, p in zip(out, placements, strict=True)]
+        if tta:
+            half = len(maps) // 2
+            maps = [(a + b[:, ::-1]) / 2.0 for a, b in zip(maps[:half], maps[half:], strict=True)]
+        probs.extend(np.ascontiguousarray(m, dtype=np.float32) for m in maps)
+    return probs
+
+
+def predict_probabilities(
+    model: Any,
+    table: pd.DataFrame,
+    image_size: ImageSize | None = None,
+    resize: Mode = "letterbox",
+    batch_size: int = 8,
+    tta: bool = False,
+    desc: str = "predicting",
+) -> list[np.ndarray]:
+    """Probability maps of the images of index rows, in row order, at each image's original size.
+
+    See :func:`predict_images` for the arguments; ``desc`` labels the progress bar
+    (:mod:`busi.progress`). Images are decoded per batch, so a whole split is never held in
+    memory at model size.
+    """
+    rows = table.to_dict("records")
+    probs: list[np.ndarray] = []
+    with progress.bar(total=len(rows), desc=desc + (" (with flips)" if tta else "")) as shown:
+        for start in range(0, len(rows), batch_size):
+            images = [read_image(row["image_path"]) for row in rows[start : start + batch_size]]
+            probs.extend(predict_images(model, images, image_size, resize, batch_size, tta))
+            shown.update(len(images))
+    return probs
+
+
+__all__ = ["ImageSize", "load", "model_input_size", "predict_images", "predict_probabilities"]

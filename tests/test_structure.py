@@ -1,0 +1,160 @@
+"""The package's shape, measured: no import circle among busi's modules, no module grown past
+what one reader holds in mind, and ``busi predict`` never entering evaluation code.
+
+Imports are read from the source (``ast``), at module level and inside functions alike: an
+import hidden in a function is still a dependency, only a later one. Nothing is imported, so
+these checks take milliseconds. Run the file as a script to print the cycles and the longest
+modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "busi"
+MAX_LINES = 450
+
+#: Modules allowed over MAX_LINES for now, because other branches of issue 14 are splitting
+#: them (registries and the training callbacks/builder: models, config, cli, training). Empty
+#: it once those branches are merged.
+TOO_LONG_FOR_NOW = {
+    "busi.training",
+    "busi.models",
+    "busi.config",
+    "busi.cli",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the busi package, by dotted name."""
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _absolute(node: ast.ImportFrom, name: str) -> str:
+    """The module a ``from ... import`` names, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    base = name.split(".")
+    if not modules()[name].name == "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The busi modules ``name`` imports anywhere in its source. ``from a import b`` counts as
+    importing ``a.b`` when that is a module, else ``a``; an import under ``if TYPE_CHECKING:``
+    counts too (it is one the day someone removes the guard)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(node, name)
+            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source
+                       for alias in node.names]
+        else:
+            continue
+        found.update(target for target in targets if target in known and target != name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(modules())
+    return {name: imports_of(name, path, known) for name, path in modules().items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted: every
+    import circle lies inside one of them."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
+def line_counts() -> dict[str, int]:
+    return {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+
+
+def test_no_import_cycles_among_busi_modules() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_is_too_long() -> None:
+    long = {name: count for name, count in line_counts().items()
+            if count > MAX_LINES and name not in TOO_LONG_FOR_NOW}
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_allow_list_names_existing_modules() -> None:
+    assert TOO_LONG_FOR_NOW <= set(modules())
+
+
+def test_prediction_never_enters_evaluation() -> None:
+    """``busi predict`` must not depend on scoring code: the path that delivers masks needs
+    inference and post-processing only."""
+    graph = import_graph()
+    assert "busi.evaluation" not in reachable(graph, "busi.prediction")
+    assert "busi.training" not in reachable(graph, "busi.prediction")
+
+
+def test_the_checker_sees_function_level_imports() -> None:
+    """evaluation scores predictions: it reaches inference, whose import sits where it sits."""
+    graph = import_graph()
+    assert "busi.inference" in reachable(graph, "busi.evaluation")
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+if __name__ == "__main__":
+    graph = import_graph()
+    for component in cycles(graph):
+        print("cycle among:", ", ".join(component))
+    for name, count in sorted(line_counts().items(), key=lambda item: -item[1])[:12]:
+        print(f"{count:5d} {name}")
+    sys.exit(1 if cycles(graph) else 0)
