@@ -147,9 +147,8 @@ conflicts[["id", "label", "group"]]
 # function and settings as training, so this is the split `02_train` will save.
 
 # %%
-from busi.training import make_run_split
 
-split = make_run_split(busi.TrainConfig(seed=SEED), table)
+split = busi.data.make_run_split(busi.TrainConfig(seed=SEED), table)
 pd.crosstab(split["label"], split["split"], margins=True)
 
 # %% [markdown]

@@ -42,7 +42,6 @@ LIMIT = None  # images per split part, for quick runs; None: all
 # %load_ext autoreload
 # %autoreload 2
 # %matplotlib inline
-import pandas as pd
 
 import busi
 import busi.notebook
@@ -97,7 +96,7 @@ run
 # The per-epoch history (`history.csv` in the run folder):
 
 # %%
-history = pd.read_csv(run / "history.csv")
+history = busi.RunFolder(run).read_history()
 history.tail()
 
 # %% [markdown]
@@ -106,7 +105,7 @@ history.tail()
 # per image at the original resolution in `03_evaluate`.
 
 # %%
-busi.plots.training_curves(history, path=run / "figures" / "curves.png")
+busi.plots.training_curves(history, path=busi.RunFolder(run).figures / "curves.png")
 
 # %% [markdown]
 # The epoch of the best weights:

@@ -71,7 +71,7 @@ pd.DataFrame(summary["splits"][SPLIT]).T.round(3)
 # Per image (`evaluation/per_image_<split>.csv`):
 
 # %%
-per_image = pd.read_csv(run_dir / "evaluation" / f"per_image_{SPLIT}.csv")
+per_image = busi.RunFolder(run_dir).per_image(SPLIT)
 per_image.head()
 
 # %% [markdown]
@@ -90,14 +90,14 @@ lesions.boxplot(column=["dice", "iou"], by="label", figsize=(8, 3.5));
 # green, prediction in red.
 
 # %%
-images, masks = busi.notebook.run_predictions(run_dir, SPLIT, DATA)
+images, masks = busi.RunFolder(run_dir).predictions(SPLIT, data=DATA)
 
 # %% [markdown]
 # The first `N_OVERLAYS` images of the part (the figure is saved in `figures/`):
 
 # %%
 busi.plots.overlays(images, masks, ids=list(images["id"][:N_OVERLAYS]),
-                    path=run_dir / "figures" / f"overlays_{SPLIT}.png")
+                    path=busi.RunFolder(run_dir).figures / f"overlays_{SPLIT}.png")
 
 # %% [markdown]
 # ## The worst cases
@@ -107,7 +107,7 @@ busi.plots.overlays(images, masks, ids=list(images["id"][:N_OVERLAYS]),
 
 # %%
 busi.plots.worst_cases(per_image, images, masks, n=N_WORST,
-                       path=run_dir / "figures" / f"worst_{SPLIT}.png")
+                       path=busi.RunFolder(run_dir).figures / f"worst_{SPLIT}.png")
 
 # %% [markdown]
 # ## Save the weights with these settings

@@ -44,7 +44,6 @@ from IPython.display import display
 
 import busi
 import busi.notebook
-from busi.evaluation import postprocess_for
 
 # %% [markdown]
 # The weights file and the run that made it:
@@ -73,7 +72,7 @@ print(model.name, "input", model.input_shape, "output", model.output_shape)
 # its SHA-1 matches the weights. Other weights get predict's defaults (letterbox, threshold 0.5).
 
 # %%
-postprocess_for(weights)
+busi.postprocess_for(weights)
 
 # %% [markdown]
 # ## The images

@@ -54,7 +54,6 @@ import pandas as pd
 
 import busi
 import busi.notebook
-from busi.cross_dataset import dataset_predictions
 
 # %% [markdown]
 # ## BUS-BRA at a glance
@@ -169,12 +168,12 @@ pd.DataFrame({
 # same images: ground truth green, prediction red.
 
 # %%
-busi_rows, busi_masks = dataset_predictions(busi_run, "busbra", PART, data=busbra_root)
-joint_rows, joint_masks = busi.notebook.run_predictions(joint_run, "test")
-joint_rows = joint_rows[joint_rows["dataset"] == "busbra"]
+busi_rows, busi_masks = busi.RunFolder(busi_run).predictions(PART, data=busbra_root,
+                                                              dataset="busbra")
+joint_rows, joint_masks = busi.RunFolder(joint_run).predictions("test", dataset="busbra")
 per_image = {
-    "BUSI model": pd.read_csv(busi_run / "evaluation-busbra" / f"per_image_{PART}.csv"),
-    "joint model": pd.read_csv(joint_run / "evaluation-busbra" / "per_image_test.csv"),
+    "BUSI model": busi.RunFolder(busi_run).per_image(PART, dataset="busbra"),
+    "joint model": busi.RunFolder(joint_run).per_image("test", dataset="busbra"),
 }
 common = per_image["BUSI model"][per_image["BUSI model"]["id"].isin(joint_rows["id"])]
 worst = list(common.sort_values("dice", kind="mergesort")["id"].head(N_FAILURES))
@@ -182,4 +181,4 @@ scores = {name: dict(zip(frame["id"], frame["dice"], strict=True))
           for name, frame in per_image.items()}
 busi.plots.side_by_side(busi_rows, {"BUSI model": busi_masks, "joint model": joint_masks},
                         worst, scores=scores,
-                        path=joint_run / "figures" / "busbra_failures.png")
+                        path=busi.RunFolder(joint_run).figures / "busbra_failures.png")
