@@ -8,6 +8,8 @@ import pytest
 from busi import models
 from busi._keras import keras as get_keras
 from busi._keras import sm as get_sm
+from busi.config import TrainConfig
+from busi.encoders import sm_unet
 
 keras = get_keras()
 sm = get_sm()
@@ -29,14 +31,14 @@ def gray_batch(shape=(2, 32, 32), seed=0) -> np.ndarray:
 
 
 def test_preprocessing_table_covers_every_sm_encoder():
-    assert set(models.PREPROCESSING_MODES) == set(sm.get_available_backbone_names())
+    assert set(sm_unet.PREPROCESSING_MODES) == set(sm.get_available_backbone_names())
 
 
-@pytest.mark.parametrize("encoder", sorted(models.PREPROCESSING_MODES))
+@pytest.mark.parametrize("encoder", sorted(sm_unet.PREPROCESSING_MODES))
 def test_preprocessing_layer_matches_sm_get_preprocessing(encoder):
     x = gray_batch((2, 4, 4))
     expected = sm.get_preprocessing(encoder)(x.copy())
-    layer = models.preprocessing_layer(encoder)
+    layer = sm_unet.preprocessing_layer(encoder)
     got = x if layer is None else np.asarray(layer(x))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
@@ -46,8 +48,8 @@ def test_spliced_preprocessing_and_copied_weights_match_sm():
     # weights (ImageNet ones in real use): a wrong splice or a missed weight copy shows here
     unet = sm.Unet("resnet18", input_shape=(32, 32, 3), encoder_weights=None,
                    decoder_filters=TINY_DECODER)
-    flat = models._flatten_with_preprocessing(
-        unet, models.preprocessing_layer("vgg16"), "unet_test"
+    flat = sm_unet._flatten_with_preprocessing(
+        unet, sm_unet.preprocessing_layer("vgg16"), "unet_test"
     )
     assert [layer.name for layer in flat.layers[:2]] == ["image", "preprocess"]
     assert len(flat.layers) == len(unet.layers) + 1
@@ -138,10 +140,11 @@ def test_classic_unet():
 
 def test_make_model_registry():
     assert set(models.ARCHITECTURES) == {"unet", "classic_unet"}
-    model = models.make_model("classic_unet", input_shape=(16, 16, 3), base_filters=2, depth=2)
+    model = models.build(TrainConfig(architecture="classic_unet", image_size=16, base_filters=2,
+                                     depth=2))
     assert model.name == "classic_unet"
     with pytest.raises(ValueError, match="classic_unet"):
-        models.make_model("segformer")
+        models.architecture("segformer")
 
 
 def test_imagenet_download_failure_is_explained(monkeypatch, tmp_path):
