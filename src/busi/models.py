@@ -37,7 +37,7 @@ from busi.errors import WeightsDownloadError
 if TYPE_CHECKING:
     from busi.config import TrainConfig
 
-SM_DOWNSAMPLING = 2**5
+UNET_DOWNSAMPLING = 2**5
 """U-Net encoders halve the resolution five times: H and W must divide by 32."""
 
 ENCODER_BUILDERS: dict[str, Callable[..., Any]] = {
@@ -109,7 +109,7 @@ def build_model(
             encoder is not installed (the message names the pip command).
     """
     spec = encoders.encoder(encoder)
-    shape = _check_input_shape(input_shape, SM_DOWNSAMPLING, f"U-Net with encoder {encoder}")
+    shape = _check_input_shape(input_shape, UNET_DOWNSAMPLING, f"U-Net with encoder {encoder}")
     if len(decoder_filters) != 5:
         raise ValueError(
             f"decoder_filters needs 5 values (one per upsampling stage, so the mask has the "
