@@ -23,13 +23,14 @@ import time
 from _common import print_header
 
 import busi  # first: sets TF_USE_LEGACY_KERAS before TensorFlow is imported
+from busi.data.geometry import MODES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="BUSI folder (default: $BUSI_DATA)")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--mode", default="letterbox", choices=["letterbox", "stretch"])
+    parser.add_argument("--mode", default="letterbox", choices=MODES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

@@ -35,16 +35,16 @@ import tensorflow as tf
 from _common import print_header, usable_cores
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
-from busi import _keras
+from busi import _keras, models
 from busi.config import TrainConfig
-from busi.training import build
+from busi.training import compile_model
 
 FLOPS_PER_CYCLE = {("AuthenticAMD", 26): 64, ("AuthenticAMD", 25): 32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--architecture", default="unet", choices=["unet", "classic_unet"])
+    parser.add_argument("--architecture", default="unet", choices=list(models.ARCHITECTURES))
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--base-filters", type=int, default=32)
     parser.add_argument("--depth", type=int, default=4)
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         base_filters=args.base_filters, depth=args.depth, image_size=args.size,
         batch_size=args.batch_size, decoder_filters=args.decoder_filters,
     )
-    model = build(config)
+    model = models.build(config)
+    compile_model(model, config)
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.size, args.size)
     images = tf.constant(rng.uniform(0, 255, (*shape, 3)).astype(np.float32))

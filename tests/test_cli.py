@@ -31,6 +31,22 @@ def test_every_option_of_train_is_explained(capsys):
     assert "max_minutes" in text and "limit" in text
 
 
+def test_train_and_predict_offer_the_registered_choices(capsys):
+    from busi import models
+    from busi.data.geometry import MODES
+    from busi.encoders import ENCODERS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--architecture {" + ",".join(models.ARCHITECTURES) + "}" in text
+    squeezed = "".join(text.split())  # argparse wraps long help, also inside names
+    assert all(name in squeezed for name in ENCODERS)
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "--resize {" + ",".join(MODES) + "}" in capsys.readouterr().out
+
+
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "busi.cli", "--version"], capture_output=True,
                             text=True, timeout=120)

@@ -190,3 +190,55 @@ def test_data_paths_given_as_paths_are_saved_as_strings(tmp_path):
     assert config.data_paths == {"busi": str(tmp_path)}
     config.save(tmp_path / "config.json")  # JSON: a Path would not serialise
     assert TrainConfig.load(tmp_path / "config.json") == config
+
+
+def test_checking_any_config_does_not_load_tensorflow():
+    """The encoder list is plain data (busi.encoders.ENCODERS): checking a U-Net config, the
+    default, no longer imports segmentation-models and TensorFlow to learn the names."""
+    code = ("import sys\nfrom busi.config import TrainConfig\n"
+            "TrainConfig(encoder='efficientnetb3'); TrainConfig(encoder='efficientnet-lite0')\n"
+            "print('tensorflow' in sys.modules, 'segmentation_models' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_choices_come_from_the_registries():
+    from busi import losses, models
+    from busi.config import CHOICES, MONITORS
+    from busi.data.geometry import MODES
+    from busi.encoders import ENCODERS
+
+    assert CHOICES["architecture"] == tuple(models.ARCHITECTURES)
+    assert CHOICES["resize"] == MODES == ("letterbox", "stretch")
+    assert CHOICES["loss"] == tuple(losses.LOSSES)
+    assert CHOICES["optimizer"] == tuple(losses.OPTIMIZERS)
+    assert "val_iou_score" in MONITORS and "f1-score" in MONITORS
+    with pytest.raises(ValueError, match="choose one of busi's and segmentation-models' "
+                       "encoders: efficientnet-lite0, .*resnet34"):
+        TrainConfig(encoder="resnet17")
+    assert TrainConfig(architecture="classic_unet", encoder="resnet17").encoder == "resnet17"
+    assert set(ENCODERS) >= {"efficientnet-lite0", "resnet34", "efficientnetb7"}
+
+
+@pytest.mark.parametrize(("extra", "devices"), [({}, None), (None, None),
+                                                 ({"devices": ["/cpu:0"]}, ("/cpu:0",))])
+def test_configs_saved_with_extra_still_load_and_resume(tmp_path, extra, devices):
+    """Runs saved ``extra: {}`` (its one key, devices, is a field now): their config.json must
+    load and equal the same settings written today, or they could not be resumed."""
+    import json
+
+    saved = TrainConfig(encoder_weights=None).to_dict()
+    del saved["devices"]
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "extra": extra}))
+    loaded = TrainConfig.load(tmp_path / "config.json")
+    assert loaded.devices == devices
+    assert loaded == TrainConfig(encoder_weights=None, devices=devices)
+    assert "extra" not in loaded.to_dict()
+
+
+def test_unused_extra_keys_are_dropped_with_a_warning(caplog):
+    config = TrainConfig.from_dict({"extra": {"note": "first try"}})
+    assert config == TrainConfig()
+    assert "extra keys ['note'] are not used" in caplog.text
+    with pytest.raises(ValueError, match="devices given twice"):
+        TrainConfig.from_dict({"devices": ["/gpu:0"], "extra": {"devices": ["/gpu:1"]}})

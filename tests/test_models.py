@@ -8,6 +8,8 @@ import pytest
 from busi import models
 from busi._keras import keras as get_keras
 from busi._keras import sm as get_sm
+from busi.config import TrainConfig
+from busi.encoders import sm_unet
 
 keras = get_keras()
 sm = get_sm()
@@ -29,14 +31,14 @@ def gray_batch(shape=(2, 32, 32), seed=0) -> np.ndarray:
 
 
 def test_preprocessing_table_covers_every_sm_encoder():
-    assert set(models.PREPROCESSING_MODES) == set(sm.get_available_backbone_names())
+    assert set(sm_unet.PREPROCESSING_MODES) == set(sm.get_available_backbone_names())
 
 
-@pytest.mark.parametrize("encoder", sorted(models.PREPROCESSING_MODES))
+@pytest.mark.parametrize("encoder", sorted(sm_unet.PREPROCESSING_MODES))
 def test_preprocessing_layer_matches_sm_get_preprocessing(encoder):
     x = gray_batch((2, 4, 4))
     expected = sm.get_preprocessing(encoder)(x.copy())
-    layer = models.preprocessing_layer(encoder)
+    layer = sm_unet.preprocessing_layer(encoder)
     got = x if layer is None else np.asarray(layer(x))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
@@ -46,8 +48,8 @@ def test_spliced_preprocessing_and_copied_weights_match_sm():
     # weights (ImageNet ones in real use): a wrong splice or a missed weight copy shows here
     unet = sm.Unet("resnet18", input_shape=(32, 32, 3), encoder_weights=None,
                    decoder_filters=TINY_DECODER)
-    flat = models._flatten_with_preprocessing(
-        unet, models.preprocessing_layer("vgg16"), "unet_test"
+    flat = sm_unet._flatten_with_preprocessing(
+        unet, sm_unet.preprocessing_layer("vgg16"), "unet_test"
     )
     assert [layer.name for layer in flat.layers[:2]] == ["image", "preprocess"]
     assert len(flat.layers) == len(unet.layers) + 1
@@ -138,10 +140,11 @@ def test_classic_unet():
 
 def test_make_model_registry():
     assert set(models.ARCHITECTURES) == {"unet", "classic_unet"}
-    model = models.make_model("classic_unet", input_shape=(16, 16, 3), base_filters=2, depth=2)
+    model = models.build(TrainConfig(architecture="classic_unet", image_size=16, base_filters=2,
+                                     depth=2))
     assert model.name == "classic_unet"
     with pytest.raises(ValueError, match="classic_unet"):
-        models.make_model("segformer")
+        models.architecture("segformer")
 
 
 def test_imagenet_download_failure_is_explained(monkeypatch, tmp_path):
@@ -163,3 +166,60 @@ def test_imagenet_download_failure_is_explained(monkeypatch, tmp_path):
             "resnet18_imagenet_1000_no_top.h5") in message
     assert str(tmp_path / ".keras" / "models" / "resnet18_imagenet_1000_no_top.h5") in message
     assert "encoder_weights=None" in message and "--encoder-weights none" in message
+
+
+def test_the_registries_name_models_as_tables_and_cards_did():
+    """Results tables and model cards read an architecture's names from its registry entry; the
+    README table must come out as before."""
+    classic = TrainConfig(architecture="classic_unet", base_filters=16, depth=4)
+    assert models.model_label(classic) == "classic U-Net, 16 filters, depth 4, from scratch"
+    assert models.model_details(classic.to_dict()) == "16 base filters, depth 4"
+    unet = TrainConfig(encoder="resnet34")
+    assert models.model_label(unet) == "U-Net, resnet34, imagenet"
+    assert models.model_label(unet.replace(encoder_weights=None)) == "U-Net, resnet34, from scratch"
+    assert models.model_details(unet.to_dict()) == "resnet34 encoder (imagenet)"
+    assert models.model_details(unet.replace(encoder_weights=None)) == (
+        "resnet34 encoder (from scratch)")
+
+
+def test_build_reads_the_architecture_options_from_the_config():
+    config = TrainConfig(encoder="resnet18", encoder_weights=None, image_size=32,
+                         decoder_filters=TINY_DECODER)
+    model = models.build(config, freeze_encoder=True)
+    assert model.name == "unet_resnet18" and model.input.shape.as_list() == [None, 32, 32, 3]
+    assert model.get_layer("decoder_stage4a_conv").filters == TINY_DECODER[-1]
+    assert any(layer.weights and not layer.trainable for layer in models.encoder_layers(model))
+
+
+def test_freezing_is_what_segmentation_models_does():
+    """build_model freezes every encoder family the same way after building; for sm's it must
+    flag the same layers as sm's own encoder_freeze did."""
+    ours = models.build_model("resnet18", input_shape=(32, 32, 3), encoder_weights=None,
+                              freeze_encoder=True, decoder_filters=TINY_DECODER)
+    theirs = sm.Unet("resnet18", input_shape=(32, 32, 3), encoder_weights=None,
+                     encoder_freeze=True, decoder_filters=TINY_DECODER, classes=1,
+                     activation="sigmoid")
+    flags = {layer.name: layer.trainable for layer in theirs.layers if layer.weights}
+    renamed = {"sigmoid": "mask"}
+    assert {renamed.get(name, name): flag for name, flag in flags.items()} == {
+        layer.name: layer.trainable for layer in ours.layers if layer.weights}
+
+
+@pytest.mark.parametrize("name", sorted(models.ARCHITECTURES))
+def test_an_architecture_entry_names_real_config_fields_and_builder_arguments(name):
+    import dataclasses
+    import inspect
+
+    spec = models.ARCHITECTURES[name]
+    parameters = inspect.signature(spec.builder).parameters
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert set(spec.options) <= fields and set(spec.options) <= set(parameters)
+    assert "input_shape" in parameters
+    assert ("freeze_encoder" in parameters) == spec.uses_encoder
+
+
+def test_every_encoder_family_has_a_builder():
+    from busi.encoders import ENCODERS, Family
+
+    assert {spec.family for spec in ENCODERS.values()} == set(models.ENCODER_BUILDERS) == set(
+        Family.__args__)

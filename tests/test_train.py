@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import busi
-from busi import training
+from busi import callbacks, training
 from busi.config import TrainConfig
 from busi.data import parts
 from busi.runs import RunFolder
@@ -93,14 +93,14 @@ def test_segmentation_models_unet_trains(busi_folder, tmp_path):
 
 def test_mirrored_strategy_on_two_logical_cpus(busi_folder, tmp_path):
     """Several devices: MirroredStrategy replicates the model (CPU stands in for GPUs)."""
-    config = tiny(busi_folder, tmp_path, epochs=1, extra={"devices": ["/cpu:0", "/cpu:1"]})
+    config = tiny(busi_folder, tmp_path, epochs=1, devices=["/cpu:0", "/cpu:1"])
     path = config.save(tmp_path / "config.json")
     code = (
         "import busi, tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, "
         "[tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from busi.training import distribution_strategy\n"
+        "from busi.devices import distribution_strategy\n"
         "assert distribution_strategy(['/cpu:0', '/cpu:1']).num_replicas_in_sync == 2\n"
         f"busi.train({str(path)!r})\n"
         "print('mirrored ok')\n"
@@ -144,8 +144,8 @@ def test_time_limit_does_not_start_an_epoch_predicted_to_overrun(monkeypatch):
     10 s epoch would end at 40 s, past the deadline, so training stops after epoch 3 (it does
     not run to t=40); after epoch 2 (t=20) a third still fits (ends at 30)."""
     clock = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
-    limit = training.TimeLimit(deadline=35.0)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    limit = callbacks.TimeLimit(deadline=35.0)
     limit.set_model(_FakeModel())
     for epoch in range(3):
         assert limit.next_epoch_fits()
@@ -154,14 +154,14 @@ def test_time_limit_does_not_start_an_epoch_predicted_to_overrun(monkeypatch):
         limit.on_epoch_end(epoch)
         assert limit.model.stop_training == (epoch == 2), epoch
     assert limit.stopped and limit.durations == [10.0, 10.0, 10.0]
-    resumed = training.TimeLimit(deadline=clock[0] + 9.0, durations=[10.0])
+    resumed = callbacks.TimeLimit(deadline=clock[0] + 9.0, durations=[10.0])
     assert not resumed.next_epoch_fits()  # a resumed run knows its epoch length
 
 
 def test_time_limit_warns_early_when_the_first_epoch_will_overrun(monkeypatch, caplog):
     clock = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
-    limit = training.TimeLimit(deadline=60.0)
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    limit = callbacks.TimeLimit(deadline=60.0)
     limit.set_model(_FakeModel())
     limit.set_params({"steps": 100, "epochs": 1})
     limit.on_epoch_begin(0)
@@ -256,9 +256,9 @@ def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, rec
     best.h5 whose hash the state does not know (publish would refuse it as replaced)."""
     import pandas as pd
 
+    from busi.callbacks import RunCheckpoint
     from busi.digests import file_digest
     from busi.runs import RunFolder
-    from busi.training import RunCheckpoint
 
     run = RunFolder(tmp_path)
     run.best.write_bytes(b"old best")

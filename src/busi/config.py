@@ -11,15 +11,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from busi import encoders, losses, models
 from busi.atomic import atomic_write_text
 from busi.config_fields import check_fields
 from busi.data.augment_config import AugmentConfig
+from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+LR_SCHEDULES = ("plateau", "cosine")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "architecture": tuple(models.ARCHITECTURES),
+    "resize": MODES,
+    "loss": losses.LOSS_NAMES,
+    "optimizer": tuple(losses.OPTIMIZERS),
+    "lr_schedule": LR_SCHEDULES,
+    "mixed_precision": PRECISIONS,
+}
+"""Fields with a fixed set of values, from the registries that define them (the CLI offers the
+same ones)."""
+
+MONITORS = tuple(f"{prefix}{name}" for prefix in ("", "val_")
+                 for name in ("loss", *losses.METRIC_NAMES))
+"""What ``monitor`` may watch: the loss and the training metrics, on training or validation."""
 
 
 def _augmentation_overrides(values: Any) -> dict[str, Any]:
@@ -42,6 +65,30 @@ def _augmentation_overrides(values: Any) -> dict[str, Any]:
         if value != defaults[name]:
             overrides[name] = list(value) if isinstance(value, tuple) else value
     return overrides
+
+
+def _legacy_extra(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the ``extra`` mapping of older configs (saved by every run until
+    ``devices`` became a field, ``{}`` mostly) turned into fields, so old run folders still load
+    and resume. ``devices`` was the only key busi read; others are dropped with a warning."""
+    if "extra" not in values:
+        return values
+    values = dict(values)
+    extra = values.pop("extra")
+    if extra is None:  # "extra:" left empty in YAML
+        extra = {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a mapping (older configs), got {extra!r}")
+    extra = dict(extra)
+    if "devices" in extra:
+        devices = extra.pop("devices")
+        if values.get("devices") not in (None, devices):
+            raise ValueError(f"devices given twice: {values['devices']!r} and extra.devices "
+                             f"{devices!r}")
+        values["devices"] = devices
+    if extra:
+        log.warning("config: extra keys %s are not used by busi; ignored", sorted(extra))
+    return values
 
 
 def _reject_unknown(values: Any, known: Any, what: str) -> None:
@@ -94,7 +141,8 @@ class TrainConfig:
             on benign + malignant only.
         drop_conflicts: leave out the images of duplicate groups whose labels conflict (the same
             scan filed as benign and malignant, say); kept, they stay together in one part.
-        architecture: "unet" (segmentation-models, ``encoder`` backbone) or "classic_unet".
+        architecture: a name of :data:`busi.models.ARCHITECTURES`: "unet" (on ``encoder``, any
+            of :data:`busi.encoders.ENCODERS`) or "classic_unet".
         encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
         decoder_filters: filters of the five decoder stages of the "unet" architecture
@@ -111,6 +159,10 @@ class TrainConfig:
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
+        devices: replicate the model over these devices (``tf.distribute.MirroredStrategy``,
+            e.g. ``["/gpu:0", "/gpu:1"]``; the batch size is the global batch). None: all GPUs
+            when there are several, else the default device. Older configs kept it as
+            ``extra: {devices: [...]}``, still read.
         limit: use only N images of each split part, classes in proportion (quick runs, CI).
         precise_bn_batches: before each validation, recompute BatchNorm statistics over this
             many training batches (0: use Keras' moving averages, which lag badly when training
@@ -174,12 +226,12 @@ class TrainConfig:
 
     mixed_precision: str = "auto"
     jit_compile: bool = False
+    devices: tuple[str, ...] | None = None
     deterministic: bool = False
     limit: int | None = None
     max_minutes: float | None = None
     precise_bn_batches: int = 25
     evaluate: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.augmentation is None:  # "augmentation:" left empty in YAML
@@ -203,32 +255,13 @@ class TrainConfig:
         if self.encoder_weights not in (None, "imagenet"):
             raise ValueError(f"encoder_weights must be imagenet or none, got "
                              f"{self.encoder_weights!r}")
-        choices = {
-            "architecture": ("unet", "classic_unet"),
-            "resize": ("letterbox", "stretch"),
-            "mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
-            "optimizer": ("adam", "adamw", "sgd"),
-            "lr_schedule": ("plateau", "cosine"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        from busi.losses import LOSS_NAMES
-
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"loss must be one of {list(LOSS_NAMES)}, got {self.loss!r}")
-        monitors = [f"{prefix}{name}" for prefix in ("", "val_")
-                    for name in ("loss", "iou_score", "f1-score")]
-        if self.monitor not in monitors:
-            raise ValueError(f"monitor must be one of {monitors}, got {self.monitor!r}")
-        if self.architecture == "unet":
-            from busi.models import available_encoders
-
-            if self.encoder not in available_encoders():
-                raise ValueError(
-                    f"unknown encoder {self.encoder!r}; choose one of busi's and "
-                    f"segmentation-models' encoders: {', '.join(available_encoders())}"
-                )
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {list(MONITORS)}, got {self.monitor!r}")
+        if models.ARCHITECTURES[self.architecture].uses_encoder:
+            encoders.encoder(self.encoder)  # an unknown name fails, listing the known ones
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 (some images must be left to "
@@ -291,17 +324,15 @@ class TrainConfig:
         return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.name
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON and YAML can hold them (tuples as lists)."""
         data = dataclasses.asdict(self)
-        data["classes"] = list(self.classes)
-        data["decoder_filters"] = list(self.decoder_filters)
-        data["datasets"] = list(self.datasets)
-        if self.train_classes is not None:
-            data["train_classes"] = list(self.train_classes)
-        return data
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in data.items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping; an unknown key is an error that names it and the known ones."""
+        values = _legacy_extra(values)
         _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "config")
         return cls(**values)
 

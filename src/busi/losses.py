@@ -1,4 +1,8 @@
-"""Training losses and metrics by name, and the custom objects a saved model needs to reload.
+"""Training losses, metrics and optimizers by name, and the custom objects a saved model needs.
+
+:data:`LOSSES`, :data:`METRICS` and :data:`OPTIMIZERS` are the one list of each: config checks
+read their names (without importing TensorFlow: the factories import on use), training builds
+from them, so a new loss or optimizer is one entry here.
 
 Losses come from segmentation-models (``sm.losses``) because its Dice and focal losses are the
 reference implementations the BUSI literature uses. The default, Dice + binary focal, fits
@@ -27,21 +31,34 @@ DEFAULT_LOSS = "dice_focal"
 THRESHOLD = 0.5
 """Probability threshold of the training metrics. Evaluation chooses its own on validation."""
 
-METRIC_NAMES = ("iou_score", "f1-score")
+LOSSES: dict[str, Callable[[Any], Any]] = {
+    "dice_focal": lambda sm: sm.losses.DiceLoss() + sm.losses.BinaryFocalLoss(),
+    "bce": lambda sm: sm.losses.BinaryCELoss(),
+    "bce_dice": lambda sm: sm.losses.BinaryCELoss() + sm.losses.DiceLoss(),
+}
+"""Loss name (as a config writes it) -> factory taking the segmentation-models module."""
+
+LOSS_NAMES = tuple(LOSSES)
+"""Names accepted by :func:`get_loss` (a config picks the loss by one of these)."""
+
+METRICS: dict[str, Callable[[Any], Any]] = {
+    "iou_score": lambda sm: sm.metrics.IOUScore(threshold=THRESHOLD),
+    "f1-score": lambda sm: sm.metrics.FScore(threshold=THRESHOLD),
+}
+"""Training metric -> factory taking the segmentation-models module. The names are the metrics'
+own ``__name__``, the keys of the training history (``val_iou_score`` ...) that monitors,
+plots and resumed runs rely on: keep them stable."""
+
+METRIC_NAMES = tuple(METRICS)
 """Names of :func:`get_metrics` as they appear in the training history (keep them stable)."""
 
-
-def _loss_factories() -> dict[str, Callable[[], Any]]:
-    sm = _keras.sm()
-    return {
-        "dice_focal": lambda: sm.losses.DiceLoss() + sm.losses.BinaryFocalLoss(),
-        "bce": lambda: sm.losses.BinaryCELoss(),
-        "bce_dice": lambda: sm.losses.BinaryCELoss() + sm.losses.DiceLoss(),
-    }
-
-
-LOSS_NAMES = ("dice_focal", "bce", "bce_dice")
-"""Names accepted by :func:`get_loss` (a config picks the loss by one of these)."""
+OPTIMIZERS: dict[str, Callable[[Any, float], Any]] = {
+    "adam": lambda keras, rate: keras.optimizers.Adam(learning_rate=rate),
+    "adamw": lambda keras, rate: keras.optimizers.AdamW(learning_rate=rate),
+    "sgd": lambda keras, rate: keras.optimizers.SGD(learning_rate=rate, momentum=0.9),
+}
+"""Optimizer name (as a config writes it) -> factory taking the Keras module and the learning
+rate."""
 
 
 def get_loss(name: str = DEFAULT_LOSS) -> Callable:
@@ -57,10 +74,16 @@ def get_loss(name: str = DEFAULT_LOSS) -> Callable:
     Raises:
         ValueError: unknown name.
     """
-    factories = _loss_factories()
-    if name not in factories:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(factories)}")
-    return factories[name]()
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name](_keras.sm())
+
+
+def get_optimizer(name: str, learning_rate: float) -> Any:
+    """A fresh Keras optimizer called ``name`` (one of :data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
+    return OPTIMIZERS[name](_keras.keras(), learning_rate)
 
 
 def get_metrics() -> list:
@@ -70,7 +93,7 @@ def get_metrics() -> list:
     (``val_iou_score`` ...), which the plots and checkpoint monitors rely on.
     """
     sm = _keras.sm()
-    return [sm.metrics.IOUScore(threshold=THRESHOLD), sm.metrics.FScore(threshold=THRESHOLD)]
+    return [make(sm) for make in METRICS.values()]
 
 
 def _custom_objects() -> dict[str, Any]:

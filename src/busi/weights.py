@@ -125,7 +125,7 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             _weights_group(handle, path)
         raise DataError(
             f"{path} holds weights only, no model architecture. Build the model with the "
-            "same configuration (busi.models.build_model(...) / make_model(...)) and load "
+            "same configuration (busi.models.build(config) or build_model(...)) and load "
             "the file with busi.weights.load_weights_into(model, path)"
         )
     if model_file.safe_mode_default(safe_mode):

