@@ -158,6 +158,23 @@ def test_time_limit_does_not_start_an_epoch_predicted_to_overrun(monkeypatch):
     assert not resumed.next_epoch_fits()  # a resumed run knows its epoch length
 
 
+def test_time_limit_does_not_stop_after_the_last_epoch(monkeypatch):
+    """A run whose last epoch ends where another would not fit has still done all its epochs:
+    it is finished (and gets evaluated), not "stopped by the time budget". Found when the joint
+    BUSI + BUS-BRA run did 4 of 4 epochs and reported a stop with evaluation skipped."""
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    limit = callbacks.TimeLimit(deadline=25.0)
+    limit.set_model(_FakeModel())
+    limit.set_params({"epochs": 2})
+    for epoch in range(2):
+        limit.on_epoch_begin(epoch)
+        clock[0] += 10.0
+        limit.on_epoch_end(epoch)
+    assert not limit.next_epoch_fits()  # a third epoch would end at 30 s, past 25 s
+    assert not limit.stopped and not limit.model.stop_training
+
+
 def test_time_limit_warns_early_when_the_first_epoch_will_overrun(monkeypatch, caplog):
     clock = [0.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])

@@ -95,7 +95,11 @@ class TimeLimit(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.durations.append(time.perf_counter() - self.epoch_start)
-        if not self.next_epoch_fits():
+        # After the last epoch of the fit nothing is stopped: a run that did all its epochs is
+        # finished (and evaluated), whatever another epoch would have cost.
+        epochs = (self.params or {}).get("epochs")
+        last = epochs is not None and epoch + 1 >= epochs
+        if not last and not self.next_epoch_fits():
             self.stopped = self.model.stop_training = True
 
 

@@ -188,7 +188,7 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     if not finished:
         with global_policy(policy):
             stopped = _train_epochs(config, run, parts, done, deadline)
-        finished = stopped != "time"
+        finished = stopped != "time" or int(run.read_state().get("epoch", 0)) >= config.epochs
         if not finished:
             log.warning(time_budget_message(config, run, done))
     if config.evaluate and finished and run.best.is_file():
