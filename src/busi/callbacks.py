@@ -97,7 +97,7 @@ class TimeLimit(keras.callbacks.Callback):
         self.durations.append(time.perf_counter() - self.epoch_start)
         # After the last epoch of the fit nothing is stopped: a run that did all its epochs is
         # finished (and evaluated), whatever another epoch would have cost.
-        epochs = (self.params or {}).get("epochs")
+        epochs = (getattr(self, "params", None) or {}).get("epochs")
         last = epochs is not None and epoch + 1 >= epochs
         if not last and not self.next_epoch_fits():
             self.stopped = self.model.stop_training = True
