@@ -119,6 +119,9 @@ def results_table(
         if config.datasets != ("busi",):
             trained_on += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
+        # a part without normal images (all of BUS-BRA's hold a lesion) has no FP rate to show
+        normals = (f"{normal.get('false_positives', 'n/a')} of {normal['n']} ({_fmt(fp, 2)})"
+                   if normal.get("n") else "no normal images")
         kept = _kept_epoch(run, config, history, model_path)
         lines.append(
             f"| `{_label(run, model_path)}` | {model} "
@@ -130,7 +133,7 @@ def results_table(
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
-            f"| {normal.get('false_positives', 'n/a')} of {normal.get('n', 0)} ({_fmt(fp, 2)}) |"
+            f"| {normals} |"
         )
     return "\n".join(lines) + "\n"
 
