@@ -387,7 +387,7 @@ def test_joint_run_refuses_an_image_that_two_datasets_share(busi_folder, tmp_pat
     """A user's folder made partly of BUSI images: each dataset is grouped and split on its own,
     so the copy could train in one and be tested in the other. The run is refused, naming both
     images (dataset:id) and what to do."""
-    from busi.training import dataset_table
+    from busi.data.parts import dataset_table
 
     busi_table = datasets.load("busi", busi_folder)
     original = busi_table.set_index("id").loc["benign (4)"]
