@@ -20,10 +20,10 @@ import pytest
 
 from busi import models
 from busi._keras import keras as get_keras
+from busi.digests import file_digest
 from busi.encoders import efficientnet_lite as el
 from busi.encoders import imagenet
 from busi.encoders.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
-from busi.runs import file_digest
 
 keras = get_keras()
 

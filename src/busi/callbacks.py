@@ -23,7 +23,8 @@ from busi import _keras, weights
 from busi.atomic import atomic_write_text
 from busi.batchnorm import PreciseValidation
 from busi.config import TrainConfig
-from busi.runs import RunFolder, file_digest
+from busi.digests import file_digest
+from busi.runs import RunFolder
 
 keras = _keras.keras()
 log = logging.getLogger(__name__)

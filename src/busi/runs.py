@@ -32,7 +32,7 @@ import pandas as pd
 
 from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
-from busi.digests import file_digest, file_sha1  # file_digest: also importable from here, as before
+from busi.digests import file_sha1
 from busi.paths import PROJ_ROOT
 
 if TYPE_CHECKING:
@@ -417,5 +417,5 @@ def check_same_config(run: RunFolder, config: TrainConfig) -> None:
         )
 
 
-__all__ = ["RunFolder", "check_same_config", "environment", "file_digest", "file_sha1",
-           "json_ready", "postprocess_for", "read_json", "write_json"]
+__all__ = ["RunFolder", "check_same_config", "environment", "json_ready", "postprocess_for",
+           "read_json", "write_json"]
