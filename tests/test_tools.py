@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import busi
@@ -54,12 +55,19 @@ def test_ensemble_eval_refuses_runs_of_different_splits(busi_folder, tmp_path):
 PREDICT_AGREES = SCRIPT.with_name("predict_agrees.py")
 
 
-def test_predict_agrees_with_evaluate_on_a_tiny_run(busi_folder, tmp_path):
-    run = busi.train(TrainConfig(
-        name="p", data=str(busi_folder), run_dir=str(tmp_path / "p"),
+@pytest.fixture(scope="module")
+def evaluated_run(busi_folder, tmp_path_factory):
+    """A tiny run, trained one epoch and evaluated (post-processing chosen on its val part)."""
+    root = tmp_path_factory.mktemp("tools")
+    return busi.train(TrainConfig(
+        name="p", data=str(busi_folder), run_dir=str(root / "p"),
         architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
         epochs=1, augment=False, evaluate=True, seed=1,
     ))
+
+
+def test_predict_agrees_with_evaluate_on_a_tiny_run(evaluated_run):
+    run = evaluated_run
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, str(PREDICT_AGREES), str(run / "best.h5"), str(run),
                           "--tolerance", "1e-6"],
@@ -67,3 +75,36 @@ def test_predict_agrees_with_evaluate_on_a_tiny_run(busi_folder, tmp_path):
     # the same weights and post-processing through the written PNGs: the same scores
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "difference 0.0000" in out.stdout
+
+
+SCORE_PUBLISHED = SCRIPT.with_name("score_published.py")
+
+
+def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folder, tmp_path):
+    """A published model scored from its sidecar alone gives what ``busi evaluate RUN --dataset``
+    gives from the run folder: the same rows, weights and post-processing, so the same numbers."""
+    from busi.publish import publish
+
+    weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
+    expected = busi.evaluate(evaluated_run, split="all", dataset="busbra", data=busbra_folder)
+    out = tmp_path / "scores.csv"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(SCORE_PUBLISHED), str(weights), "--dataset",
+                           "busbra", "--data", str(busbra_folder), "--part", "all", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    scores = pd.read_csv(out)
+    lesion = expected["splits"]["all"]["lesion"]
+    assert len(scores) == lesion["n"]
+    assert scores["dice"].mean() == pytest.approx(lesion["dice_mean"], abs=1e-9)  # same masks
+    assert f"| lesion | {lesion['n']} | {lesion['dice_mean']:.3f} |" in done.stdout
+
+
+def test_score_published_refuses_weights_without_their_sidecar(evaluated_run, tmp_path):
+    from busi.publish import publish
+
+    weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
+    weights.with_suffix(".json").unlink()
+    done = subprocess.run([sys.executable, str(SCORE_PUBLISHED), str(weights), "--dataset",
+                           "busbra"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "no sidecar" in done.stderr
