@@ -392,6 +392,21 @@ def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_fol
         folder.postprocess_for()).to_dict()
 
 
+def test_masks_on_another_dataset_wait_for_the_runs_own_choice(
+    tmp_path: Path, busi_folder: Path, busbra_folder: Path
+) -> None:
+    """Another dataset is scored with the post-processing chosen on the run's validation data;
+    before that choice exists, figures of it would show default masks, so they are refused."""
+    from busi.runs import RunFolder
+
+    run, _ = make_run(tmp_path, busi_folder)
+    with pytest.raises(ValueError, match="no post-processing chosen on validation yet"):
+        RunFolder(run).predictions("all", dataset="busbra", data=busbra_folder)
+    ev.evaluate(run, split="val")
+    table, masks = RunFolder(run).predictions("all", dataset="busbra", data=busbra_folder)
+    assert len(masks) == len(table) > 0
+
+
 @pytest.mark.busi_data
 def test_real_images_are_scored_at_their_own_size(real_table: pd.DataFrame) -> None:
     rows = real_table.groupby("label").head(2)

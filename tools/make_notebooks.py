@@ -28,6 +28,8 @@ from pathlib import Path
 import jupytext
 import nbformat
 
+from busi.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 README = ROOT / "README.md"
@@ -97,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{problem}; run python tools/make_notebooks.py", file=sys.stderr)
         return 1 if problems else 0
     for source in sources(args.dir):
-        source.with_suffix(".ipynb").write_text(build(source))
+        atomic_write_text(source.with_suffix(".ipynb"), build(source))
     if own:
         readme = README.read_text()
         if badges(readme, repo(args.dir)) != readme:
-            README.write_text(badges(readme, repo(args.dir)))
+            atomic_write_text(README, badges(readme, repo(args.dir)))
     print("wrote", [source.with_suffix(".ipynb").name for source in sources(args.dir)])
     return 0
 

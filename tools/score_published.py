@@ -15,7 +15,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,18 +27,21 @@ from busi.data import datasets
 from busi.evaluation import evaluate_model
 from busi.postprocess import PostProcess
 from busi.report import summary_text
-from busi.runs import json_ready, postprocess_for
+from busi.runs import json_ready, postprocess_for, read_json
 
 
 def score(weights: Path, dataset: str, part: str = "test", data: str | None = None):
     """(per-image table, summary dict in ``busi evaluate``'s form) of ``weights`` on ``part`` of
     ``dataset``, with the sidecar's config and post-processing."""
     sidecar_path = weights.with_suffix(".json")
-    if not sidecar_path.is_file():
+    sidecar = read_json(sidecar_path)
+    if sidecar is None:
         raise SystemExit(f"{weights}: no sidecar {sidecar_path.name} beside it (busi publish "
                          "writes one); without it the split settings and post-processing are "
                          "unknown")
-    sidecar = json.loads(sidecar_path.read_text())
+    if not isinstance(sidecar.get("config"), dict):
+        raise SystemExit(f"{sidecar_path}: no training config in it; not a sidecar written by "
+                         "busi publish")
     chosen = postprocess_for(weights)
     if chosen is None:
         raise SystemExit(f"{sidecar_path}: recorded for other weights (SHA-1 differs from "

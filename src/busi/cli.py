@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=names,
                    help="another dataset (results in RUN/evaluation-NAME/, with the run's "
                    "post-processing), or one of a joint run's (default: the run's first)")
-    p.add_argument("--weights", help="model .h5 (default: the run's best.h5)")
+    p.add_argument("--weights", help="model file of the run: .h5, or its .tflite/.onnx export "
+                   "(default: the run's best.h5)")
     p.add_argument("--data", help="dataset folder, if not where the run found it")
     p.add_argument("--json", action="store_true",
                    help="print the whole summary as JSON (for scripts) instead of a table")
@@ -250,7 +251,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="figures and metrics table of an evaluated run")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", help="output folder (default: reports/<run name>)")
-    p.add_argument("--weights", help="model .h5 of the run (default: its best.h5)")
+    p.add_argument("--weights", help="model file of the run: .h5, or its .tflite/.onnx export "
+                   "(default: its best.h5)")
     p.add_argument("--split", "--part", default="test", choices=["val", "test", "all"],
                    help="the part of the run's split to report on (default: %(default)s)")
     p.add_argument("--dataset", choices=names, help="report on this dataset (see evaluate)")

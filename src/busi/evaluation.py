@@ -315,12 +315,14 @@ def chosen_postprocess(run_dir: str | os.PathLike, model_path: str | os.PathLike
     if it has not been, or was chosen for earlier weights."""
     run = RunFolder(run_dir)
     model_path = run.weights(model_path)
-    path = run.evaluation_dir(model_path) / POSTPROCESS_FILE
-    params = read_json(path)
-    if params is None or params.get("model_sha1") != file_sha1(model_path):
+    out_dir, sha1 = run.evaluation_dir(model_path), file_sha1(model_path)
+    params = _saved_choice(out_dir, sha1)
+    if params is None:
         evaluate(run.root, split="val", model_path=model_path)
-        params = read_json(path)
-    assert params is not None
+        params = _saved_choice(out_dir, sha1)
+    if params is None:
+        raise RuntimeError(f"{out_dir / POSTPROCESS_FILE}: evaluating the val part recorded no "
+                           f"post-processing for {model_path}")
     return params
 
 
@@ -362,15 +364,12 @@ def evaluate_dataset(
         per_image, _ = evaluate_model(run.open_model(model_path), rows, post, config.image_size,
                                       config.resize, batch_size or config.batch_size)
         out_dir = run.evaluation_dir(model_path, dataset)
-        record = _write_summary(out_dir, {part: per_image}, model_path, file_sha1(model_path),
-                                post, config.image_size, config.resize, dataset)
-        record.update({
-            "part": part, "dataset_fingerprint": fingerprint(rows),
-            "postprocess_chosen_on":
-                f"val of the run's own datasets ({', '.join(config.datasets)})",
-        })
-        write_json(out_dir / SUMMARY_FILE, record)
-        return record
+        return _write_summary(out_dir, {part: per_image}, model_path, file_sha1(model_path),
+                              post, config.image_size, config.resize, dataset, extra={
+                                  "part": part, "dataset_fingerprint": fingerprint(rows),
+                                  "postprocess_chosen_on": "val of the run's own datasets "
+                                                           f"({', '.join(config.datasets)})",
+                              })
 
 
 def _ids_of(rows: pd.DataFrame, dataset: str) -> pd.Series:
@@ -396,12 +395,14 @@ def _summary_record(
 
 def _write_summary(
     out_dir: Path, per_image: Mapping[str, pd.DataFrame], model_path: Path, sha1: str,
-    post: PostProcess, size: Any, mode: str, dataset: str,
+    post: PostProcess, size: Any, mode: str, dataset: str, extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``per_image_<part>.csv`` and ``summary.json`` into ``out_dir``; parts evaluated
-    earlier with the same weights and post-processing are kept in the summary."""
+    """Write ``per_image_<part>.csv`` and ``summary.json`` (with the ``extra`` keys: one
+    write) into ``out_dir``; parts evaluated earlier with the same weights and post-processing
+    are kept in the summary."""
     record = _summary_record(model_path, sha1, post, size, mode)
     record["dataset"] = dataset
+    record.update(extra or {})
     previous = read_json(out_dir / SUMMARY_FILE)
     if previous and all(previous.get(k) == record[k] for k in ("model_sha1", "postprocess")):
         record["splits"].update(previous.get("splits", {}))

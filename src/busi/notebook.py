@@ -124,16 +124,13 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     from busi.config import TrainConfig
     from busi.data.index import fingerprint
     from busi.data.parts import dataset_table, make_run_split, split_parts, stratified_head
-    from busi.data.splits import load_split, select
     from busi.runs import RunFolder
 
     source = Path(run_dir)
     sidecar = source.with_suffix(".json")
     run = RunFolder(source)
     if run.config.is_file():
-        config = run.load_config()
-        table = dataset_table(config if data is None else config.replace(data=str(data)))
-        rows = select(table, load_split(run.split), split)
+        rows = run.parts(run.with_data(data))[split]  # checked against the run's fingerprint
     elif source.suffix == ".h5" and sidecar.is_file():
         facts = json.loads(sidecar.read_text())
         # The dataset here, not the path the model was trained from on another machine.

@@ -227,7 +227,8 @@ class RunFolder:
             dataset: only the images of this dataset (one of a joint run's, or another one);
                 None: every image of the part.
             postprocess: how probabilities become masks; default what evaluation chose on
-                validation for these weights (:meth:`postprocess_for`), else the defaults.
+                validation for these weights (:meth:`postprocess_for`), else the defaults (for
+                another dataset, an error: it is scored with the run's own choice).
 
         Returns:
             ``(table, masks)``: the index rows, and ``{id: uint8 (H, W) mask in {0, 1}}`` at each
@@ -246,6 +247,12 @@ class RunFolder:
             from busi.cross_dataset import dataset_rows
 
             rows = dataset_rows(config, dataset, split, data)
+            if postprocess is None and self.postprocess_for(model_path) is None:
+                # another dataset is scored with the run's own choice; defaults would not be it
+                raise ValueError(
+                    f"{self.weights(model_path)}: no post-processing chosen on validation yet; "
+                    f"run `busi evaluate {self.root}` first (or pass postprocess=)"
+                )
         post = postprocess or PostProcess.from_dict(self.postprocess_for(model_path))
         probs = predict_probabilities(self.open_model(model_path), rows, config.image_size,
                                       config.resize, config.batch_size, post.tta, desc=split)

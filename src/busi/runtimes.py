@@ -123,7 +123,8 @@ class KerasPredictor(Predictor):
 
         policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
         if precision not in policies:
-            raise ValueError(f"Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
+            raise ValueError(
+                f"{path}: Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
         model = with_policy(load_for_inference(path, safe_mode=safe_mode), policies[precision])
         shape = model.input_shape  # (B, H, W, 3), checked by load_for_inference
         fixed = None if shape[1] is None or shape[2] is None else (int(shape[1]), int(shape[2]))

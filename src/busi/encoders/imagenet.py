@@ -171,8 +171,10 @@ def _read_cache(variant: str) -> dict[str, list[np.ndarray]] | None:
         record = json.loads(record_file.read_text())
         if not isinstance(record, dict):
             raise ValueError("the record is not a JSON object")
-        if record.get("format") != CACHE_FORMAT:
-            raise ValueError(f"cache format {record.get('format')!r}, not {CACHE_FORMAT}")
+        if record.get("format") != CACHE_FORMAT:  # an older busi's cache: not a fault
+            log.info("%s: cache format %r of an older busi, now %s; converting again",
+                     record_file, record.get("format"), CACHE_FORMAT)
+            return None
         if record.get("source_sha256") != SOURCES[variant].sha256:
             raise ValueError("made from another source file")
         digest = str(record.get("sha256", ""))
