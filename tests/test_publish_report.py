@@ -8,6 +8,7 @@ import json
 import cv2
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 import busi
@@ -274,3 +275,18 @@ def test_a_failed_export_publishes_nothing(run_copy, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="converter crashed"):
         publish(run_copy, dest, "model", export="tflite:dynamic")
     assert sorted(p.name for p in dest.iterdir()) == ["other.txt"]  # no staging folder left
+
+
+def test_trained_on_names_the_classes_the_training_part_held(tmp_path):
+    """A run asked for all three classes but given a dataset without normal images (BUS-BRA)
+    was trained on lesion images; the results table must not claim normal ones."""
+    from busi.report import _trained_on
+    from busi.runs import RunFolder
+
+    run, config = RunFolder(tmp_path), TrainConfig(name="x")
+    rows = {"label": ["benign", "malignant", "normal"], "split": ["train", "train", "test"]}
+    pd.DataFrame(rows).to_csv(run.split, index=False)
+    assert _trained_on(run, config) == "lesion images"
+    rows["split"][2] = "train"
+    pd.DataFrame(rows).to_csv(run.split, index=False)
+    assert _trained_on(run, config) == "benign, malignant, normal"

@@ -73,6 +73,17 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     )
 
 
+def _trained_on(run: RunFolder, config: Any) -> str:
+    """The classes the run's training part held: the config's, less those its data lacks (BUS-BRA
+    has no normal images, so a BUS-BRA run was trained on lesion images whatever it asked for)."""
+    classes = list(config.train_classes or config.classes)
+    if run.split.is_file():
+        split = pd.read_csv(run.split, usecols=["label", "split"])
+        present = set(split.loc[split["split"] == "train", "label"])
+        classes = [name for name in classes if name in present]
+    return "lesion images" if set(classes) == {"benign", "malignant"} else ", ".join(classes)
+
+
 def results_table(
     run_dirs: list[str | os.PathLike], split: str = "test", dataset: str | None = None
 ) -> str:
@@ -114,8 +125,7 @@ def results_table(
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
         model = model_label(config)
-        trained_on = "lesion images" if set(config.train_classes or ()) == {"benign", "malignant"} \
-            else ", ".join(config.train_classes or config.classes)
+        trained_on = _trained_on(run, config)
         if config.datasets != ("busi",):
             trained_on += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
