@@ -280,13 +280,30 @@ def test_a_failed_export_publishes_nothing(run_copy, tmp_path, monkeypatch):
 def test_trained_on_names_the_classes_the_training_part_held(tmp_path):
     """A run asked for all three classes but given a dataset without normal images (BUS-BRA)
     was trained on lesion images; the results table must not claim normal ones."""
-    from busi.report import _trained_on
+    from busi.report import trained_on
     from busi.runs import RunFolder
 
     run, config = RunFolder(tmp_path), TrainConfig(name="x")
     rows = {"label": ["benign", "malignant", "normal"], "split": ["train", "train", "test"]}
     pd.DataFrame(rows).to_csv(run.split, index=False)
-    assert _trained_on(run, config) == "lesion images"
+    assert trained_on(run, config) == "lesion images"
     rows["split"][2] = "train"
     pd.DataFrame(rows).to_csv(run.split, index=False)
-    assert _trained_on(run, config) == "benign, malignant, normal"
+    assert trained_on(run, config) == "benign, malignant, normal"
+
+
+def test_card_carries_the_results_on_other_datasets(evaluated_run, busbra_folder, tmp_path):
+    """A card travels without its run folder, so a model's results on another dataset (here
+    external: never trained on) go into the sidecar and the card with it."""
+    import shutil
+
+    run = shutil.copytree(evaluated_run, tmp_path / "run")
+    busi.evaluate(run, split="all", dataset="busbra", data=busbra_folder)
+    weights = busi.publish_weights(run, tmp_path / "weights", "model")
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    other = sidecar["metrics_other_datasets"]["busbra"]
+    assert other["part"] == "all" and other["trained_on_it"] is False
+    card = weights.with_suffix(".md").read_text()
+    assert "### busbra (all of it; never trained on" in card
+    assert f"| lesion | {other['splits']['all']['lesion']['n']} |" in card
+    assert f"Trained on the {sidecar['trained_on']} images of the training part." in card

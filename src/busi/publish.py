@@ -140,6 +140,8 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         from busi import weights
 
         weights.save_model(model, target, include_optimizer=False)
+    from busi.report import trained_on
+
     chosen = postprocess_for(source)
     summary = run.summary_for(source)  # None for metrics of earlier weights
     env = read_json(run.env) or {}
@@ -155,6 +157,8 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
                  "probability (sigmoid), float32",
         "config": config.to_dict(),
         "metrics": None if summary is None else summary.get("splits"),
+        "metrics_other_datasets": _other_datasets(run, source, config),
+        "trained_on": trained_on(run, config),
         "dataset_fingerprint": env.get("dataset_fingerprint"),
         "git_commit": env.get("git_commit"),
         "not_for_clinical_use": True,
@@ -162,6 +166,23 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
     atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     atomic_write_text(target.with_suffix(".md"), model_card(sidecar, summary))
     return target
+
+
+def _other_datasets(run: RunFolder, source: Path, config: Any) -> dict[str, Any]:
+    """The test results of these weights on every dataset but the run's first (the other test
+    parts of a joint run, and external datasets it was evaluated on), so the card travels with
+    them: the run's evaluation folders do not."""
+    from busi.data import datasets
+
+    found = {}
+    for name in datasets.names():
+        summary = None if name == config.datasets[0] else run.summary_for(source, name)
+        splits = (summary or {}).get("splits") or {}
+        part = "test" if "test" in splits else next(iter(splits), None)
+        if part is not None:
+            found[name] = {"part": part, "trained_on_it": name in config.datasets,
+                           "splits": {part: splits[part]}}
+    return found
 
 
 def _schedule(config: dict[str, Any]) -> str:
@@ -177,6 +198,10 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
 
     config = sidecar["config"]
     encoder = model_details(config)
+    classes = sidecar.get("trained_on") or ", ".join(config.get("train_classes")
+                                                      or config["classes"])
+    parts = ("each dataset's training part" if len(config.get("datasets", ("busi",))) > 1
+             else "the training part")
     lines = [
         f"# Model card: {Path(sidecar['model']).stem}",
         "",
@@ -198,8 +223,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         "",
         "## Data",
         *_dataset_lines(config),
-        f"- Trained on the {', '.join(config.get('train_classes') or config['classes'])} "
-        "images of the training part.",
+        f"- Trained on the {classes}{'' if classes.endswith('images') else ' images'} of {parts}.",
         f"- Classes {', '.join(config['classes'])}; duplicate-grouped, label-stratified split "
         f"(val {config['val_fraction']}, test {config['test_fraction']}, seed {config['seed']}); "
         f"label-conflicting duplicates {'left out' if config.get('drop_conflicts') else 'kept'}. "
@@ -214,6 +238,11 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     else:
         lines += ["Not evaluated yet (run `busi evaluate` on the run folder, then publish again).",
                   ""]
+    for name, other in (sidecar.get("metrics_other_datasets") or {}).items():
+        seen = ("its test part; the model trained on its train part" if other["trained_on_it"]
+                else f"{'its test part' if other['part'] == 'test' else 'all of it'}; never "
+                "trained on (external validation, post-processing chosen on the run's own val)")
+        lines += [f"### {name} ({seen})", "", metrics_table(other, other["part"])]
     lines += [
         "## Limits",
         *(["- Trained and tested on one public dataset from one centre; no external validation. "

@@ -73,7 +73,7 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     )
 
 
-def _trained_on(run: RunFolder, config: Any) -> str:
+def trained_on(run: RunFolder, config: Any) -> str:
     """The classes the run's training part held: the config's, less those its data lacks (BUS-BRA
     has no normal images, so a BUS-BRA run was trained on lesion images whatever it asked for)."""
     classes = list(config.train_classes or config.classes)
@@ -125,9 +125,9 @@ def results_table(
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
         model = model_label(config)
-        trained_on = _trained_on(run, config)
+        data = trained_on(run, config)
         if config.datasets != ("busi",):
-            trained_on += f" of {' + '.join(config.datasets)}"
+            data += f" of {' + '.join(config.datasets)}"
         fp = normal.get("false_positive_rate")
         # a part without normal images (all of BUS-BRA's hold a lesion) has no FP rate to show
         normals = (f"{normal.get('false_positives', 'n/a')} of {normal['n']} ({_fmt(fp, 2)})"
@@ -136,7 +136,7 @@ def results_table(
         lines.append(
             f"| `{_label(run, model_path)}` | {model} "
             f"| {_parameter_count(model_path) / 1e6:.1f} M "
-            f"| {trained_on} | {len(history)} (kept {kept}), "
+            f"| {data} | {len(history)} (kept {kept}), "
             f"{history['seconds'].sum() / 60:.0f} min "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
             f"| {_ci(run.per_image_path(split, model_path, dataset))} "
