@@ -200,7 +200,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     encoder = model_details(config)
     classes = sidecar.get("trained_on") or ", ".join(config.get("train_classes")
                                                       or config["classes"])
-    parts = ("each dataset's training part" if len(config.get("datasets", ("busi",))) > 1
+    parts = ("the datasets' training parts" if len(config.get("datasets", ("busi",))) > 1
              else "the training part")
     lines = [
         f"# Model card: {Path(sidecar['model']).stem}",
@@ -248,9 +248,9 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         *(["- Trained and tested on one public dataset from one centre; no external validation. "
            "Expect lower scores on other scanners, settings and populations."]
           if tuple(config.get("datasets", ("busi",))) == ("busi",) else
-          [f"- Trained on {' + '.join(config['datasets'])}; the metrics above are on the test "
-           f"part of {config['datasets'][0]}, the others' are in the run's evaluation-<name>/ "
-           "folders. Expect lower scores on other scanners, settings and populations."]),
+          [f"- Trained on {' + '.join(config['datasets'])}; the first table is the test part "
+           f"of {config['datasets'][0]}, the others follow it. Expect lower scores on other "
+           "scanners, settings and populations."]),
         "- Some BUSI images carry calliper marks and text near the lesion; a model can learn "
         "them as cues.",
         "- Masks are single hand-drawn outlines; inter-observer variability is not captured.",
