@@ -1,0 +1,42 @@
+"""The models committed in weights/: each file is the one its sidecar describes, loads safely
+and segments an image, so a fresh clone's `busi predict --weights weights/NAME.h5` works."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from busi import inference
+from busi.digests import file_sha1
+from busi.paths import PROJ_ROOT, SHIPPED_MODEL
+
+SHIPPED = sorted((PROJ_ROOT / "weights").glob("*.h5"))
+
+
+def test_the_default_shipped_model_is_committed():
+    assert SHIPPED_MODEL in SHIPPED
+
+
+@pytest.mark.parametrize("weights", SHIPPED, ids=[path.stem for path in SHIPPED])
+def test_a_shipped_model_is_what_its_sidecar_and_card_say(weights):
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    assert sidecar["model"] == weights.name
+    assert sidecar["model_sha1"] == file_sha1(weights)
+    assert sidecar["not_for_clinical_use"] is True and sidecar["chosen_on"] == "val"
+    for name, sha1 in (sidecar.get("exports") or {}).items():
+        assert file_sha1(weights.with_name(name)) == sha1, name
+    card = weights.with_suffix(".md").read_text()
+    assert sidecar["model_sha1"] in card and "not for clinical use" in card
+
+
+@pytest.mark.parametrize("weights", SHIPPED, ids=[path.stem for path in SHIPPED])
+def test_a_shipped_model_loads_safely_and_segments(weights):
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    model = inference.load(weights)  # safe mode: a layer that runs code would be refused
+    assert inference.model_input_size(model) in (None, (sidecar["image_size"],) * 2)
+    image = np.random.default_rng(0).integers(0, 256, (300, 200)).astype(np.uint8)
+    (probs,) = inference.predict_images(model, [image], sidecar["image_size"], sidecar["resize"])
+    assert probs.shape == image.shape  # at the image's own size
+    assert np.isfinite(probs).all() and 0 <= probs.min() and probs.max() <= 1
