@@ -23,6 +23,7 @@ RUN_DIR = None  # the run that made the weights: None: runs/<RUN_NAME> (on Drive
 WEIGHTS_DIR = None  # None: weights/ (on Drive with USE_DRIVE)
 USE_DRIVE = False  # Colab: the run and the weights are on Google Drive
 WEIGHTS = None  # a .h5 file; None: <WEIGHTS_DIR>/<RUN_NAME>.h5 from 02_train, else the shipped one
+# For images from other scanners: WEIGHTS = "weights/lite0-joint-cpu.h5" (BUSI + BUS-BRA) and INPUTS
 INPUTS = None  # an image or a folder of images; None: N_DEMO test images of the run
 OUTPUT_DIR = None  # None: predictions/ in the run folder
 DATA = None  # the dataset, for the demo images, if not where the run's config says
