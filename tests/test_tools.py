@@ -80,7 +80,18 @@ def test_predict_agrees_with_evaluate_on_a_tiny_run(evaluated_run):
 SCORE_PUBLISHED = SCRIPT.with_name("score_published.py")
 
 
-def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folder, tmp_path):
+def _score_published():
+    """tools/score_published.py as a module, run in this process (no second TensorFlow start)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_published", SCORE_PUBLISHED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folder, tmp_path,
+                                                     capsys):
     """A published model scored from its sidecar alone gives what ``busi evaluate RUN --dataset``
     gives from the run folder: the same rows, weights and post-processing, so the same numbers."""
     from busi.publish import publish
@@ -88,16 +99,15 @@ def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folde
     weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
     expected = busi.evaluate(evaluated_run, split="all", dataset="busbra", data=busbra_folder)
     out = tmp_path / "scores.csv"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(SCORE_PUBLISHED), str(weights), "--dataset",
-                           "busbra", "--data", str(busbra_folder), "--part", "all", "--out",
-                           str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    capsys.readouterr()
+    assert _score_published().main([str(weights), "--dataset", "busbra", "--data",
+                                    str(busbra_folder), "--part", "all", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
     scores = pd.read_csv(out)
     lesion = expected["splits"]["all"]["lesion"]
     assert len(scores) == lesion["n"]
     assert scores["dice"].mean() == pytest.approx(lesion["dice_mean"], abs=1e-9)  # same masks
-    assert f"| lesion | {lesion['n']} | {lesion['dice_mean']:.3f} |" in done.stdout
+    assert f"| lesion | {lesion['n']} | {lesion['dice_mean']:.3f} |" in printed
 
 
 def test_score_published_refuses_weights_without_their_sidecar(evaluated_run, tmp_path):
@@ -105,6 +115,5 @@ def test_score_published_refuses_weights_without_their_sidecar(evaluated_run, tm
 
     weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
     weights.with_suffix(".json").unlink()
-    done = subprocess.run([sys.executable, str(SCORE_PUBLISHED), str(weights), "--dataset",
-                           "busbra"], capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "no sidecar" in done.stderr
+    with pytest.raises(SystemExit, match="no sidecar"):
+        _score_published().main([str(weights), "--dataset", "busbra"])
