@@ -166,6 +166,7 @@ def test_imagenet_download_failure_is_explained(monkeypatch, tmp_path):
             "resnet18_imagenet_1000_no_top.h5") in message
     assert str(tmp_path / ".keras" / "models" / "resnet18_imagenet_1000_no_top.h5") in message
     assert "encoder_weights=None" in message and "--encoder-weights none" in message
+    assert "--encoder efficientnet-lite0" in message  # ImageNet weights that need no network
 
 
 def test_the_registries_name_models_as_tables_and_cards_did():

