@@ -247,13 +247,14 @@ class RunFolder:
             from busi.cross_dataset import dataset_rows
 
             rows = dataset_rows(config, dataset, split, data)
-            if postprocess is None and self.postprocess_for(model_path) is None:
-                # another dataset is scored with the run's own choice; defaults would not be it
-                raise ValueError(
-                    f"{self.weights(model_path)}: no post-processing chosen on validation yet; "
-                    f"run `busi evaluate {self.root}` first (or pass postprocess=)"
-                )
-        post = postprocess or PostProcess.from_dict(self.postprocess_for(model_path))
+        chosen = None if postprocess is not None else self.postprocess_for(model_path)
+        if chosen is None and postprocess is None and dataset not in (None, *config.datasets):
+            # another dataset is scored with the run's own choice; defaults would not be it
+            raise ValueError(
+                f"{self.weights(model_path)}: no post-processing chosen on validation yet; "
+                f"run `busi evaluate {self.root}` first (or pass postprocess=)"
+            )
+        post = postprocess or PostProcess.from_dict(chosen)
         probs = predict_probabilities(self.open_model(model_path), rows, config.image_size,
                                       config.resize, config.batch_size, post.tta, desc=split)
         return rows, {image_id: post.apply(prob)
