@@ -288,3 +288,30 @@ def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, rec
     assert not pending.exists()
     assert run.best.read_bytes() == (b"new best" if recorded else b"old best")
     assert file_digest(run.best) == run.read_state()["sha256"][run.best.name]
+
+
+def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
+    """Fine-tuning a trained model: the new run starts from its weights exactly, records the
+    file's digest, and a model of another architecture is refused naming the file."""
+    import numpy as np
+
+    from busi.digests import file_digest
+
+    source = busi.train(tiny(busi_folder, tmp_path / "a", epochs=1)) / "best.h5"
+    config = tiny(busi_folder, tmp_path / "b", epochs=1, init_weights=str(source))
+    run = RunFolder(config.directory)
+    run.root.mkdir(parents=True)
+    model = training._initial_model(config, run, freeze_encoder=False)
+    expected = busi.load_model(source, compile=False).get_weights()
+    assert len(model.get_weights()) == len(expected)
+    for built, saved in zip(model.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(built, saved)
+    record = json.loads((run.root / "init_weights.json").read_text())
+    assert record == {"path": str(source), "sha256": file_digest(source)}
+
+    trained = busi.train(tiny(busi_folder, tmp_path / "c", epochs=1, init_weights=str(source)))
+    assert json.loads((trained / "init_weights.json").read_text())["sha256"] == record["sha256"]
+
+    other = tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8, init_weights=str(source))
+    with pytest.raises(ValueError, match=f"{source}.*do not fit"):
+        busi.train(other)

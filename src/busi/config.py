@@ -145,6 +145,12 @@ class TrainConfig:
             of :data:`busi.encoders.ENCODERS`) or "classic_unet".
         encoder_weights: "imagenet" or None (from scratch). ImageNet needs internet once.
         freeze_encoder_epochs: epochs with a frozen encoder before fine-tuning it (pretrained only).
+        init_weights: start from the weights of an earlier busi model of the same architecture
+            (a run's ``best.h5`` or a shipped ``weights/*.h5``) instead of ``encoder_weights``:
+            the second stage of pretrain-on-everything, fine-tune-on-one-hospital (say a model
+            trained on BUSI + BUS-BRA, fine-tuned on BUSI). Read once, when the run starts; its
+            SHA-256 is kept in the run folder (``init_weights.json``). Keep
+            ``encoder_weights`` as the first stage had it: the model card names that source.
         decoder_filters: filters of the five decoder stages of the "unet" architecture
             (segmentation-models' default 256, 128, 64, 32, 16). Smaller ones shrink the model
             file and the training time most, since the first stage sees the encoder's widest
@@ -200,6 +206,7 @@ class TrainConfig:
     encoder: str = "resnet34"
     encoder_weights: str | None = "imagenet"
     freeze_encoder_epochs: int = 0
+    init_weights: str | None = None
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     base_filters: int = 32
     depth: int = 4

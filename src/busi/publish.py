@@ -159,6 +159,7 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         "metrics": None if summary is None else summary.get("splits"),
         "metrics_other_datasets": _other_datasets(run, source, config),
         "trained_on": trained_on(run, config),
+        "init_weights": read_json(run.root / "init_weights.json"),  # see TrainConfig
         "dataset_fingerprint": env.get("dataset_fingerprint"),
         "git_commit": env.get("git_commit"),
         "not_for_clinical_use": True,
@@ -220,6 +221,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"- Weights SHA-1 {sidecar['model_sha1']} (run weights "
         f"{sidecar.get('run_weights', 'best.h5')}); code commit {sidecar.get('git_commit')}.",
         *_encoder_source(config),
+        *_init_source(sidecar.get("init_weights")),
         "",
         "## Data",
         *_dataset_lines(config),
@@ -293,6 +295,15 @@ def _encoder_source(config: dict[str, Any]) -> list[str]:
                 f"{imagenet.LICENSE}."]
     return [f"- Encoder initialised from segmentation-models' ImageNet weights of "
             f"{config['encoder']} (classification_models / keras-applications releases)."]
+
+
+def _init_source(init: dict[str, Any] | None) -> list[str]:
+    """The model a fine-tuned run started from (its ``init_weights``): its data shaped these
+    weights too, so the card names it."""
+    if not init:
+        return []
+    return [f"- Fine-tuned from the weights of {Path(init['path']).name} (SHA-256 "
+            f"{init['sha256'][:16]}...): see that model's card for the data it was trained on."]
 
 
 def _augmentation(config: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.splits import in_classes
 from busi.devices import configure_devices, distribution_strategy, global_policy, precision_policy
+from busi.digests import file_digest
 from busi.runs import RunFolder, check_same_config
 
 keras = _keras.keras()
@@ -104,6 +106,22 @@ def _fit(model, config, run, train_data, validation, initial_epoch, epochs, dead
     return "time" if callbacks.time_limit.stopped else ""
 
 
+def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) -> keras.Model:
+    """The model a new run starts from: built from the config, with ``init_weights`` loaded
+    into it when set (the ImageNet weights it would otherwise get are not read: they are
+    overwritten). The digest of that file goes into the run folder, so the run says what it
+    started from even if the file later changes."""
+    if config.init_weights is None:
+        return models.build(config, freeze_encoder=freeze_encoder)
+    path = Path(config.init_weights)
+    model = models.build(replace(config, encoder_weights=None), freeze_encoder=freeze_encoder)
+    weights.load_weights_into(model, path)
+    run.write_json(run.root / "init_weights.json",
+                   {"path": str(path), "sha256": file_digest(path)})
+    log.info("run %s: starts from the weights of %s", run.root, path)
+    return model
+
+
 def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
                   done: int, deadline: float | None) -> str:
     """Train from epoch ``done`` on; returns why training ended: "early", "time" or ""."""
@@ -111,13 +129,14 @@ def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
     strategy = distribution_strategy(config.devices)
     # Warm-up with a frozen encoder only makes sense for a pretrained one.
     warmup = 0
-    if models.architecture(config.architecture).uses_encoder and config.encoder_weights is not None:
+    pretrained = config.encoder_weights is not None or config.init_weights is not None
+    if models.architecture(config.architecture).uses_encoder and pretrained:
         warmup = min(config.freeze_encoder_epochs, config.epochs)
     with strategy.scope():
         if done:
             model = weights.load_model(run.last, compile=True)
         else:
-            model = models.build(config, freeze_encoder=done < warmup)
+            model = _initial_model(config, run, freeze_encoder=done < warmup)
             compile_model(model, config)
         stopped = ""
         if done < warmup:
