@@ -227,6 +227,81 @@ def test_tflite_matches_keras(tiny, tmp_path, quantize, precision, atol, mean_at
     _check_predictor(predictor, tiny, atol=atol, mean_atol=mean_atol)
 
 
+def _activation_dtypes(path) -> dict[str, str]:
+    """Output name -> dtype of the operations of a ``.tflite``, but for the QUANTIZE and
+    DEQUANTIZE ops that only convert between float32 and int8 parts of the graph (they are
+    named after the tensor they convert)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return {tensors[i]["name"]: np.dtype(tensors[i]["dtype"]).name
+            for op in interpreter._get_ops_details()  # noqa: SLF001 (no public op listing)
+            if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE") for i in op["outputs"]}
+
+
+def _of_layers(name: str, layers) -> bool:
+    """Whether a TFLite tensor name comes from an op of one of ``layers`` (see export)."""
+    return any(set(layers) & set(path.split("/")) for path in name.split(";"))
+
+
+def test_tflite_int8_keeps_the_named_layers_in_float(tiny, tmp_path):
+    """The operations of the layers in keep_float compute in float32, the others in int8, and
+    the file still gives the model's probabilities."""
+    pytest.importorskip("ai_edge_litert")
+    if not _static_int8_checked(tiny):
+        pytest.skip("static int8 of a random ResNet18 is not a meaningful check (see above)")
+    keep = ["preprocess", "encoder_block0_conv1", "encoder_block0_bn1", "encoder_block0_relu1"]
+    out = bx.export(tiny[0], tmp_path / "m.tflite", "tflite", "int8", calibration=tiny[3],
+                    keep_float=keep)
+    dtypes = _activation_dtypes(out)
+    kept = {name: dtype for name, dtype in dtypes.items() if _of_layers(name, keep)}
+    others = {name: dtype for name, dtype in dtypes.items() if not _of_layers(name, keep)}
+    assert kept and set(kept.values()) == {"float32"}, kept
+    assert "int8" in others.values(), others
+    predictor = inference.load(out, threads=1)
+    assert predictor.precision == "int8+float32"
+    _check_predictor(predictor, tiny, atol=None, mean_atol=0.1)
+    whole = bx.export(tiny[0], tmp_path / "all.tflite", "tflite", "int8", calibration=tiny[3])
+    assert inference.load(whole).precision == "int8"  # no layer of a classic U-Net kept float
+    assert set(_activation_dtypes(whole).values()) == {"int8"}
+
+
+def test_float_layers_are_an_efficientnet_lite_encoder(tiny):
+    """Only busi's EfficientNet-Lite U-Nets keep layers in float: their input normalisation and
+    every encoder layer, no decoder layer; publish then defaults to int8 for them."""
+    from busi.publish import default_export
+
+    assert bx.float_layers(tiny[0]) == []
+    assert default_export(tiny[0]) == "tflite:dynamic"
+    model = busi.build_model("efficientnet-lite0", input_shape=(64, 64, 3), encoder_weights=None)
+    kept = bx.float_layers(model)
+    weighted = {layer.name for layer in model.layers if layer.weights}
+    assert kept[0] == "preprocess"
+    assert {"stem_conv", "block0_dw_conv", "block15_project_conv", "head_conv"} <= set(kept)
+    assert not [name for name in kept if name.startswith(("decoder", "final", "mask"))]
+    assert {n for n in weighted if not n.startswith(("decoder", "final"))} <= set(kept)
+    assert default_export(model) == "tflite:int8"
+
+
+@pytest.mark.slow
+def test_efficientnet_lite_int8_export_has_a_float_encoder(tmp_path):
+    """The converter's tensor names of a real EfficientNet-Lite U-Net match its encoder's
+    layers: every encoder activation stays float32, the decoder's convolutions are int8."""
+    pytest.importorskip("ai_edge_litert")
+    busi._keras.keras().utils.set_random_seed(0)
+    model = busi.build_model("efficientnet-lite0", input_shape=(64, 64, 3), encoder_weights=None)
+    calibration = _images(4, 64, seed=1)
+    _calibrate(model, calibration)
+    out = bx.export(model, tmp_path / "lite.tflite", "tflite", "int8", calibration=calibration)
+    dtypes = _activation_dtypes(out)
+    encoder = bx.float_layers(model)
+    assert {d for n, d in dtypes.items() if _of_layers(n, encoder)} == {"float32"}
+    decoder_convs = [n for n in dtypes if "decoder_stage" in n and "_conv" in n]
+    assert decoder_convs and {dtypes[n] for n in decoder_convs} == {"int8"}
+    assert inference.load(out).precision == "int8+float32"
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -242,6 +317,16 @@ def test_export_rejects_bad_arguments(tiny, tmp_path):
         bx.export(model, tmp_path / "m.tflite", "tflite", "int8", calibration=np.zeros((2, 8, 8)))
     with pytest.raises(TypeError, match="Keras model"):
         bx.export(42, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="TFLite int8 exports only"):
+        bx.export(model, tmp_path / "m.tflite", "tflite", "dynamic", keep_float=["preprocess"])
+    with pytest.raises(ValueError, match="does not have"):
+        bx.export(model, tmp_path / "m.tflite", "tflite", "int8", calibration=tiny[3],
+                  keep_float=["stem_conv"])
+    if _static_int8_checked(tiny):  # (calibrating the ResNet18 takes half a minute)
+        with pytest.raises(RuntimeError, match="no TFLite operation matched"):
+            # the input layer is a layer, but no operation of the file comes from it
+            bx.export(model, tmp_path / "m.tflite", "tflite", "int8", calibration=tiny[3],
+                      keep_float=["image"])
     assert list(tmp_path.iterdir()) == []  # nothing written on failure
 
 

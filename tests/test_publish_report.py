@@ -228,6 +228,66 @@ def test_an_int8_export_applies_the_threshold_of_its_sidecar(evaluated_run, busi
     assert pixels[1.0] == 0 and pixels[0.0] > 0
 
 
+def test_an_int8_export_is_calibrated_on_the_runs_training_images(evaluated_run, tmp_path,
+                                                                  monkeypatch):
+    """``tflite:int8`` measures its ranges on training images of the run, resized as the model
+    input (the run's size and resize mode), never on the validation or test images that check
+    it; the file is int8 and listed in the sidecar."""
+    from busi import export, inference
+    from busi.data.masks import read_image
+    from busi.publish import publish
+    from busi.runs import RunFolder
+
+    seen = {}
+    real = export.export
+
+    def spy(*args, calibration=None, **kwargs):
+        seen["calibration"] = calibration
+        return real(*args, calibration=calibration, **kwargs)
+
+    monkeypatch.setattr(export, "export", spy)
+    written = publish(evaluated_run, tmp_path / "w", "model", export="tflite:int8")
+    assert [p.name for p in written] == ["model.h5", "model.json", "model.md", "model.int8.tflite"]
+    assert inference.load(written[3]).precision == "int8"
+    assert "model.int8.tflite" in json.loads(written[1].read_text())["exports"]
+
+    parts = RunFolder(evaluated_run).parts()
+
+    def model_inputs(rows):
+        batch = inference.model_batch([read_image(p) for p in rows["image_path"]], 32,
+                                      "stretch")[0]
+        return {image.tobytes() for image in batch}
+
+    calibration = seen["calibration"]
+    assert calibration.shape == (len(parts["train"]), 32, 32, 3)  # fewer than 64: all of them
+    assert {image.tobytes() for image in calibration} == model_inputs(parts["train"])
+    assert not model_inputs(pd.concat([parts["val"], parts["test"]])) & model_inputs(
+        parts["train"])  # (the check above would not tell them apart otherwise)
+
+
+def test_publish_exports_dynamic_int8_by_default_for_other_models(evaluated_run, tmp_path):
+    """``--export auto`` (the default): a classic U-Net gets dynamic-range int8, which needs no
+    calibration images."""
+    from busi import inference
+    from busi.cli import main
+
+    assert main(["publish", str(evaluated_run), "--dest", str(tmp_path), "--name", "m"]) == 0
+    assert inference.load(tmp_path / "m.int8.tflite").precision == "dynamic-int8"
+
+
+def test_an_int8_export_needs_the_runs_data(run_copy, tmp_path):
+    from busi.errors import DataError
+    from busi.publish import publish
+
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "gone")}))
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError, match="calibrated on the training images.*tflite:dynamic"):
+        publish(run_copy, dest, "model", export="tflite:int8")
+    assert not dest.exists()  # nothing written, not even the folder
+    publish(run_copy, dest, "model", export="tflite:dynamic")  # needs no data
+
+
 def test_training_records_each_checkpoints_sha256(evaluated_run):
     from busi.digests import file_digest
 

@@ -243,9 +243,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file name stem (default: the run's name)")
     p.add_argument("--weights", help="publish these weights of the run (e.g. RUN/last.h5, "
                    "evaluated first) instead of best.h5")
-    p.add_argument("--export", default="tflite:dynamic",
-                   help="also export for fast CPU inference: tflite:dynamic (default), "
-                   "tflite, onnx, onnx:bfloat16, or none")
+    p.add_argument("--export", default="auto",
+                   help="also export for fast CPU inference: auto (default: tflite:int8 for "
+                   "EfficientNet-Lite U-Nets, their encoder kept in float32, since dynamic-range "
+                   "int8 changes their masks; tflite:dynamic for the others), tflite:dynamic, "
+                   "tflite:int8 (calibrated on 64 training images of the run, so its data must "
+                   "be at hand), tflite, onnx, onnx:bfloat16, onnx:int8, or none")
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("report", help="figures and metrics table of an evaluated run")

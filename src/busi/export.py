@@ -21,6 +21,21 @@ model at val IoU 0.62):
 Float32 gains nothing worth having: onnxruntime, OpenVINO and TFLite all run at 0.9-1.15x
 (TensorFlow's oneDNN kernels are as good); float16 TFLite weights only halve the file.
 
+EfficientNet-Lite U-Nets are the exception, both ways (``runs/lite0-joint-cpu``, masks of ``busi
+predict`` on the 126 BUSI test lesion images, per-image Dice with the ``.h5``'s masks, mean / worst,
+by ``tools/predict_agrees.py``): float32 TFLite already runs them ~2.5x faster than Keras
+(TensorFlow's depthwise convolutions are slow), and no int8 of the whole network agrees:
+dynamic-range 0.985 / 0.87 (0.947 / 0.0 on ``lite0-imagenet-cpu``), full int8 0.906 / 0.0. Their
+encoder is what int8 cannot carry: ImageNet colour filters nearly cancel on a gray image (R = G =
+B), and BatchNorm statistics measured on gray ultrasound scale them up (gains up to 233 in the
+stem), so the float32 masks already move with input noise of +-1 gray level (mean Dice 0.95 with the
+noise-free masks); rounding any encoder layer to int8 is noise of that size. (A Lite0 trained from
+scratch, without those filters, keeps its masks under dynamic-range int8: 0.994 / 0.94.) So a TFLite
+int8 export keeps the layers of :func:`float_layers` (an EfficientNet-Lite's encoder, 22% of its
+multiply-adds) in float32 and quantises the decoder, 78% of them: 0.998 / 0.957, 16 MB instead of 24
+MB, 2.7x Keras (float32 TFLite 2.5x, dynamic-range int8 1.8x; full int8 was ~1.15x faster than this
+in a rougher timing). The other models have no such layers: their int8 is int8 throughout.
+
 onnxruntime, tf2onnx, onnx, openvino and ai-edge-litert are optional (``pip install busi[fast]``),
 imported only when needed. The model input convention is unchanged: float32 ``[B, H, W, 3]`` in
 [0, 255] in, float32 ``[B, H, W, 1]`` sigmoid probabilities out, whatever the file
@@ -32,6 +47,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +95,18 @@ def _model_hw(model: Any) -> tuple[int, int]:
     return int(shape[1]), int(shape[2])
 
 
+def float_layers(model: Any) -> list[str]:
+    """The layers a TFLite int8 export of ``model`` keeps in float32 unless told otherwise: the
+    input normalisation and encoder of an EfficientNet-Lite U-Net (see the module docstring for
+    why), none for other models."""
+    names = [layer.name for layer in model.layers]
+    if not {"preprocess", "stem_conv", "block0_dw_conv"} <= set(names):  # busi's own Lite
+        return []
+    from busi.models import encoder_layers
+
+    return ["preprocess", *(layer.name for layer in encoder_layers(model))]
+
+
 def _check_calibration(calibration: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray:
     if calibration is None:
         raise ValueError(
@@ -102,6 +130,7 @@ def export(
     backend: str = "onnx",
     quantize: str | None = None,
     calibration: np.ndarray | None = None,
+    keep_float: Sequence[str] | None = None,
 ) -> Path:
     """Write a model as an ONNX or TFLite file for fast CPU inference (atomically).
 
@@ -115,18 +144,23 @@ def export(
               ``calibration``; fastest under OpenVINO);
             - tflite: ``"dynamic"`` (int8 weights, activations quantised per batch at run time;
               fast and close to Keras with TensorFlow alone), ``"float16"`` (fp16 weights: half
-              the file, no speed-up on x86), ``"int8"`` (full int8 with float input/output,
-              needs ``calibration``).
+              the file, no speed-up on x86), ``"int8"`` (int8 weights and activations with
+              float input/output, needs ``calibration``; the layers of ``keep_float`` stay
+              float32).
             See the module docstring for measured speed and agreement.
         calibration: float32 ``[N, H, W, 3]`` images in [0, 255] for int8 (activation ranges are
             measured on them, so use real images, resized as for the model, e.g. 32-64).
+        keep_float: TFLite int8 only: names of Keras layers whose operations stay float32 (the
+            rest is int8). Default :func:`float_layers`: an EfficientNet-Lite's encoder, else
+            none; ``()`` quantises everything.
 
     Returns:
         ``out_path`` as a Path.
 
     Raises:
         ValueError: unknown backend or quantize value, model without a fixed input size,
-            missing or malformed calibration images.
+            missing or malformed calibration images, ``keep_float`` naming no layer of the model
+            or given for another export than TFLite int8.
         ImportError: the backend's optional converter (tf2onnx, onnx, onnxruntime) is missing.
     """
     if backend not in BACKENDS:
@@ -142,10 +176,19 @@ def export(
     hw = _model_hw(model)
     if quantize == "int8":
         calibration = _check_calibration(calibration, hw)
+    if (backend, quantize) != ("tflite", "int8"):
+        if keep_float:
+            raise ValueError("keep_float applies to TFLite int8 exports only")
+        keep_float = ()
+    elif keep_float is None:
+        keep_float = float_layers(model)
+    unknown = sorted(set(keep_float) - {layer.name for layer in model.layers})
+    if unknown:
+        raise ValueError(f"keep_float names layers the model does not have: {unknown[:5]}")
     if backend == "onnx":
         _export_onnx(model, Path(out_path), hw, quantize, calibration)
     else:
-        _export_tflite(model, Path(out_path), quantize, calibration)
+        _export_tflite(model, Path(out_path), quantize, calibration, tuple(keep_float))
     return Path(out_path)
 
 
@@ -205,7 +248,9 @@ def _quantize_onnx_int8(proto: Any, calibration: np.ndarray) -> Any:
         return onnx.load(str(quantized))
 
 
-def _export_tflite(model: Any, out: Path, quantize: str | None, calibration: Any) -> None:
+def _export_tflite(
+    model: Any, out: Path, quantize: str | None, calibration: Any, keep_float: tuple[str, ...]
+) -> None:
     """TFLiteConverter from the Keras model; the batch axis stays resizable at run time."""
     import tensorflow as tf
 
@@ -220,10 +265,55 @@ def _export_tflite(model: Any, out: Path, quantize: str | None, calibration: Any
                 yield [calibration[i : i + 1]]
 
         converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if not keep_float:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # input and output stay float32, so the Predictor contract holds for every file
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Statistics for quantized inputs")
-        flatbuffer = converter.convert()
+        # the QuantizationDebugger opens its models with tf.lite.Interpreter
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        if quantize == "int8" and keep_float:
+            flatbuffer = _int8_keeping_float(converter, representative, keep_float)
+        else:
+            flatbuffer = converter.convert()
     with atomic_path(out) as tmp:
         tmp.write_bytes(flatbuffer)
+
+
+def _int8_keeping_float(converter: Any, representative: Any, keep_float: tuple[str, ...]
+                        ) -> bytes:
+    """Int8 but for the operations of the layers ``keep_float``: TFLite's selective
+    quantisation (the QuantizationDebugger's ``denylisted_nodes``, which take the names of the
+    operations' output tensors). A TFLite tensor name joins the Keras op paths fused into it
+    (``model/block3_project_bn/FusedBatchNormV3;model/block3_project_conv/Conv2D``); an operation
+    is kept in float when one of those paths passes through a layer of ``keep_float``."""
+    import tensorflow as tf
+
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative)
+    wanted = set(keep_float)
+    denied = [name for name in _tensor_names(debugger.calibrated_model)
+              if any(wanted & set(path.split("/")) for path in name.split(";"))]
+    if not denied:
+        raise RuntimeError(
+            f"no TFLite operation matched the layers to keep in float ({keep_float[:3]}...); "
+            "has the converter's tensor naming changed? Export with keep_float=() or as float32"
+        )
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denied)
+    return debugger.get_nondebug_quantized_model()
+
+
+def _tensor_names(flatbuffer: bytes) -> list[str]:
+    """Names of the tensors of a ``.tflite`` flatbuffer (LiteRT's interpreter if installed)."""
+    from busi.runtimes import available
+
+    if available("ai_edge_litert"):
+        from ai_edge_litert.interpreter import Interpreter
+    else:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        interpreter = Interpreter(model_content=flatbuffer)
+    return [tensor["name"] for tensor in interpreter.get_tensor_details()]

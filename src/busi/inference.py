@@ -142,8 +142,9 @@ def _forward(model: Any, batch: np.ndarray) -> np.ndarray:
     return out
 
 
-def _model_batch(images: Sequence[np.ndarray], image_size: ImageSize, resize: Mode):
-    """Gray images -> float32 ``(B, S, S, 3)`` in [0, 255] (the model input convention)."""
+def model_batch(images: Sequence[np.ndarray], image_size: ImageSize, resize: Mode):
+    """Gray images -> float32 ``(B, S, S, 3)`` in [0, 255] (the model input convention), and
+    the placement of each image in its square (to map predictions back)."""
     resized, placements = [], []
     for image in images:
         array, _, placement = to_model(image, size=image_size, mode=resize)
@@ -189,7 +190,7 @@ def predict_images(
                 raise ValueError(f"images must be gray (H, W) arrays, got shape {image.shape}")
         if tta:
             chunk = chunk + [image[:, ::-1] for image in chunk]
-        batch, placements = _model_batch(chunk, image_size, resize)
+        batch, placements = model_batch(chunk, image_size, resize)
         out = _forward(model, batch)
         maps = [to_original(o, p) for o, p in zip(out, placements, strict=True)]
         if tta:
@@ -224,4 +225,5 @@ def predict_probabilities(
     return probs
 
 
-__all__ = ["ImageSize", "load", "model_input_size", "predict_images", "predict_probabilities"]
+__all__ = ["ImageSize", "load", "model_batch", "model_input_size", "predict_images",
+           "predict_probabilities"]

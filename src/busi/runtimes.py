@@ -236,15 +236,23 @@ class TFLitePredictor(Predictor):
 def _tflite_precision(interpreter: Any) -> str:
     """What a ``.tflite`` computes in, from its tensor types (for reports only).
 
-    Full int8 has int8 activations, so most tensors are int8; dynamic-range files have int8
-    weights but float32 activations; float16 files keep fp16 weights (dequantised on x86).
+    Full int8 has int8 activations (the tensors with a batch axis, but for the float input and
+    output); an int8 file that keeps some layers in float32 (:func:`busi.export.float_layers`)
+    has float32 activations too: "int8+float32". Dynamic-range files have int8 weights but
+    float32 activations; float16 files keep fp16 weights (dequantised on x86).
     """
+    io = {d["index"] for d in interpreter.get_input_details() + interpreter.get_output_details()}
     counts: dict[str, int] = {}
+    activations: dict[str, int] = {}
     for tensor in interpreter.get_tensor_details():
         name = np.dtype(tensor["dtype"]).name
         counts[name] = counts.get(name, 0) + 1
-    if counts.get("int8", 0) > counts.get("float32", 0):
-        return "int8"
+        signature = tensor.get("shape_signature")
+        if tensor["index"] not in io and signature is not None and len(signature) == 4 \
+                and signature[0] == -1:  # batch axis resizable: an activation, not a weight
+            activations[name] = activations.get(name, 0) + 1
+    if activations.get("int8", 0) or counts.get("int8", 0) > counts.get("float32", 0):
+        return "int8+float32" if activations.get("float32", 0) else "int8"
     if counts.get("int8", 0):
         return "dynamic-int8"
     return "float16-weights" if counts.get("float16", 0) else "float32"
