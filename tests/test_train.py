@@ -315,3 +315,40 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     other = tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8, init_weights=str(source))
     with pytest.raises(ValueError, match=f"{source}.*do not fit"):
         busi.train(other)
+
+
+def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path):
+    """``freeze_encoder_epochs``: the warm-up epochs leave the encoder's convolutions as they
+    started (its BatchNorm layers adapt, as in sm's ``encoder_freeze``); the epochs after it,
+    also in a resumed session, train them too. Started from ``init_weights`` so no ImageNet
+    download is needed."""
+    import numpy as np
+
+    from busi import _keras, models
+
+    batchnorm = _keras.keras().layers.BatchNormalization
+
+    small = dict(architecture="unet", encoder="resnet18", encoder_weights=None, image_size=64,
+                 steps_per_epoch=2, learning_rate=1e-3)
+    source = busi.train(tiny(busi_folder, tmp_path / "a", epochs=1, **small)) / "best.h5"
+
+    def encoder_and_rest(path):
+        model = busi.load_model(path, compile=False)
+        inside = {layer.name for layer in models.encoder_layers(model)
+                  if not isinstance(layer, batchnorm)}
+        split = {True: [], False: []}
+        for layer in model.layers:
+            split[layer.name in inside].extend(layer.get_weights())
+        return split[True], split[False]
+
+    start_encoder, start_rest = encoder_and_rest(source)
+    config = dict(init_weights=str(source), freeze_encoder_epochs=1, **small)
+    run = busi.train(tiny(busi_folder, tmp_path / "b", epochs=1, **config))
+    encoder, rest = encoder_and_rest(run / "last.h5")
+    assert start_encoder and all(np.array_equal(a, b) for a, b in zip(encoder, start_encoder,
+                                                                      strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(rest, start_rest, strict=True))
+
+    run = busi.train(tiny(busi_folder, tmp_path / "b", epochs=2, **config))  # resumed
+    encoder, _ = encoder_and_rest(run / "last.h5")
+    assert not all(np.array_equal(a, b) for a, b in zip(encoder, start_encoder, strict=True))
