@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from busi.atomic import atomic_path
-from busi.runtimes import PRECISION_KEY, require
+from busi.runtimes import PRECISION_KEY, model_input_size, require
 from busi.weights import with_policy
 
 BACKENDS: dict[str, tuple[str | None, ...]] = {
@@ -87,12 +87,13 @@ def _model_hw(model: Any) -> tuple[int, int]:
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"expected one image input (B, H, W, 3), the model has {shape}")
-    if shape[1] is None or shape[2] is None:
+    hw = model_input_size(model)
+    if hw is None:
         raise ValueError(
             f"the model input {shape} has no fixed size; build it with the size to export, e.g. "
             "build_model(input_shape=(256, 256, 3)), and copy the weights (set_weights)"
         )
-    return int(shape[1]), int(shape[2])
+    return hw
 
 
 def float_layers(model: Any) -> list[str]:

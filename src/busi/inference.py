@@ -25,6 +25,7 @@ import pandas as pd
 from busi import progress, runtimes
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import read_image
+from busi.runtimes import model_input_size
 
 ImageSize = int | tuple[int, int]
 """A model input side, or ``(height, width)``."""
@@ -97,16 +98,6 @@ def load(
             stacklevel=2,
         )
     return runtimes.OnnxRuntimePredictor(path, exported, threads)
-
-
-def model_input_size(model: Any) -> tuple[int, int] | None:
-    """``(height, width)`` of a model's fixed input, or None if it has none (or no model)."""
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, list):  # several inputs: not a busi model
-        return None
-    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
-        return None
-    return int(shape[1]), int(shape[2])
 
 
 def _resolve_size(model: Any, image_size: ImageSize | None) -> ImageSize:

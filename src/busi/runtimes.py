@@ -106,6 +106,17 @@ class Predictor:
         )
 
 
+def model_input_size(model: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of a model's fixed input, or None if it has none (or no model): the
+    one reader of it for inference, export and publishing."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, list):  # several inputs: not a busi model
+        return None
+    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
 class KerasPredictor(Predictor):
     """A busi ``.h5`` run by Keras, in float32 or rebuilt under ``mixed_bfloat16``.
 
@@ -126,8 +137,7 @@ class KerasPredictor(Predictor):
             raise ValueError(
                 f"{path}: Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
         model = with_policy(load_for_inference(path, safe_mode=safe_mode), policies[precision])
-        shape = model.input_shape  # (B, H, W, 3), checked by load_for_inference
-        fixed = None if shape[1] is None or shape[2] is None else (int(shape[1]), int(shape[2]))
+        fixed = model_input_size(model)  # (B, H, W, 3) checked by load_for_inference
         super().__init__(path, fixed, precision)
         self.model = model
         # one traced graph for every batch size: no retracing per batch, no predict() overhead
