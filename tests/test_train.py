@@ -283,7 +283,7 @@ def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, rec
     pending = tmp_path / "best.pending.h5"
     pending.write_bytes(b"new best")
     wanted = file_digest(pending) if recorded else file_digest(run.best)
-    run.write_json(run.state, {"epoch": 3, "sha256": {run.best.name: wanted}})
+    run.write_record(run.state, {"epoch": 3, "sha256": {run.best.name: wanted}})
     RunCheckpoint(run, TrainConfig(run_dir=str(tmp_path)), pd.DataFrame(), None, [])
     assert not pending.exists()
     assert run.best.read_bytes() == (b"new best" if recorded else b"old best")

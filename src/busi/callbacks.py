@@ -221,7 +221,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
         self.history = pd.concat([self.history, pd.DataFrame([row])], ignore_index=True)
         atomic_write_text(self.run.history, self.history.to_csv(index=False))
-        self.run.write_json(self.run.state, {
+        self.run.write_record(self.run.state, {
             "epoch": epoch + 1, "best": self.best, "monitor": self.monitor,
             "callbacks": [cb.counters() for cb in self.tracked],
             "stopped_early": False,

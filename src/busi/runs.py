@@ -119,7 +119,7 @@ class RunFolder:
             return {}
         return json.loads(self.state.read_text())
 
-    def write_json(self, path: Path, values: dict[str, Any]) -> None:
+    def write_record(self, path: Path, values: dict[str, Any]) -> None:
         """Training's records (``state.json``, ``env.json``): any value, through ``str`` if JSON
         has no type for it. Results use the strict :func:`write_json`."""
         atomic_write_text(path, json.dumps(values, indent=2, default=str) + "\n")
@@ -170,7 +170,7 @@ class RunFolder:
         found = fingerprint(pd.concat(parts.values()))
         if new_run:
             save_split(split, self.split)
-            self.write_json(self.env, environment(found))
+            self.write_record(self.env, environment(found))
         elif self.env.is_file():
             recorded = json.loads(self.env.read_text()).get("dataset_fingerprint")
             if recorded != found:

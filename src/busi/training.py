@@ -116,7 +116,7 @@ def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) ->
     path = Path(config.init_weights)
     model = models.build(replace(config, encoder_weights=None), freeze_encoder=freeze_encoder)
     weights.load_weights_into(model, path)
-    run.write_json(run.root / "init_weights.json",
+    run.write_record(run.root / "init_weights.json",
                    {"path": str(path), "sha256": file_digest(path)})
     log.info("run %s: starts from the weights of %s", run.root, path)
     return model
@@ -152,7 +152,7 @@ def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
                            deadline)
     final = run.read_state()
     final["stopped_early"] = stopped == "early"
-    run.write_json(run.state, final)
+    run.write_record(run.state, final)
     keras.backend.clear_session()
     return stopped
 
