@@ -24,7 +24,7 @@ from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
 from busi.cross_dataset import PARTS, dataset_rows
 from busi.data import datasets
-from busi.evaluation import evaluate_model
+from busi.evaluation import evaluate_model, summary_record
 from busi.postprocess import PostProcess
 from busi.report import summary_text
 from busi.runs import json_ready, postprocess_for, read_json
@@ -51,10 +51,9 @@ def score(weights: Path, dataset: str, part: str = "test", data: str | None = No
     rows = dataset_rows(config, dataset, part, data)
     per_image, summary = evaluate_model(inference.load(weights), rows, post, config.image_size,
                                         config.resize, config.batch_size)
-    record = {"model": weights.name, "model_sha1": sidecar.get("model_sha1"),
-              "image_size": config.image_size, "resize": config.resize,
-              "postprocess": post.to_dict(), "dataset": dataset, "part": part,
-              "splits": {part: summary}}
+    record = summary_record(weights, sidecar.get("model_sha1"), post, config.image_size,
+                            config.resize)
+    record.update({"dataset": dataset, "part": part, "splits": {part: summary}})
     return per_image, json_ready(record)
 
 

@@ -376,9 +376,12 @@ def _ids_of(rows: pd.DataFrame, dataset: str) -> pd.Series:
     return rows.loc[rows["dataset"] == dataset, "id"]
 
 
-def _summary_record(
+def summary_record(
     model_path: Path, sha1: str, post: PostProcess, size: Any, mode: str
 ) -> dict[str, Any]:
+    """The head of a ``summary.json`` (weights, input, post-processing, what the figures mean),
+    with empty ``splits``: one form for ``busi evaluate`` and the tools that score a published
+    model without its run folder."""
     return {
         "model": model_path.name,
         "model_sha1": sha1,
@@ -400,7 +403,7 @@ def _write_summary(
     """Write ``per_image_<part>.csv`` and ``summary.json`` (with the ``extra`` keys: one
     write) into ``out_dir``; parts evaluated earlier with the same weights and post-processing
     are kept in the summary."""
-    record = _summary_record(model_path, sha1, post, size, mode)
+    record = summary_record(model_path, sha1, post, size, mode)
     record["dataset"] = dataset
     record.update(extra or {})
     previous = read_json(out_dir / SUMMARY_FILE)
@@ -416,5 +419,5 @@ def _write_summary(
 
 __all__ = [
     "PER_IMAGE_COLUMNS", "chosen_postprocess", "evaluate", "evaluate_dataset", "evaluate_model",
-    "score_table", "summarize",
+    "score_table", "summarize", "summary_record",
 ]
