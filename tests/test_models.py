@@ -181,6 +181,10 @@ def test_the_registries_name_models_as_tables_and_cards_did():
     assert models.model_details(unet.to_dict()) == "resnet34 encoder (imagenet)"
     assert models.model_details(unet.replace(encoder_weights=None)) == (
         "resnet34 encoder (from scratch)")
+    tuned = unet.replace(init_weights="weights/lite0-joint-cpu.h5")  # a fine-tuned model
+    assert models.model_label(tuned) == "U-Net, resnet34, fine-tuned from lite0-joint-cpu"
+    assert models.model_details(tuned.to_dict()) == (
+        "resnet34 encoder (fine-tuned from lite0-joint-cpu)")
 
 
 def test_build_reads_the_architecture_options_from_the_config():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from busi import _keras, encoders
@@ -289,7 +290,10 @@ def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, d
     values = dict(config) if isinstance(config, Mapping) else config.to_dict()
     spec = architecture(values["architecture"])
     weights = values.get("encoder_weights") if spec.uses_encoder else None
-    return spec, {**values, "weights": weights or "from scratch"}
+    weights = weights or "from scratch"
+    if values.get("init_weights"):  # fine-tuned: name the model it started from, not ImageNet
+        weights = f"fine-tuned from {PurePath(values['init_weights']).stem}"
+    return spec, {**values, "weights": weights}
 
 
 def model_label(config: TrainConfig | Mapping[str, Any]) -> str:
