@@ -284,6 +284,20 @@ def test_float_layers_are_an_efficientnet_lite_encoder(tiny):
     assert default_export(model) == "tflite:int8"
 
 
+def test_dynamic_int8_of_an_efficientnet_lite_warns(tiny, tmp_path, monkeypatch):
+    """Asked by hand (``publish_export`` keeps dynamic-range int8 as its default), the export
+    of a Lite U-Net says that it changes such a model's masks; other models export silently."""
+    import warnings
+
+    monkeypatch.setattr(bx, "_export_tflite", lambda *args: None)  # the warning comes first
+    model = busi.build_model("efficientnet-lite0", input_shape=(64, 64, 3), encoder_weights=None)
+    with pytest.warns(UserWarning, match="lite.tflite: dynamic-range int8 changed the masks"):
+        bx.export(model, tmp_path / "lite.tflite", "tflite", "dynamic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bx.export(tiny[0], tmp_path / "classic.tflite", "tflite", "dynamic")
+
+
 @pytest.mark.slow
 def test_efficientnet_lite_int8_export_has_a_float_encoder(tmp_path):
     """The converter's tensor names of a real EfficientNet-Lite U-Net match its encoder's

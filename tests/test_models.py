@@ -185,6 +185,8 @@ def test_the_registries_name_models_as_tables_and_cards_did():
     assert models.model_label(tuned) == "U-Net, resnet34, fine-tuned from lite0-joint-cpu"
     assert models.model_details(tuned.to_dict()) == (
         "resnet34 encoder (fine-tuned from lite0-joint-cpu)")
+    run_checkpoint = unet.replace(init_weights="runs/lite0-joint-cpu/best.h5")
+    assert models.model_label(run_checkpoint).endswith("fine-tuned from lite0-joint-cpu/best")
 
 
 def test_build_reads_the_architecture_options_from_the_config():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import busi
 from busi import callbacks, training
 from busi.config import TrainConfig
 from busi.data import parts
+from busi.publish import publish
 from busi.runs import RunFolder
 from busi.weights import load_for_inference
 
@@ -295,7 +297,7 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     file's digest, and a model of another architecture is refused naming the file."""
     import numpy as np
 
-    from busi.digests import file_digest
+    from busi.digests import file_digest, file_sha1
 
     source = busi.train(tiny(busi_folder, tmp_path / "a", epochs=1)) / "best.h5"
     config = tiny(busi_folder, tmp_path / "b", epochs=1, init_weights=str(source))
@@ -306,15 +308,28 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     assert len(model.get_weights()) == len(expected)
     for built, saved in zip(model.get_weights(), expected, strict=True):
         np.testing.assert_array_equal(built, saved)
-    record = json.loads((run.root / "init_weights.json").read_text())
-    assert record == {"path": str(source), "sha256": file_digest(source)}
+    record = json.loads(run.init_weights.read_text())
+    assert record == {"path": str(source.resolve()), "sha256": file_digest(source),
+                      "sha1": file_sha1(source)}
 
     trained = busi.train(tiny(busi_folder, tmp_path / "c", epochs=1, init_weights=str(source)))
     assert json.loads((trained / "init_weights.json").read_text())["sha256"] == record["sha256"]
+    card = publish(trained, tmp_path / "published", export=None)[2].read_text()
+    assert f"Fine-tuned from the weights run/best (SHA-1 {file_sha1(source)})" in card
 
     other = tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8, init_weights=str(source))
-    with pytest.raises(ValueError, match=f"{source}.*do not fit"):
+    with pytest.raises(ValueError, match=f"{re.escape(str(source))}.*do not fit"):
         busi.train(other)
+    # a start with init_weights that crashed in its first epoch leaves its record; started
+    # again without init_weights (allowed: no epoch had finished), the record goes
+    (tmp_path / "d" / "run" / "init_weights.json").write_text(json.dumps(record))
+    busi.train(tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8))
+    assert not (tmp_path / "d" / "run" / "init_weights.json").exists()
+
+    missing = tiny(busi_folder, tmp_path / "e", init_weights=str(tmp_path / "nothing.h5"))
+    with pytest.raises(FileNotFoundError, match="init_weights: .*nothing.h5 not found"):
+        busi.train(missing)
+    assert not RunFolder(missing.directory).config.exists()  # refused before writing anything
 
 
 def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path):
@@ -334,11 +349,11 @@ def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path
 
     def encoder_and_rest(path):
         model = busi.load_model(path, compile=False)
-        inside = {layer.name for layer in models.encoder_layers(model)
-                  if not isinstance(layer, batchnorm)}
+        inside = {layer.name for layer in models.encoder_layers(model)}
         split = {True: [], False: []}
         for layer in model.layers:
-            split[layer.name in inside].extend(layer.get_weights())
+            if not isinstance(layer, batchnorm):  # they adapt in the warm-up too: see above
+                split[layer.name in inside].extend(layer.get_weights())
         return split[True], split[False]
 
     start_encoder, start_rest = encoder_and_rest(source)

@@ -24,6 +24,7 @@ from busi.atomic import atomic_write_text
 from busi.config import TrainConfig
 from busi.cross_dataset import PARTS, dataset_rows
 from busi.data import datasets
+from busi.digests import file_sha1
 from busi.evaluation import evaluate_model, summary_record
 from busi.postprocess import PostProcess
 from busi.report import summary_text
@@ -51,8 +52,7 @@ def score(weights: Path, dataset: str, part: str = "test", data: str | None = No
     rows = dataset_rows(config, dataset, part, data)
     per_image, summary = evaluate_model(inference.load(weights), rows, post, config.image_size,
                                         config.resize, config.batch_size)
-    record = summary_record(weights, sidecar.get("model_sha1"), post, config.image_size,
-                            config.resize)
+    record = summary_record(weights, file_sha1(weights), post, config.image_size, config.resize)
     record.update({"dataset": dataset, "part": part, "splits": {part: summary}})
     return per_image, json_ready(record)
 

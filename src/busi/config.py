@@ -148,8 +148,9 @@ class TrainConfig:
         init_weights: start from the weights of an earlier busi model of the same architecture
             (a run's ``best.h5`` or a shipped ``weights/*.h5``) instead of ``encoder_weights``:
             the second stage of pretrain-on-everything, fine-tune-on-one-hospital (say a model
-            trained on BUSI + BUS-BRA, fine-tuned on BUSI). Read once, when the run starts; its
-            SHA-256 is kept in the run folder (``init_weights.json``). Keep
+            trained on BUSI + BUS-BRA, fine-tuned on BUSI). A relative path not found in the
+            working directory is taken from the project root. Read once, when the run starts;
+            its digests are kept in the run folder (``init_weights.json``). Keep
             ``encoder_weights`` as the first stage had it: the model card names that source.
         decoder_filters: filters of the five decoder stages of the "unet" architecture
             (segmentation-models' default 256, 128, 64, 32, 16). Smaller ones shrink the model
@@ -259,6 +260,8 @@ class TrainConfig:
         self.augmentation = _augmentation_overrides(self.augmentation)
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None
+        if self.init_weights in ("none", "None", ""):
+            self.init_weights = None
         if self.encoder_weights not in (None, "imagenet"):
             raise ValueError(f"encoder_weights must be imagenet or none, got "
                              f"{self.encoder_weights!r}")

@@ -292,8 +292,15 @@ def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, d
     weights = values.get("encoder_weights") if spec.uses_encoder else None
     weights = weights or "from scratch"
     if values.get("init_weights"):  # fine-tuned: name the model it started from, not ImageNet
-        weights = f"fine-tuned from {PurePath(values['init_weights']).stem}"
+        weights = f"fine-tuned from {weights_name(values['init_weights'])}"
     return spec, {**values, "weights": weights}
+
+
+def weights_name(path: str | PurePath) -> str:
+    """A short name of a weights file for tables and cards: its stem, with the run folder for a
+    run's checkpoint ("lite0-joint-cpu", "runs/x/best.h5" -> "x/best")."""
+    path = PurePath(path)
+    return f"{path.parent.name}/{path.stem}" if path.stem in ("best", "last") else path.stem
 
 
 def model_label(config: TrainConfig | Mapping[str, Any]) -> str:
@@ -330,5 +337,5 @@ def custom_objects() -> dict[str, Any]:
 __all__ = [
     "ARCHITECTURES", "ENCODER_BUILDERS", "Architecture", "WeightsDownloadError", "architecture",
     "build", "build_model", "classic_unet", "custom_objects", "encoder_layers", "model_details",
-    "model_label", "set_encoder_trainable",
+    "model_label", "set_encoder_trainable", "weights_name",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 
 from busi.atomic import atomic_write_text
 from busi.digests import file_digest, file_sha1
-from busi.models import architecture, model_details
+from busi.models import architecture, model_details, weights_name
 from busi.postprocess import PostProcess
 from busi.runs import RunFolder, postprocess_for, read_json
 
@@ -212,7 +212,8 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         "metrics": None if summary is None else summary.get("splits"),
         "metrics_other_datasets": _other_datasets(run, source, config),
         "trained_on": trained_on(run, config),
-        "init_weights": read_json(run.root / "init_weights.json"),  # see TrainConfig
+        "init_weights": (read_json(run.init_weights)  # see TrainConfig.init_weights
+                         if config.init_weights is not None else None),
         "dataset_fingerprint": env.get("dataset_fingerprint"),
         "git_commit": env.get("git_commit"),
         "not_for_clinical_use": True,
@@ -355,8 +356,10 @@ def _init_source(init: dict[str, Any] | None) -> list[str]:
     weights too, so the card names it."""
     if not init:
         return []
-    return [f"- Fine-tuned from the weights of {Path(init['path']).name} (SHA-256 "
-            f"{init['sha256'][:16]}...): see that model's card for the data it was trained on."]
+    digest = (f"SHA-1 {init['sha1']}" if init.get("sha1")
+              else f"SHA-256 {init['sha256'][:16]}...")
+    return [f"- Fine-tuned from the weights {weights_name(init['path'])} ({digest}): see that "
+            "model's card (or run folder) for the data it was trained on."]
 
 
 def _augmentation(config: dict[str, Any]) -> str:
@@ -374,9 +377,10 @@ def publish_export(
 ) -> Path:
     """Export published weights for fast CPU inference, next to them, under the same sidecar.
 
-    The default, TFLite with dynamic-range int8 weights, was the fastest path that kept the
-    masks of the Keras model (``benchmarks/inference_speed.py``) for all but EfficientNet-Lite
-    U-Nets (see :func:`default_export` and :mod:`busi.export`). ``quantize="int8"`` needs
+    The default here, TFLite with dynamic-range int8 weights, was the fastest path that kept
+    the masks of the Keras model (``benchmarks/inference_speed.py``) for all but EfficientNet-Lite
+    U-Nets, for which :func:`busi.export.export` warns (:func:`publish` chooses per model with
+    :func:`default_export`; see :mod:`busi.export`). ``quantize="int8"`` needs
     ``calibration`` images (:func:`calibration_images`). The exported file's SHA-1 is added to
     the sidecar's ``exports``, so :func:`busi.predict` applies the same post-processing to it.
 

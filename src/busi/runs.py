@@ -95,6 +95,11 @@ class RunFolder:
         return self.root / "state.json"
 
     @property
+    def init_weights(self) -> Path:
+        """What the run started from when its config has ``init_weights``: path and digests."""
+        return self.root / "init_weights.json"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

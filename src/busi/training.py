@@ -30,7 +30,8 @@ from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.splits import in_classes
 from busi.devices import configure_devices, distribution_strategy, global_policy, precision_policy
-from busi.digests import file_digest
+from busi.digests import file_digest, file_sha1
+from busi.paths import PROJ_ROOT
 from busi.runs import RunFolder, check_same_config
 
 keras = _keras.keras()
@@ -108,18 +109,39 @@ def _fit(model, config, run, train_data, validation, initial_epoch, epochs, dead
 
 def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) -> keras.Model:
     """The model a new run starts from: built from the config, with ``init_weights`` loaded
-    into it when set (the ImageNet weights it would otherwise get are not read: they are
-    overwritten). The digest of that file goes into the run folder, so the run says what it
-    started from even if the file later changes."""
+    into it when set (then the ImageNet weights are not read, since they would be
+    overwritten). The file's digests go into the run folder (``init_weights.json``), so the run
+    says what it started from even if the file later changes; a record left by an earlier
+    start with other settings is removed."""
+    record = run.init_weights
     if config.init_weights is None:
+        record.unlink(missing_ok=True)
         return models.build(config, freeze_encoder=freeze_encoder)
-    path = Path(config.init_weights)
+    path = init_weights_path(config)
     model = models.build(replace(config, encoder_weights=None), freeze_encoder=freeze_encoder)
     weights.load_weights_into(model, path)
-    run.write_record(run.root / "init_weights.json",
-                   {"path": str(path), "sha256": file_digest(path)})
+    run.write_record(record, {"path": str(path), "sha256": file_digest(path),
+                              "sha1": file_sha1(path)})
     log.info("run %s: starts from the weights of %s", run.root, path)
     return model
+
+
+def init_weights_path(config: TrainConfig) -> Path:
+    """The file ``config.init_weights`` names: as given if it exists (absolute, or relative to
+    the working directory), else relative to the project root, like ``weights/`` and
+    ``runs/``, so a config of this repo works from ``notebooks/`` too.
+
+    Raises:
+        FileNotFoundError: neither exists (the message names the field).
+    """
+    given = Path(config.init_weights)
+    for path in (given, PROJ_ROOT / given):
+        if path.is_file():
+            return path.resolve()
+    raise FileNotFoundError(
+        f"init_weights: {given} not found (looked in {Path.cwd()} and {PROJ_ROOT}); give the "
+        ".h5 of an earlier busi model of the same architecture, e.g. weights/lite0-joint-cpu.h5"
+    )
 
 
 def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
@@ -187,6 +209,8 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
             f"{run.root}: history.csv but no state.json or last.h5; the run folder is incomplete. "
             "Delete it or choose another run name."
         )
+    if not state and config.init_weights is not None:
+        init_weights_path(config)  # a missing file fails before the run folder is written
     # A run without a finished epoch starts afresh: settings that failed (say, ImageNet weights
     # offline) can be changed under the same name.
     run.root.mkdir(parents=True, exist_ok=True)
