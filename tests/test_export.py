@@ -217,6 +217,11 @@ def test_openvino_float32_bfloat16_int8(tiny, onnx_files):
     ],
 )
 def test_tflite_matches_keras(tiny, tmp_path, quantize, precision, atol, mean_atol):
+    if quantize in (None, "float16") and not _static_int8_checked(tiny):
+        # float32 and float16-weight files differ from the dynamic-range one (which the
+        # ResNet18 keeps: its graph converts) only in how weights are stored, which does not
+        # depend on the architecture; the classic U-Net checks them. 40 s of CI time each.
+        pytest.skip("float32 / float16 TFLite are checked on the classic U-Net")
     out = tmp_path / "model.tflite"
     bx.export(tiny[0], out, backend="tflite", quantize=quantize, calibration=tiny[3])
     assert [p.name for p in tmp_path.iterdir()] == ["model.tflite"]  # no temporary left
@@ -304,8 +309,9 @@ def test_efficientnet_lite_int8_export_has_a_float_encoder(tmp_path):
     layers: every encoder activation stays float32, the decoder's convolutions are int8."""
     pytest.importorskip("ai_edge_litert")
     busi._keras.keras().utils.set_random_seed(0)
-    model = busi.build_model("efficientnet-lite0", input_shape=(64, 64, 3), encoder_weights=None)
-    calibration = _images(4, 64, seed=1)
+    model = busi.build_model("efficientnet-lite0", input_shape=(32, 32, 3), encoder_weights=None,
+                             decoder_filters=(16, 16, 16, 16, 16))  # small: conversion time
+    calibration = _images(4, 32, seed=1)
     _calibrate(model, calibration)
     out = bx.export(model, tmp_path / "lite.tflite", "tflite", "int8", calibration=calibration)
     dtypes = _activation_dtypes(out)

@@ -343,8 +343,8 @@ def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path
 
     batchnorm = _keras.keras().layers.BatchNormalization
 
-    small = dict(architecture="unet", encoder="resnet18", encoder_weights=None, image_size=64,
-                 steps_per_epoch=2, learning_rate=1e-3)
+    small = dict(architecture="unet", encoder="resnet18", encoder_weights=None, image_size=32,
+                 steps_per_epoch=1, precise_bn_batches=1, learning_rate=1e-3)
     source = busi.train(tiny(busi_folder, tmp_path / "a", epochs=1, **small)) / "best.h5"
 
     def encoder_and_rest(path):
