@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from busi.atomic import atomic_path
-from busi.runtimes import PRECISION_KEY, model_input_size, require
+from busi.runtimes import PRECISION_KEY, model_input_size, require, tflite_interpreter
 from busi.weights import with_policy
 
 BACKENDS: dict[str, tuple[str | None, ...]] = {
@@ -177,16 +177,17 @@ def export(
     hw = _model_hw(model)
     if quantize == "int8":
         calibration = _check_calibration(calibration, hw)
+    lite_encoder = float_layers(model)
     if (backend, quantize) != ("tflite", "int8"):
         if keep_float:
             raise ValueError("keep_float applies to TFLite int8 exports only")
         keep_float = ()
     elif keep_float is None:
-        keep_float = float_layers(model)
+        keep_float = lite_encoder
     unknown = sorted(set(keep_float) - {layer.name for layer in model.layers})
     if unknown:
         raise ValueError(f"keep_float names layers the model does not have: {unknown[:5]}")
-    if quantize == "dynamic" and float_layers(model):
+    if quantize == "dynamic" and lite_encoder:
         warnings.warn(
             f"{out_path}: dynamic-range int8 changed the masks of ImageNet-initialised "
             "EfficientNet-Lite U-Nets (per-image Dice 0.95-0.985 with the float model's, worst "
@@ -311,16 +312,6 @@ def _int8_keeping_float(converter: Any, representative: Any, keep_float: tuple[s
 
 
 def _tensor_names(flatbuffer: bytes) -> list[str]:
-    """Names of the tensors of a ``.tflite`` flatbuffer (LiteRT's interpreter if installed)."""
-    from busi.runtimes import available
-
-    if available("ai_edge_litert"):
-        from ai_edge_litert.interpreter import Interpreter
-    else:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        interpreter = Interpreter(model_content=flatbuffer)
+    """Names of the tensors of a ``.tflite`` flatbuffer."""
+    interpreter = tflite_interpreter(model_content=flatbuffer)
     return [tensor["name"] for tensor in interpreter.get_tensor_details()]

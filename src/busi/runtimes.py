@@ -211,21 +211,27 @@ class OnnxRuntimePredictor(Predictor):
         return self._session.run(None, {self._input: batch})[0]
 
 
+def tflite_interpreter(**options: Any) -> Any:
+    """A TFLite interpreter (``model_path=`` or ``model_content=``, ``num_threads=``): LiteRT's
+    (``ai-edge-litert``) if installed, else ``tf.lite``'s, which is deprecated in its favour."""
+    if available("ai_edge_litert"):
+        from ai_edge_litert.interpreter import Interpreter
+    else:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        return Interpreter(**options)
+
+
 class TFLitePredictor(Predictor):
     """A ``.tflite`` run with XNNPACK by LiteRT (``ai-edge-litert``) or ``tf.lite``."""
 
     runtime = "tflite"
 
     def __init__(self, path: Path, threads: int) -> None:
-        if available("ai_edge_litert"):
-            from ai_edge_litert.interpreter import Interpreter
-        else:  # tf.lite.Interpreter is deprecated, and will go, in favour of ai-edge-litert
-            import tensorflow as tf
-
-            Interpreter = tf.lite.Interpreter  # noqa: N806
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self._interpreter = tflite_interpreter(model_path=str(path), num_threads=threads)
         details = self._interpreter.get_input_details()[0]
         self._input = details["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
