@@ -196,6 +196,8 @@ class RunCheckpoint(keras.callbacks.Callback):
                 pending.unlink()
 
     def _improved(self, value: float) -> bool:
+        if self.config.keep == "last":
+            return True
         if self.best is None or math.isnan(self.best):
             return True
         return value > self.best if self.mode == "max" else value < self.best

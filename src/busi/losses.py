@@ -35,8 +35,18 @@ LOSSES: dict[str, Callable[[Any], Any]] = {
     "dice_focal": lambda sm: sm.losses.DiceLoss() + sm.losses.BinaryFocalLoss(),
     "bce": lambda sm: sm.losses.BinaryCELoss(),
     "bce_dice": lambda sm: sm.losses.BinaryCELoss() + sm.losses.DiceLoss(),
+    "bce_dice_per_image": lambda sm: _named(
+        sm.losses.BinaryCELoss() + sm.losses.DiceLoss(per_image=True),
+        "binary_crossentropy_plus_dice_loss_per_image"),
 }
 """Loss name (as a config writes it) -> factory taking the segmentation-models module."""
+
+def _named(loss: Any, name: str) -> Any:
+    """``loss`` under its own saved name: a per-image Dice sum would otherwise save the name of
+    the pooled one (``binary_crossentropy_plus_dice_loss``) and reload as it."""
+    loss.name = name  # sm losses keep their saved name (__name__) in `name`
+    return loss
+
 
 LOSS_NAMES = tuple(LOSSES)
 """Names accepted by :func:`get_loss` (a config picks the loss by one of these)."""
@@ -52,13 +62,14 @@ plots and resumed runs rely on: keep them stable."""
 METRIC_NAMES = tuple(METRICS)
 """Names of :func:`get_metrics` as they appear in the training history (keep them stable)."""
 
-OPTIMIZERS: dict[str, Callable[[Any, float], Any]] = {
-    "adam": lambda keras, rate: keras.optimizers.Adam(learning_rate=rate),
-    "adamw": lambda keras, rate: keras.optimizers.AdamW(learning_rate=rate),
-    "sgd": lambda keras, rate: keras.optimizers.SGD(learning_rate=rate, momentum=0.9),
+OPTIMIZERS: dict[str, Callable[..., Any]] = {
+    "adam": lambda keras, rate, **_: keras.optimizers.Adam(learning_rate=rate),
+    "adamw": lambda keras, rate, **options: keras.optimizers.AdamW(learning_rate=rate, **options),
+    "sgd": lambda keras, rate, **_: keras.optimizers.SGD(learning_rate=rate, momentum=0.9),
 }
-"""Optimizer name (as a config writes it) -> factory taking the Keras module and the learning
-rate."""
+"""Optimizer name (as a config writes it) -> factory taking the Keras module, the learning
+rate and the options set in the config (``weight_decay``; those an optimizer has no use for are
+refused when the config is made)."""
 
 
 def get_loss(name: str = DEFAULT_LOSS) -> Callable:
@@ -79,11 +90,12 @@ def get_loss(name: str = DEFAULT_LOSS) -> Callable:
     return LOSSES[name](_keras.sm())
 
 
-def get_optimizer(name: str, learning_rate: float) -> Any:
+def get_optimizer(name: str, learning_rate: float, weight_decay: float | None = None) -> Any:
     """A fresh Keras optimizer called ``name`` (one of :data:`OPTIMIZERS`)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
-    return OPTIMIZERS[name](_keras.keras(), learning_rate)
+    options = {} if weight_decay is None else {"weight_decay": weight_decay}
+    return OPTIMIZERS[name](_keras.keras(), learning_rate, **options)
 
 
 def get_metrics() -> list:

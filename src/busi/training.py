@@ -44,7 +44,7 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     """Compile ``model`` with the config's loss, metrics and a fresh optimizer (also after the
     encoder is unfrozen: Keras reads the trainable flags when compiling)."""
     model.compile(
-        optimizer=losses.get_optimizer(config.optimizer, config.learning_rate),
+        optimizer=losses.get_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
         loss=losses.get_loss(config.loss), metrics=losses.get_metrics(),
         jit_compile=config.jit_compile,
     )
