@@ -122,3 +122,23 @@ def test_train_evaluate_predict_end_to_end(busi_folder, busi_table, tmp_path, ca
     assert main(["predict", str(images), str(tmp_path / "all"), "--weights",
                  str(run / "best.h5"), "--include-masks"]) == 0
     assert len(list((tmp_path / "all").glob("*_pred.png"))) == 2 * n_images
+
+
+def test_download_offers_only_datasets_that_can_be_fetched(capsys):
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    assert "--dataset {busi,busbra}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["download", "--dataset", "folder"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'folder'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["download", "--data", "somewhere"],
+                                  ["evaluate", "run", "--dat", "somewhere"]])
+def test_an_option_is_never_read_as_an_abbreviation_of_another(argv, capsys):
+    """`download --data X` used to mean `--dataset X` (argparse's prefix matching)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}" in capsys.readouterr().err

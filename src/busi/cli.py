@@ -162,9 +162,11 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    # allow_abbrev off (here and on every subcommand): `--data X` given to a command without
+    # --data would otherwise be read as --dataset X
     main = argparse.ArgumentParser(
         prog="busi", description="Breast-lesion segmentation in ultrasound images (BUSI). "
-        "Research software, not for clinical decisions.",
+        "Research software, not for clinical decisions.", allow_abbrev=False,
     )
     main.add_argument("--version", action="version", version=f"busi {busi.__version__}")
     sub = main.add_subparsers(dest="command", required=True)
@@ -172,7 +174,8 @@ def parser() -> argparse.ArgumentParser:
     names = busi.data.datasets.names()
     p = sub.add_parser("download", help="fetch BUSI from Kaggle (or BUS-BRA from Zenodo; "
                        "needs internet)")
-    p.add_argument("--dataset", default="busi", choices=names, help="default: %(default)s")
+    p.add_argument("--dataset", default="busi", choices=busi.data.datasets.downloadable(),
+                   help="default: %(default)s")
     p.add_argument("--dest", help=f"folder to put it in (default for BUSI: {DEFAULT_DEST})")
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.set_defaults(func=_download)
@@ -288,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
                    "(BUSI ground truth; skipped by default)")
     p.set_defaults(func=_predict)
     for command, p in sub.choices.items():
+        p.allow_abbrev = False
         if command not in ("download", "index"):  # the others load model files
             p.add_argument(
                 "--unsafe-weights", action="store_true",

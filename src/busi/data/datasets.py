@@ -46,7 +46,9 @@ class Dataset:
         title: for people (figures, reports).
         locate: ``locate(path or None) -> root``; None looks in the dataset's usual places and
             environment variable; raises :class:`busi.errors.DataError` saying how to get it.
-        download: ``download(dest, force) -> root``.
+        download: ``download(dest, force) -> root``; None for data that exists only where
+            the user keeps it (a folder of their own images), which ``busi download`` does not
+            offer.
         index: ``index(root, strict, workers) -> table`` (the common index table).
         authors_split: the split with the dataset's published partition (``authors_fold``), if
             it has one: ``authors_split(root, grouped_table, fold, classes=, val_fraction=,
@@ -58,7 +60,7 @@ class Dataset:
     name: str
     title: str
     locate: Callable[..., Path]
-    download: Callable[..., Path]
+    download: Callable[..., Path] | None
     index: Callable[..., pd.DataFrame]
     env_var: str
     citation: str
@@ -77,7 +79,7 @@ BUSBRA = Dataset(
     authors_split=busbra.authors_split,
 )
 FOLDER = Dataset(
-    name=folder.NAME, title="own images", locate=folder.locate, download=folder.download,
+    name=folder.NAME, title="own images", locate=folder.locate, download=None,
     index=folder.index, env_var=folder.ENV_VAR, citation="",
 )
 
@@ -99,6 +101,11 @@ for _dataset in (BUSI, BUSBRA, FOLDER):
 def names() -> list[str]:
     """The registered dataset names."""
     return list(_REGISTRY)
+
+
+def downloadable() -> list[str]:
+    """The registered datasets that can be fetched (what ``busi download`` offers)."""
+    return [name for name, dataset in _REGISTRY.items() if dataset.download is not None]
 
 
 def get(name: str) -> Dataset:
@@ -216,4 +223,4 @@ def check_names(values: Sequence[str]) -> tuple[str, ...]:
 
 
 __all__ = ["BUSBRA", "BUSI", "FOLDER", "Dataset", "check_names", "combine",
-           "cross_duplicate_pairs", "get", "load", "names", "register"]
+           "cross_duplicate_pairs", "downloadable", "get", "load", "names", "register"]

@@ -44,11 +44,6 @@ def locate(path: str | os.PathLike | None = None) -> Path:
     return root.resolve()
 
 
-def download(dest: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """A user's folder cannot be downloaded: this only finds it."""
-    return locate(dest)
-
-
 def _files(folder: Path) -> dict[str, list[Path]]:
     """The image files of ``folder`` by stem, as lists: ``a.png`` and ``a.jpg`` are two files
     for one image, a fault to report, not something to settle by picking one."""
