@@ -142,3 +142,10 @@ def test_an_option_is_never_read_as_an_abbreviation_of_another(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert f"unrecognized arguments: {argv[-2]} {argv[-1]}" in capsys.readouterr().err
+
+
+def test_set_and_its_own_option_must_agree(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--set", "epochs=5", "--epochs", "8", "--run-dir", str(run)]) == 2
+    assert "--set epochs=5 and --epochs 8 disagree" in capsys.readouterr().err
+    assert not run.exists()

@@ -242,3 +242,20 @@ def test_unused_extra_keys_are_dropped_with_a_warning(caplog):
     assert "extra keys ['note'] are not used" in caplog.text
     with pytest.raises(ValueError, match="devices given twice"):
         TrainConfig.from_dict({"devices": ["/gpu:0"], "extra": {"devices": ["/gpu:1"]}})
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("c.yaml", "epochs: 3\nseed: 1\nepochs: 5\n", r"c\.yaml:3:1"),
+    ("c.yaml", "augmentation:\n  speckle: false\n  speckle: true\n", r"c\.yaml:3:3"),
+    ("c.json", '{"epochs": 3, "seed": 1, "epochs": 5}', r"c\.json"),
+])
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path, name, text, where):
+    (tmp_path / name).write_text(text)
+    key = "speckle" if "speckle" in text else "epochs"
+    with pytest.raises(ValueError, match=rf"{where}: not valid .*key '{key}' is given twice"):
+        TrainConfig.load(tmp_path / name)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    (tmp_path / "c.yaml").write_text("augmentation:\n  <<: {speckle: false}\n  speckle: true\n")
+    assert TrainConfig.load(tmp_path / "c.yaml").augment_config().speckle is True

@@ -76,13 +76,20 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if not sep:
             raise ValueError(f"--set takes key=value, got {item!r}")
         changes[key.strip().replace("-", "_")] = _parse_value(value)
-    for key in ("name", "data", "epochs", "batch_size", "image_size", "architecture", "encoder",
-                "run_dir"):
-        value = getattr(args, key, None)
-        if value is not None:
-            changes[key] = value
+    options = {key: getattr(args, key, None) for key in (
+        "name", "data", "epochs", "batch_size", "image_size", "architecture", "encoder",
+        "run_dir")}
     if args.encoder_weights is not None:
-        changes["encoder_weights"] = _parse_value(args.encoder_weights)
+        options["encoder_weights"] = _parse_value(args.encoder_weights)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in changes and changes[key] != value:
+            # neither may win silently: which one was meant is not known
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"--set {key}={changes[key]} and {option} {value} disagree; give "
+                             "one of them")
+        changes[key] = value
     return config.replace(**changes) if changes else config
 
 

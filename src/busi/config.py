@@ -111,6 +111,44 @@ def _where(path: Path, error: Exception) -> str:
     return str(path)
 
 
+def _unique_keys_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second ``epochs:`` further down a long config would win unseen. Keys merged
+    in with ``<<`` may still be overridden, as YAML intends."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<", resolved by the base class
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if line is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {line + 1})",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def _unique_keys_json(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`json.loads` that refuses a key given twice (json keeps
+    the last silently)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"key {key!r} is given twice")
+        values[key] = value
+    return values
+
+
 def _problem(error: Exception) -> str:
     """What a parser says is wrong, without its position (given by :func:`_where`)."""
     if getattr(error, "problem_mark", None) is not None:
@@ -383,9 +421,9 @@ class TrainConfig:
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
-                values = yaml.safe_load(text) or {}
+                values = _unique_keys_yaml(text) or {}
             else:
-                values = json.loads(text)
+                values = json.loads(text, object_pairs_hook=_unique_keys_json)
         except (ValueError, yaml.YAMLError) as error:
             raise ValueError(f"{_where(path, error)}: not valid {path.suffix[1:].upper()}: "
                              f"{_problem(error)}") from error

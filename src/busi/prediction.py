@@ -235,7 +235,8 @@ def predict(
     if image_size is None:
         image_size = model_input_size(model) or settings.get("image_size")
     if image_size is None:
-        raise ValueError("the model has no fixed input size: pass image_size=")
+        raise ValueError("the model has no fixed input size: give the side it was trained at "
+                         "(busi predict --size N; image_size=N in Python)")
     resize = resize if resize is not None else settings.get("resize", "letterbox")
     post = PostProcess.from_dict(settings).override(
         threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,

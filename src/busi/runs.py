@@ -257,7 +257,7 @@ class RunFolder:
             # another dataset is scored with the run's own choice; defaults would not be it
             raise ValueError(
                 f"{self.weights(model_path)}: no post-processing chosen on validation yet; "
-                f"run `busi evaluate {self.root}` first (or pass postprocess=)"
+                f"run `busi evaluate {self.root}` first (in Python, or give postprocess=)"
             )
         post = postprocess or PostProcess.from_dict(chosen)
         probs = predict_probabilities(self.open_model(model_path), rows, config.image_size,
