@@ -133,6 +133,7 @@ def test_predict_uses_the_threshold_chosen_for_the_weights(tmp_path: Path, input
     run = tmp_path / "run"
     model_path = run / "best.h5"
     busi.save_model(_gray_model(), model_path)
+    busi.TrainConfig(image_size=SIZE).save(run / "config.json")
     image = inputs / "gray.bmp"  # probability 0.53 everywhere
 
     table = predict(model_path, image, tmp_path / "a")  # size from the model, threshold 0.5
@@ -140,7 +141,7 @@ def test_predict_uses_the_threshold_chosen_for_the_weights(tmp_path: Path, input
 
     chosen = {"threshold": 0.6, "tta": False, "min_component_fraction": 0.0,
               "keep_largest": False, "resize": "letterbox", "image_size": SIZE,
-              "model_sha1": file_sha1(model_path)}
+              "model": "best.h5", "model_sha1": file_sha1(model_path)}
     (run / "evaluation").mkdir()
     (run / "evaluation" / "postprocess.json").write_text(json.dumps(chosen))
     assert predict(model_path, image, tmp_path / "b")["lesion_pixels"].iloc[0] == 0

@@ -57,12 +57,16 @@ def test_model_card_names_the_augmentation_strengths(config, said):
     assert _augmentation(config) == said
 
 
-def test_sidecar_of_other_weights_is_ignored(evaluated_run, tmp_path):
+def test_weights_their_sidecar_was_not_made_for_are_refused(evaluated_run, tmp_path):
+    from busi.bundle import DigestMismatchError
+
     weights = busi.publish_weights(evaluated_run, tmp_path / "w")
     sidecar = weights.with_suffix(".json")
     values = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**values, "model_sha1": "0" * 40}))
-    assert postprocess_for(weights) is None
+    values["files"][weights.name]["sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(values))
+    with pytest.raises(DigestMismatchError, match=r"its SHA-256 differs from the one recorded"):
+        postprocess_for(weights)
 
 
 def test_predict_uses_the_sidecar(evaluated_run, busi_table, tmp_path):

@@ -110,6 +110,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from busi.report import summary_text
     from busi.runs import RunFolder
 
+    if Path(args.run).is_file():  # a published model: its sidecar stands in for the run folder
+        _evaluate_published(args)
+        return
     summary = busi.evaluate(args.run, split=args.split, model_path=args.weights, data=args.data,
                             dataset=args.dataset)
     if args.json:
@@ -118,6 +121,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(summary_text(summary, args.split), end="")
     where = RunFolder(args.run).evaluation_dir(args.weights, args.dataset)
     print(f"per-image scores and summary.json in {where}")
+
+
+def _evaluate_published(args: argparse.Namespace) -> None:
+    from busi.published import evaluate_published
+    from busi.report import summary_text
+
+    if args.weights:
+        raise ValueError(f"--weights is for a run folder; {args.run} is a model file already")
+    _, summary = evaluate_published(args.run, split=args.split, dataset=args.dataset,
+                                    data=args.data)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(summary_text(summary, args.split), end="")
+    print(f"split and post-processing from the sidecar of {Path(args.run).name}; nothing written "
+          "(tools/score_published.py --out FILE keeps the per-image scores)")
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -232,8 +251,10 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse to resume an existing run folder")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="score a run on its test split (threshold from val)")
-    p.add_argument("run", help="run folder")
+    p = sub.add_parser("evaluate", help="score a run (or a published model) on its test split "
+                       "(threshold from val)")
+    p.add_argument("run", help="run folder, or a published model file (weights/NAME.h5 or its "
+                   "export, beside its sidecar NAME.json: the split is made again from it)")
     p.add_argument("--split", "--part", default="test", choices=["train", "val", "test", "all"],
                    help="the part of the run's split to score (default: %(default)s; all: a "
                    "whole dataset the run did not train on)")

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from busi.atomic import atomic_write_text
+from busi.bundle import FileDigest, ModelRecord
 from busi.data.geometry import Mode
 from busi.data.masks import load_truths
 from busi.data.splits import LESION_CLASSES, is_lesion
@@ -252,29 +253,33 @@ def _evaluate(
     parts = run.parts(config)
     size, mode = config.image_size, config.resize
     batch_size = batch_size or config.batch_size
-    sha1 = file_sha1(model_path)
-    model = run.open_model(model_path)
+    model = run.open_model(model_path)  # checked against the SHA-256 training recorded
+    digest = model.settings.digest
+    sha1 = digest.sha1
 
     val_table = parts["val"]
     val_truths = load_truths(val_table)
-    params = None if rechoose else _saved_choice(run.evaluation_dir(model_path), sha1)
-    variants = (False, True) if params is None else (bool(params["tta"]),)
+    saved = None if rechoose else _saved_choice(run.evaluation_dir(model_path), model_path,
+                                                digest)
+    variants = (False, True) if saved is None else (saved.postprocess.tta,)
     val_probs = {
         tta: predict_probabilities(model, val_table, size, mode, batch_size, tta, desc="val")
         for tta in variants
     }
-    if params is None:
+    if saved is None:
         grid = postprocess_grid(val_table, val_probs[False], val_probs[True], truths=val_truths)
-        params = {
-            **select_postprocess(grid),
-            "chosen_on": "val", "model": model_path.name, "model_sha1": sha1,
-            "image_size": size, "resize": mode,
-        }
+        chosen = select_postprocess(grid)
+        saved = ModelRecord(
+            model=model_path.name, files={model_path.name: digest}, image_size=size,
+            resize=mode, postprocess=PostProcess.from_dict(chosen), chosen_on="val",
+            classes=tuple(config.classes),
+            provenance={k: v for k, v in chosen.items() if k not in PostProcess.keys()},
+        )
         out_dir = run.evaluation_dir(model_path)
         atomic_write_text(out_dir / GRID_FILE, grid.to_csv(index=False))
-        write_json(out_dir / POSTPROCESS_FILE, params)
-        log.info("post-processing chosen on val: %s", PostProcess.from_dict(params))
-    post = PostProcess.from_dict(params)
+        saved.write(out_dir / POSTPROCESS_FILE)
+        log.info("post-processing chosen on val: %s", saved.postprocess)
+    post = saved.postprocess
 
     per_image = {"val": score_table(val_table, val_probs[post.tta], post, truths=val_truths)}
     if split != "val":
@@ -294,18 +299,23 @@ def _evaluate(
     return records[dataset or config.datasets[0]]
 
 
-def _saved_choice(out_dir: Path, sha1: str) -> dict[str, Any] | None:
-    """The saved ``postprocess.json`` if it was chosen for these weights, else None."""
-    saved = read_json(out_dir / POSTPROCESS_FILE)
-    if saved is not None and not set(PostProcess.keys()) <= set(saved):
-        raise ValueError(
-            f"{out_dir / POSTPROCESS_FILE}: lacks some of {list(PostProcess.keys())}; fix it or "
-            "delete it to choose again"
-        )
-    if saved is not None and saved.get("model_sha1") != sha1:
-        log.info("%s was chosen for other weights; choosing again", out_dir / POSTPROCESS_FILE)
+def _saved_choice(out_dir: Path, model_path: Path, digest: FileDigest) -> ModelRecord | None:
+    """The record in ``postprocess.json`` if it was made for these very weights, else None."""
+    path = out_dir / POSTPROCESS_FILE
+    saved = read_json(path)
+    if saved is None:
         return None
-    return saved
+    if not set(PostProcess.keys()) <= set(saved):
+        raise ValueError(
+            f"{path}: lacks some of {list(PostProcess.keys())}; fix it or delete it to choose "
+            "again"
+        )
+    record = ModelRecord.from_dict(saved, path)
+    covered = record.covers(model_path.name)
+    if covered is None or covered.differs(digest):
+        log.info("%s was chosen for other weights; choosing again", path)
+        return None
+    return record
 
 
 def chosen_postprocess(run_dir: str | os.PathLike, model_path: str | os.PathLike | None = None
@@ -315,15 +325,15 @@ def chosen_postprocess(run_dir: str | os.PathLike, model_path: str | os.PathLike
     if it has not been, or was chosen for earlier weights."""
     run = RunFolder(run_dir)
     model_path = run.weights(model_path)
-    out_dir, sha1 = run.evaluation_dir(model_path), file_sha1(model_path)
-    params = _saved_choice(out_dir, sha1)
-    if params is None:
+    out_dir, digest = run.evaluation_dir(model_path), FileDigest.of(model_path)
+    saved = _saved_choice(out_dir, model_path, digest)
+    if saved is None:
         evaluate(run.root, split="val", model_path=model_path)
-        params = _saved_choice(out_dir, sha1)
-    if params is None:
+        saved = _saved_choice(out_dir, model_path, digest)
+    if saved is None:
         raise RuntimeError(f"{out_dir / POSTPROCESS_FILE}: evaluating the val part recorded no "
                            f"post-processing for {model_path}")
-    return params
+    return saved.to_dict()
 
 
 def evaluate_dataset(

@@ -25,6 +25,7 @@ import pandas as pd
 from busi import progress, runtimes
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import read_image
+from busi.errors import DataError
 from busi.runtimes import model_input_size
 
 ImageSize = int | tuple[int, int]
@@ -34,15 +35,21 @@ _FORMATS = {".h5": ("keras",), ".hdf5": ("keras",), ".onnx": ("openvino", "onnxr
             ".tflite": ("tflite",)}
 
 
-def load(
+def open_model(
     path: str | os.PathLike,
     *,
     runtime: str | None = None,
     precision: str | None = None,
     threads: int | None = None,
     safe_mode: bool | None = None,
+    verify: bool | None = None,
 ) -> runtimes.Predictor:
-    """Open a ``.h5``, ``.onnx`` or ``.tflite`` model for prediction.
+    """Open a ``.h5``, ``.onnx`` or ``.tflite`` model for prediction, with its settings.
+
+    The file's digest is checked against its record (:func:`busi.bundle.settings_for`) before
+    any runtime reads it, and a ``.tflite`` or ``.onnx`` that no record vouches for is checked
+    for damage first (:mod:`busi.model_checks`), so a damaged or replaced file is refused with
+    its name instead of giving wrong masks or crashing the process.
 
     Args:
         path: the model file; its suffix decides the format.
@@ -56,18 +63,26 @@ def load(
         threads: CPU threads for ONNX/TFLite runtimes; default all cores this process may use.
         safe_mode: ``.h5`` only: refuse layers that can run code stored in the file
             (:func:`busi.weights.load_model`); False only for files you trust.
+        verify: refuse a file whose digest differs from its record; False uses it with a
+            warning. None: True unless :func:`busi.bundle.skipping_digest_checks`.
 
     Returns:
         A :class:`busi.runtimes.Predictor`: ``predict(float32 [B, H, W, 3] in [0, 255]) ->
-        float32 [B, H, W, 1]`` probabilities, and ``input_size`` ``(H, W)``.
+        float32 [B, H, W, 1]`` probabilities, ``input_size`` ``(H, W)``, and ``settings``
+        (:class:`busi.bundle.ModelSettings`: input size, resize mode, post-processing, and what
+        vouched for the file).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unknown suffix, runtime or precision for that format.
         ImportError: the runtime needed is not installed (the message says what to install).
-        busi.errors.DataError: an ``.h5`` that is not a busi segmentation model, or one with
-            layers that could run code (in safe mode).
+        busi.bundle.DigestMismatchError: the file is not the one its record was made for.
+        busi.errors.DataError: a damaged file, an ``.h5`` that is not a busi segmentation
+            model or was saved by Keras 3, or one with layers that could run code (in safe
+            mode); the message names the file.
     """
+    from busi import bundle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -81,11 +96,38 @@ def load(
             f"{path}: precision= applies to .h5 files only; {suffix} files carry the precision "
             "chosen at export (busi.export.export(..., quantize=...))"
         )
+    settings = bundle.settings_for(path, verify)
+    try:
+        predictor = _open(path, suffix, runtime, precision, threads, safe_mode,
+                          vouched=settings.verified_by is not None)
+    except (DataError, ImportError):
+        raise
+    except Exception as error:  # a runtime's own error names no file: name it
+        raise DataError(f"{path}: cannot load this {suffix} model: {type(error).__name__}: "
+                        f"{error}") from error
+    predictor.settings = settings
+    return predictor
+
+
+load = open_model
+"""The name :func:`open_model` had first; scripts and notebooks use both."""
+
+
+def _open(path: Path, suffix: str, runtime: str | None, precision: str | None,
+          threads: int | None, safe_mode: bool | None, vouched: bool) -> runtimes.Predictor:
+    """The predictor of a file whose digest was checked; ``vouched``: a record matched it, so
+    its bytes are those checked at export and need no damage check."""
+    from busi import model_checks
+
     if suffix in (".h5", ".hdf5"):
         return runtimes.KerasPredictor(path, precision or "float32", safe_mode=safe_mode)
     threads = threads or runtimes.cores()
     if suffix == ".tflite":
+        if not vouched:
+            model_checks.check_tflite(path)
         return runtimes.TFLitePredictor(path, threads)
+    if not vouched:
+        model_checks.check_onnx(path)
     exported = runtimes.onnx_precision(path)
     if runtime is None:
         runtime = "openvino" if runtimes.available("openvino") else "onnxruntime"
@@ -95,7 +137,7 @@ def load(
         warnings.warn(
             f"{path.name} was exported for bfloat16, which needs OpenVINO; onnxruntime runs it "
             "in float32 (same masks, about 3x slower): pip install openvino",
-            stacklevel=2,
+            stacklevel=3,
         )
     return runtimes.OnnxRuntimePredictor(path, exported, threads)
 
@@ -216,5 +258,5 @@ def predict_probabilities(
     return probs
 
 
-__all__ = ["ImageSize", "load", "model_batch", "model_input_size", "predict_images",
-           "predict_probabilities"]
+__all__ = ["ImageSize", "load", "model_batch", "model_input_size", "open_model",
+           "predict_images", "predict_probabilities"]

@@ -11,13 +11,10 @@ The Colab install cell itself cannot live here: it runs before busi is installed
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 from busi.atomic import atomic_path
 from busi.errors import DataError
@@ -117,35 +114,22 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
 
     Test images by default: the model has not seen them. ``run_dir`` is a run folder, or
     published weights (``.h5`` with its sidecar) whose run folder is not at hand (a fresh
-    clone): their split is made again from the config in the sidecar, and the dataset
-    fingerprint recorded there confirms it is the same split of the same data. The dataset is
-    only read.
+    clone): their split is made again from the sidecar and confirmed to be the run's
+    (:func:`busi.published.published_parts`). The dataset is only read.
     """
-    from busi.config import TrainConfig
-    from busi.data.index import fingerprint
-    from busi.data.parts import dataset_table, make_run_split, split_parts, stratified_head
+    from busi.data.parts import stratified_head
+    from busi.published import published_parts, sidecar_path
     from busi.runs import RunFolder
 
     source = Path(run_dir)
-    sidecar = source.with_suffix(".json")
     run = RunFolder(source)
     if run.config.is_file():
         rows = run.parts(run.with_data(data))[split]  # checked against the run's fingerprint
-    elif source.suffix == ".h5" and sidecar.is_file():
-        facts = json.loads(sidecar.read_text())
-        # The dataset here, not the path the model was trained from on another machine.
-        config = TrainConfig.from_dict(
-            {**facts["config"], "data": None if data is None else str(data)})
-        table = dataset_table(config)
-        parts = split_parts(config, table, make_run_split(config, table))
-        found = fingerprint(pd.concat(parts.values()))
-        if found != facts.get("dataset_fingerprint"):
-            raise DataError(
-                f"{sidecar}: {source.name} was trained on other data (fingerprint "
-                f"{facts.get('dataset_fingerprint')}, this data {found}), so its test images "
-                "cannot be told apart here; set INPUTS to a folder of images"
-            )
-        rows = parts[split]
+    elif source.is_file() and sidecar_path(source).is_file():
+        try:
+            rows = published_parts(source, data)[split]
+        except DataError as error:
+            raise DataError(f"{error}; or set INPUTS to a folder of images") from error
     else:
         raise FileNotFoundError(
             f"{source}: neither a run folder nor published weights with a sidecar to take demo "

@@ -4,38 +4,43 @@ Prediction goes through the same functions as evaluation (:func:`busi.inference.
 and :class:`busi.postprocess.PostProcess`), so a delivered mask is exactly what was scored; it
 needs nothing of the scoring code (:mod:`busi.evaluation`).
 
-Post-processing: when ``model_or_path`` is a path and ``evaluate`` has been run on those weights,
-the settings it chose on the validation images (``evaluation/postprocess.json`` beside the model,
-or the sidecar of published weights, recorded for the same file by SHA-1:
-:func:`busi.runs.postprocess_for`) are used for every argument left at None: threshold, flip
-TTA, component filtering and the resize mode. Otherwise :class:`~busi.postprocess.PostProcess`'s
-defaults apply (threshold 0.5, no TTA, no filtering) and letterbox (or the ``resize`` of the run
-folder the model sits in).
+Settings: a model file is opened with :func:`busi.inference.open_model`, which checks its digest
+against its record and returns the settings recorded for it (:mod:`busi.bundle`): the
+post-processing chosen on validation (threshold, flip TTA, component filtering), the input size
+and resize mode. They are used for every argument left at None; a file no record covers gets
+:class:`~busi.postprocess.PostProcess`'s defaults and letterbox (or the resize of the run folder
+it sits in). The output folder gets ``predict.json``: which model file (digests) made the
+masks, with which settings, by which busi version.
 
 Research software: the masks are not for clinical decisions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import logging
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from busi import inference, progress
-from busi.atomic import atomic_write_bytes
+from busi.atomic import atomic_write_bytes, atomic_write_text
 from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
 from busi.errors import DataError
 from busi.inference import ImageSize, model_input_size, predict_images
 from busi.postprocess import PostProcess
-from busi.runs import RunFolder, postprocess_for
+
+if TYPE_CHECKING:
+    from busi.bundle import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_probability",
            "error"]
 OVERLAY_BGR = (0, 0, 255)  # red
+RECORD_FILE = "predict.json"
+"""In an output folder: what made its masks (:func:`write_run_record`)."""
 
 
 def list_inputs(inputs: str | os.PathLike, include_masks: bool = False) -> list[Path]:
@@ -56,6 +63,8 @@ def list_inputs(inputs: str | os.PathLike, include_masks: bool = False) -> list[
     """
     path = Path(inputs)
     if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -156,20 +165,6 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, encoded.tobytes())
 
 
-def _run_settings(model_path: Path) -> dict[str, Any]:
-    """Settings recorded beside a model file: post-processing from ``evaluate`` (or a sidecar),
-    else the input size and resize mode of the run folder it sits in."""
-    chosen = postprocess_for(model_path)
-    if chosen is not None:
-        log.info("using the post-processing chosen on validation for %s", model_path)
-        return chosen
-    run = RunFolder(model_path.parent)
-    if run.config.is_file():
-        config = run.load_config()
-        return {"resize": config.resize, "image_size": config.image_size}
-    return {}
-
-
 def predict(
     model_or_path: Any,
     inputs: str | os.PathLike,
@@ -183,6 +178,7 @@ def predict(
     batch_size: int = 8,
     include_masks: bool = False,
     safe_mode: bool | None = None,
+    verify: bool | None = None,
 ) -> pd.DataFrame:
     """Segment an image file or every image of a folder; write mask and overlay PNGs.
 
@@ -206,6 +202,8 @@ def predict(
             (see :func:`list_inputs`).
         safe_mode: for a ``.h5`` path, refuse layers that can run code stored in the file
             (:func:`busi.weights.load_model`); False only for files you trust.
+        verify: for a path, refuse a file whose digest differs from its record
+            (:func:`busi.inference.open_model`); False uses it with a warning.
 
     Returns:
         One row per input file (:data:`COLUMNS`): output paths, original size, predicted lesion
@@ -216,7 +214,9 @@ def predict(
         ValueError: ``output_dir`` is the input folder, an output would overwrite an input, or
             two inputs would write the same output (``a.png`` and ``a.jpg``).
         busi.errors.DataError: ``output_dir`` is a file or cannot be written (found before
-            the model is loaded or anything predicted), or the model file is not a busi model.
+            the model is loaded or anything predicted), the model file is damaged, not the one
+            its record was made for, or not a busi model, or no image could be segmented (a
+            folder the output folder was created for is then removed).
     """
     inputs = Path(inputs)
     output_dir = Path(output_dir)
@@ -224,23 +224,20 @@ def predict(
     _check_outputs(inputs, files, output_dir)
     check_output_dir(output_dir)
 
-    settings: dict[str, Any] = {}
     model = model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
-        model_path = Path(model_or_path)
-        if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path}: model file not found")
-        settings = _run_settings(model_path)
-        model = inference.load(model_path, safe_mode=safe_mode)
+        model = inference.open_model(model_or_path, safe_mode=safe_mode, verify=verify)
+    settings: ModelSettings | None = getattr(model, "settings", None)
     if image_size is None:
-        image_size = model_input_size(model) or settings.get("image_size")
+        image_size = model_input_size(model) or (settings and settings.image_size)
     if image_size is None:
         raise ValueError("the model has no fixed input size: give the side it was trained at "
                          "(busi predict --size N; image_size=N in Python)")
-    resize = resize if resize is not None else settings.get("resize", "letterbox")
-    post = PostProcess.from_dict(settings).override(
+    resize = resize if resize is not None else (settings.resize if settings else "letterbox")
+    post = (settings.postprocess if settings else PostProcess()).override(
         threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,
         keep_largest=keep_largest)
+    created = not output_dir.exists()
     make_output_dir(output_dir)
 
     rows: list[dict[str, Any]] = []
@@ -272,7 +269,45 @@ def predict(
                 })
     order = {str(file): i for i, file in enumerate(files)}
     table = pd.DataFrame.from_records(rows, columns=COLUMNS)
-    return table.sort_values("input", key=lambda s: s.map(order)).reset_index(drop=True)
+    table = table.sort_values("input", key=lambda s: s.map(order)).reset_index(drop=True)
+    segmented = int(table["error"].isna().sum())
+    if not segmented:
+        if created:
+            with contextlib.suppress(OSError):  # only if empty: never remove anyone's files
+                output_dir.rmdir()
+        raise DataError(f"{inputs}: no image was segmented: none of the {len(files)} file(s) "
+                        f"could be read ({table['error'].iloc[0]})")
+    write_run_record(output_dir / RECORD_FILE, model, settings, inputs, image_size, resize,
+                     post, segmented, len(table) - segmented)
+    return table
 
 
-__all__ = ["IMAGE_SUFFIXES", "list_inputs", "overlay_image", "output_paths", "predict"]
+def write_run_record(path: Path, model: Any, settings: ModelSettings | None, inputs: Path,
+                     image_size: ImageSize, resize: str, post: PostProcess, segmented: int,
+                     skipped: int) -> None:
+    """``predict.json``: what made the masks in the folder, so they can be traced to the very
+    model file (its digests and what vouched for it), the settings used after the caller's
+    overrides, and the busi version."""
+    import busi
+
+    model_path = getattr(model, "path", None)
+    values = {
+        "busi_version": busi.__version__,
+        "model": {
+            "path": None if model_path is None else str(Path(model_path).absolute()),
+            "runtime": getattr(model, "runtime", type(model).__name__),
+            "precision": getattr(model, "precision", None),
+            **(settings.provenance() if settings is not None else {}),
+        },
+        "settings": {"image_size": image_size, "resize": resize, **post.to_dict()},
+        "inputs": str(inputs.absolute()),
+        "segmented": segmented,
+        "skipped": skipped,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "not_for_clinical_use": True,
+    }
+    atomic_write_text(path, json.dumps(values, indent=2, default=str) + "\n")
+
+
+__all__ = ["IMAGE_SUFFIXES", "RECORD_FILE", "list_inputs", "overlay_image", "output_paths",
+           "predict", "write_run_record"]

@@ -6,9 +6,11 @@ trained with. :func:`publish_weights` writes ``<name>.h5`` and ``<name>.json`` s
 JSON holds those settings tied to the weights by SHA-1, the training config and the test
 metrics, and :func:`busi.predict` reads it (see :func:`busi.runs.postprocess_for`).
 
-A published file travels, so it is checked before anything is written (the SHA-256 training
-recorded for it, that it loads safely as a busi model, its shapes), and the weights, sidecar,
-card and export are written as one unit: all of them, or nothing (:func:`publish`).
+The sidecar is the weights' model record (:class:`busi.bundle.ModelRecord`): it lists the
+digests of the ``.h5`` and of each export, and a file that no longer matches is refused when
+loaded. A published file travels, so it is checked before anything is written (the SHA-256
+training recorded for it, that it loads safely as a busi model, its shapes), and the weights,
+sidecar, card and export are written as one unit: all of them, or nothing (:func:`publish`).
 
 The export for fast CPU inference is chosen per model (:func:`default_export`): TFLite
 dynamic-range int8 needs nothing but the weights and keeps the masks of from-scratch and ResNet
@@ -20,7 +22,6 @@ U-Nets (per-image Dice 0.997 with the ``.h5``'s), but not those of an EfficientN
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,10 +32,9 @@ from typing import Any
 import numpy as np
 
 from busi.atomic import atomic_write_text
-from busi.digests import file_digest, file_sha1
 from busi.models import architecture, model_details, weights_name
 from busi.postprocess import PostProcess
-from busi.runs import RunFolder, postprocess_for, read_json
+from busi.runs import RunFolder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def publish(
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such weights in this run folder (trained yet?)")
     dest = Path(dest_dir)
+    stem = name or run.root.name
     with run.lock("publishing"):
         model = verify_checkpoint(run, source)
         export = default_export(model) if export == "auto" else export
@@ -100,20 +101,86 @@ def publish(
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=dest))
         try:
-            weights = _stage(run, source, model, staging / f"{name or run.root.name}.h5")
+            weights = _stage(run, source, model, staging / f"{stem}.h5")
             staged = [weights, weights.with_suffix(".md")]
             if backend != "none":
                 staged.append(publish_export(weights, backend=backend, quantize=quantize or None,
                                              calibration=calibration))
             staged.append(weights.with_suffix(".json"))  # last: it vouches for the others
-            written = []
-            for path in staged:
-                os.replace(path, dest / path.name)
-                written.append(dest / path.name)
+            written = move_into_place(staged, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     order = [".h5", ".json", ".md"]
     return sorted(written, key=lambda p: order.index(p.suffix) if p.suffix in order else 3)
+
+
+def move_into_place(staged: list[Path], dest: Path) -> list[Path]:
+    """Move the ``staged`` files into ``dest``, all of them or none.
+
+    Whatever stands in the way is checked first (a folder where a file goes is refused with its
+    name); then each file already in ``dest`` under a staged name, and each file the old
+    sidecar there listed that the new one does not (an export of earlier weights, which no
+    record would vouch for any more), is moved aside into a hidden folder of ``dest`` before
+    the new file takes its place. If any move fails, the new files are removed and the old ones
+    put back, so ``dest`` is as it was; on success the old ones are deleted. Renames within one
+    folder need no space, so putting back does not fail for the reason the move did; if it
+    still does, the old files are left in that folder and the error names it.
+
+    Returns:
+        The paths written in ``dest``.
+    """
+    from busi.errors import DataError
+
+    targets = [dest / path.name for path in staged]
+    old_files = _files_of_old_record(dest / next(p.name for p in staged if p.suffix == ".json"))
+    replaced = [t for t in dict.fromkeys([*targets, *(dest / n for n in old_files)])
+                if t.exists() or t.is_symlink()]
+    for target in replaced:
+        if target.is_dir() and not target.is_symlink():
+            raise DataError(f"{target}: a folder stands where publish writes {target.name}; "
+                            f"move it away and publish again. Nothing was published to {dest}")
+    aside = Path(tempfile.mkdtemp(prefix=".publish-replaced-", dir=dest))
+    moved: list[tuple[Path, Path]] = []  # (where it was, where it is now)
+    placed: list[Path] = []
+    try:
+        for number, target in enumerate(replaced):
+            kept = aside / f"{number}-{target.name}"
+            os.replace(target, kept)
+            moved.append((target, kept))
+        for path, target in zip(staged, targets, strict=True):
+            os.replace(path, target)
+            placed.append(target)
+    except BaseException as error:
+        failed = []
+        for target in reversed(placed):
+            target.unlink(missing_ok=True)
+        for target, kept in reversed(moved):
+            try:
+                os.replace(kept, target)
+            except OSError:
+                failed.append(target.name)
+        if failed:
+            raise OSError(f"publishing to {dest} failed ({error}) and {', '.join(failed)} could "
+                          f"not be put back: the old files are in {aside}") from error
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return targets
+
+
+def _files_of_old_record(sidecar: Path) -> list[str]:
+    """The files the model record already at ``sidecar`` covers, besides itself (none if there
+    is no record there, or it cannot be read: then only same-named files are replaced)."""
+    from busi.bundle import ModelRecord
+    from busi.errors import DataError
+
+    if not sidecar.is_file():
+        return []
+    try:
+        record = ModelRecord.read(sidecar)
+    except DataError:
+        return []
+    return [name for name in record.files if Path(name).name == name]
 
 
 def default_export(model: Any) -> str:
@@ -160,15 +227,8 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
     from busi.errors import DataError
     from busi.inference import model_input_size
 
-    recorded = None
-    if source.parent.resolve() == run.root.resolve():
-        recorded = (run.read_state().get("sha256") or {}).get(source.name)
-    if recorded is not None and file_digest(source) != recorded:
-        raise DataError(
-            f"{source}: its SHA-256 differs from the one training recorded in {run.state}; the "
-            "file is damaged or was replaced since. Not published"
-        )
-    if recorded is None:
+    run.verify_checkpoint(source)
+    if run.recorded_sha256(source) is None:
         log.warning("%s: no SHA-256 recorded by training (run made before busi recorded them, "
                     "or weights from elsewhere); checking only that it loads", source)
     model = weights.load_for_inference(source)
@@ -193,33 +253,35 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         from busi import weights
 
         weights.save_model(model, target, include_optimizer=False)
+    from busi.bundle import FileDigest, ModelRecord, settings_for
     from busi.report import trained_on
 
-    chosen = postprocess_for(source)
+    chosen = settings_for(source).record  # None: not evaluated (or for earlier weights)
     summary = run.summary_for(source)  # None for metrics of earlier weights
     env = read_json(run.env) or {}
-    sidecar = {
-        **PostProcess.from_dict(chosen).to_dict(),  # the defaults if not evaluated
-        "chosen_on": None if chosen is None else chosen.get("chosen_on", "val"),
-        "model": target.name,
-        "model_sha1": file_sha1(target),
-        "run_weights": f"{run.root.name}/{source.name}",
-        "image_size": config.image_size,
-        "resize": config.resize,
-        "input": "gray image replicated to 3 channels, float32 in [0, 255]; output: lesion "
-                 "probability (sigmoid), float32",
-        "config": config.to_dict(),
-        "metrics": None if summary is None else summary.get("splits"),
-        "metrics_other_datasets": _other_datasets(run, source, config),
-        "trained_on": trained_on(run, config),
-        "init_weights": (read_json(run.init_weights)  # see TrainConfig.init_weights
-                         if config.init_weights is not None else None),
-        "dataset_fingerprint": env.get("dataset_fingerprint"),
-        "git_commit": env.get("git_commit"),
-        "not_for_clinical_use": True,
-    }
-    atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
-    atomic_write_text(target.with_suffix(".md"), model_card(sidecar, summary))
+    record = ModelRecord(
+        model=target.name,
+        files={target.name: FileDigest.of(target)},
+        image_size=config.image_size,
+        resize=config.resize,
+        postprocess=chosen.postprocess if chosen is not None else PostProcess(),
+        chosen_on=None if chosen is None else chosen.chosen_on or "val",
+        classes=tuple(config.classes),
+        provenance={
+            "run_weights": f"{run.root.name}/{source.name}",
+            "config": config.to_dict(),
+            "metrics": None if summary is None else summary.get("splits"),
+            "metrics_other_datasets": _other_datasets(run, source, config),
+            "trained_on": trained_on(run, config),
+            "init_weights": (read_json(run.init_weights)  # see TrainConfig.init_weights
+                             if config.init_weights is not None else None),
+            "dataset_fingerprint": env.get("dataset_fingerprint"),
+            "git_commit": env.get("git_commit"),
+            "not_for_clinical_use": True,
+        },
+    )
+    record.write(target.with_suffix(".json"))
+    atomic_write_text(target.with_suffix(".md"), model_card(record.to_dict(), summary))
     return target
 
 
@@ -381,19 +443,22 @@ def publish_export(
     the masks of the Keras model (``benchmarks/inference_speed.py``) for all but EfficientNet-Lite
     U-Nets, for which :func:`busi.export.export` warns (:func:`publish` chooses per model with
     :func:`default_export`; see :mod:`busi.export`). ``quantize="int8"`` needs
-    ``calibration`` images (:func:`calibration_images`). The exported file's SHA-1 is added to
-    the sidecar's ``exports``, so :func:`busi.predict` applies the same post-processing to it.
+    ``calibration`` images (:func:`calibration_images`). The exported file's digests are added
+    to the sidecar (the weights' model record), so :func:`busi.predict` applies the same
+    post-processing to it and refuses it if it changes.
 
     Returns:
         The exported file's path (``<name>.tflite`` or ``<name>.onnx``; int8 or bfloat16
         variants get ``.int8``/``.bf16`` before the suffix).
     """
+    from busi.bundle import FileDigest, ModelRecord
     from busi.export import export
 
     weights = Path(weights)
     sidecar_path = weights.with_suffix(".json")
-    sidecar = read_json(sidecar_path)
-    if sidecar is None or sidecar.get("model_sha1") != file_sha1(weights):
+    record = ModelRecord.read(sidecar_path) if sidecar_path.is_file() else None
+    covered = None if record is None else record.covers(weights.name)
+    if covered is None or covered.differs(FileDigest.of(weights)):
         raise FileNotFoundError(
             f"{sidecar_path}: no sidecar for these weights; publish them first "
             "(busi.publish_weights)"
@@ -402,6 +467,5 @@ def publish_export(
     suffix = ".tflite" if backend == "tflite" else ".onnx"
     out = weights.with_name(weights.stem + tag.get(quantize or "", "") + suffix)
     export(weights, out, backend=backend, quantize=quantize, calibration=calibration)
-    sidecar.setdefault("exports", {})[out.name] = file_sha1(out)
-    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
+    record.with_file(out).write(sidecar_path)
     return out

@@ -138,8 +138,9 @@ class RunFolder:
 
     def load_config(self) -> TrainConfig:
         """The run's settings (``config.json``)."""
-        if not self.config.is_file():
-            raise FileNotFoundError(f"{self.config}: not a run folder (no config.json)")
+        if not self.config.is_file():  # a model file: busi evaluate reads it from its sidecar
+            raise FileNotFoundError(f"{self.root}: a file, not a run folder" if self.root.is_file()
+                                    else f"{self.config}: not a run folder (no config.json)")
         return TrainConfig.load(self.config)
 
     def parts(self, config: TrainConfig | None = None, new_run: bool = False

@@ -14,9 +14,12 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from busi.bundle import ModelSettings
 
 RUNTIMES = ("keras", "openvino", "onnxruntime", "tflite")
 """What can run a model file; :func:`busi.inference.load` picks one from the file suffix."""
@@ -68,6 +71,8 @@ class Predictor:
     """
 
     runtime = "?"
+    settings: ModelSettings | None = None
+    """How the file is used and what vouched for it; set by :func:`busi.inference.open_model`."""
 
     def __init__(self, path: Path, input_size: tuple[int, int] | None, precision: str) -> None:
         self.path = path

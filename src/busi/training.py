@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -194,9 +195,32 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
     run = RunFolder(config.directory)
     if run.config.is_file() and not resume:
         raise FileExistsError(f"{run.root}: run folder exists; pass resume=True or a new name")
+    if not run.read_state():  # a new run: settings that cannot train leave no folder behind
+        check_settings(config)
     # One writer per run folder: a second training (or an evaluation) of it is refused.
     with run.lock("training"):
         return _train_locked(config, run)
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Check what a config cannot check alone, before a run folder is made: each dataset is
+    where the config says, the network takes ``image_size`` (its builder says), and
+    ``init_weights`` load into the model as training will load them. The model is built once
+    for it, without ImageNet weights (seconds), so a run that cannot start writes nothing.
+
+    Raises:
+        FileNotFoundError, busi.errors.DataError, ValueError: the message names the problem.
+    """
+    from busi.data import datasets
+
+    for name in config.datasets:
+        datasets.get(name).locate(config.data_path(name))
+    try:
+        with tempfile.TemporaryDirectory() as scratch:  # init_weights' record goes there
+            _initial_model(replace(config, encoder_weights=None), RunFolder(scratch),
+                           freeze_encoder=False)
+    finally:
+        keras.backend.clear_session()
 
 
 def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
@@ -204,6 +228,7 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     state = run.read_state()
     if state:
         check_same_config(run, config)
+        run.verify_checkpoint(run.last)  # resume only from the bytes the state was written for
     elif run.history.is_file():
         raise ValueError(
             f"{run.root}: history.csv but no state.json or last.h5; the run folder is incomplete. "

@@ -128,6 +128,7 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             "same configuration (busi.models.build(config) or build_model(...)) and load "
             "the file with busi.weights.load_weights_into(model, path)"
         )
+    _check_saved_by_tf_keras(path)
     if model_file.safe_mode_default(safe_mode):
         model_file.check_file(path, config)
     if compile:  # nothing to restore from a file saved without its training state
@@ -139,6 +140,27 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
     except (OSError, KeyError) as error:  # h5py: a dataset cut short or missing
         raise DataError(f"{path}: cannot read the model, the file is damaged or incomplete: "
                         f"{error}") from error
+    except (TypeError, ValueError, AttributeError) as error:
+        # An architecture tf-keras cannot rebuild (an unknown activation or layer option, a
+        # layer config of another Keras version): the cause, with the file named.
+        raise DataError(f"{path}: tf-keras cannot rebuild the model stored in it: "
+                        f"{type(error).__name__}: {error}") from error
+
+
+def _check_saved_by_tf_keras(path: Path) -> None:
+    """Refuse a ``.h5`` written by Keras 3, whose layer configs tf-keras does not read (it
+    fails with "Unrecognized keyword arguments: ['batch_shape']", naming no file)."""
+    with model_file.open_h5(path) as handle:
+        version = handle.attrs.get("keras_version")
+    if isinstance(version, bytes):
+        version = version.decode("utf8", "replace")
+    if isinstance(version, str) and version.split(".")[0].isdigit() and \
+            int(version.split(".")[0]) >= 3:
+        raise DataError(
+            f"{path}: saved by Keras {version}; busi reads .h5 files written by tf-keras "
+            "(Keras 2), as busi.weights.save_model writes them. Load it with Keras 3 and "
+            "rebuild the model with busi, or save it again from tf-keras"
+        )
 
 
 def _file_layers(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
