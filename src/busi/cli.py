@@ -170,6 +170,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    # raises when no image was segmented: the command then exits 2
     table = busi.predict(
         args.weights, args.inputs, args.output, image_size=args.size, resize=args.resize,
         threshold=args.threshold, tta=args.tta, include_masks=args.include_masks,
@@ -185,6 +186,8 @@ def _predict(args: argparse.Namespace) -> None:
                   "--include-masks keeps them")
     if len(failed):
         print(f"skipped {len(failed)} unreadable file(s): see the warnings above")
+    print(f"the model file, its settings and the busi version are in "
+          f"{Path(args.output) / 'predict.json'}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -325,15 +328,23 @@ def parser() -> argparse.ArgumentParser:
                 "--unsafe-weights", action="store_true",
                 help="load model files with any layer, Lambda layers (which run code stored in "
                 "the file) included: only for files you trust (default: refuse them)")
+            p.add_argument(
+                "--skip-digest-check", action="store_true",
+                help="use a model file even if its digest differs from its record (sidecar or "
+                "the run's state.json), with a warning (default: refuse it)")
     return main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from busi.bundle import skipping_digest_checks
     from busi.model_file import unsafe_deserialization
 
+    unsafe = unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext()
+    unchecked = (skipping_digest_checks() if getattr(args, "skip_digest_check", False)
+                 else nullcontext())
     try:
-        with unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext():
+        with unsafe, unchecked:
             args.func(args)
     except (DataError, ValueError, OSError, RuntimeError, ImportError) as error:
         # Bad input, missing files, ImageNet weights out of reach, optional extras missing:

@@ -124,6 +124,37 @@ class RunFolder:
             return {}
         return json.loads(self.state.read_text())
 
+    def recorded_sha256(self, path: str | os.PathLike) -> str | None:
+        """The SHA-256 training recorded in ``state.json`` for this checkpoint of the run
+        (``best.h5``, ``last.h5``), or None (another file, or a run made before busi recorded
+        them)."""
+        path = Path(path)
+        if path.parent.resolve() != self.root.resolve() or not self.state.is_file():
+            return None
+        try:
+            state = json.loads(self.state.read_text())
+        except ValueError as error:
+            from busi.errors import DataError
+
+            raise DataError(f"{self.state}: not valid JSON ({error}); the run folder is "
+                            "damaged") from error
+        recorded = (state.get("sha256") or {}).get(path.name) if isinstance(state, dict) else None
+        return recorded if isinstance(recorded, str) else None
+
+    def verify_checkpoint(self, path: str | os.PathLike) -> None:
+        """Refuse a checkpoint whose bytes are not the ones training recorded in ``state.json``
+        (a damaged or replaced ``last.h5`` must not be trained on, nor a ``best.h5``
+        published), unless digest checks are skipped (:mod:`busi.bundle`)."""
+        from busi.bundle import FileDigest, report_mismatch, verify_default
+
+        recorded = self.recorded_sha256(path)
+        if recorded is None:
+            return
+        which = FileDigest(sha256=recorded).differs(FileDigest.of(path))
+        if which:
+            report_mismatch(Path(path), self.state, which, verify_default(None),
+                            "training recorded in")
+
     def write_record(self, path: Path, values: dict[str, Any]) -> None:
         """Training's records (``state.json``, ``env.json``): any value, through ``str`` if JSON
         has no type for it. Results use the strict :func:`write_json`."""
@@ -208,14 +239,15 @@ class RunFolder:
 
     def open_model(self, model_path: str | os.PathLike | None = None,
                    safe_mode: bool | None = None) -> Predictor:
-        """The run's weights (default ``best.h5``) ready to predict (:func:`busi.inference.load`,
+        """The run's weights (default ``best.h5``) ready to predict, checked against the
+        SHA-256 training recorded and carrying their settings (:func:`busi.inference.open_model`,
         the safe loader)."""
         from busi import inference
 
         path = self.weights(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model file not found")
-        return inference.load(path, safe_mode=safe_mode)
+        return inference.open_model(path, safe_mode=safe_mode)
 
     def predictions(
         self, split: str = "test", model_path: str | os.PathLike | None = None,
@@ -253,16 +285,17 @@ class RunFolder:
             from busi.cross_dataset import dataset_rows
 
             rows = dataset_rows(config, dataset, split, data)
-        chosen = None if postprocess is not None else self.postprocess_for(model_path)
+        model = self.open_model(model_path)
+        chosen = model.settings.record if model.settings is not None else None
         if chosen is None and postprocess is None and dataset not in (None, *config.datasets):
             # another dataset is scored with the run's own choice; defaults would not be it
             raise ValueError(
                 f"{self.weights(model_path)}: no post-processing chosen on validation yet; "
                 f"run `busi evaluate {self.root}` first (in Python, or give postprocess=)"
             )
-        post = postprocess or PostProcess.from_dict(chosen)
-        probs = predict_probabilities(self.open_model(model_path), rows, config.image_size,
-                                      config.resize, config.batch_size, post.tta, desc=split)
+        post = postprocess or (chosen.postprocess if chosen is not None else PostProcess())
+        probs = predict_probabilities(model, rows, config.image_size, config.resize,
+                                      config.batch_size, post.tta, desc=split)
         return rows, {image_id: post.apply(prob)
                       for image_id, prob in zip(rows["id"], probs, strict=True)}
 
@@ -314,37 +347,17 @@ class RunFolder:
 
 
 def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The post-processing evaluation chose for these weights, or None.
+    """The record of these weights (the post-processing chosen on validation, input size,
+    resize mode, ...) as a dict, or None if none was made for these very bytes (the defaults
+    apply). Read the settings with :meth:`busi.postprocess.PostProcess.from_dict`.
 
-    Looks for the sidecar ``<stem>.json`` of published weights (:mod:`busi.publish`), then
-    ``evaluation/<stem>/postprocess.json`` and ``evaluation/postprocess.json`` beside the model
-    file, and returns the one recorded for this very file (same SHA-1): settings chosen for other
-    weights (e.g. before training resumed) are ignored with a warning. An export
-    (``X.int8.tflite``, ``X.bf16.onnx``) is found in the ``exports`` of its weights' sidecar
-    ``X.json``, so it keeps the threshold and TTA chosen for them. Read the settings with
-    :meth:`busi.postprocess.PostProcess.from_dict`.
+    Found and checked by :func:`busi.bundle.settings_for`: a file whose digest differs from
+    its record raises :class:`busi.bundle.DigestMismatchError`.
     """
-    import logging
+    from busi.bundle import settings_for
 
-    model_path = Path(model_path)
-    run = RunFolder(model_path.parent)
-    names = model_path.name.split(".")
-    sidecars = [model_path.with_name(".".join(names[:end]) + ".json")
-                for end in range(len(names) - 1, 0, -1)]  # X.int8.json, then X.json
-    candidates = [*sidecars, run.evaluation_dir(model_path) / POSTPROCESS_FILE,
-                  run.evaluation / POSTPROCESS_FILE]
-    found = [path for path in dict.fromkeys(candidates) if path.is_file()]
-    if not found:
-        return None
-    sha1 = file_sha1(model_path)
-    for path in found:
-        values = read_json(path)
-        exported = (values or {}).get("exports", {}).values()  # files made by publish_export
-        if values and (values.get("model_sha1") == sha1 or sha1 in exported):
-            return values
-    logging.getLogger(__name__).warning(
-        "%s was chosen for other weights than %s; not used", found[0], model_path)
-    return None
+    record = settings_for(model_path).record
+    return None if record is None else record.to_dict()
 
 
 def json_ready(value: Any) -> Any:
