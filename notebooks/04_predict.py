@@ -59,21 +59,23 @@ weights
 # ## Load the weights
 #
 # The `.h5` file holds the whole model, normalisation included: it takes gray images replicated
-# to 3 channels, float32 in [0, 255], at the size it was trained at.
+# to 3 channels, float32 in [0, 255], at the size it was trained at. `open_model` checks the file
+# against its record before TensorFlow reads it (the sidecar `<name>.json` that
+# `busi.publish_weights` writes, or the run's `state.json`): a damaged or replaced file is refused.
 
 # %%
-model = busi.load_model(weights, compile=False)
-print(model.name, "input", model.input_shape, "output", model.output_shape)
+model = busi.inference.open_model(weights)
+model
 
 # %% [markdown]
 # ## Settings
 #
-# Weights saved by `busi.publish_weights` carry a sidecar `<name>.json` with the input size, the
-# resize mode and the post-processing chosen on the validation images; `busi.predict` uses it when
-# its SHA-1 matches the weights. Other weights get predict's defaults (letterbox, threshold 0.5).
+# The record also holds the input size, the resize mode and the post-processing chosen on the
+# validation images; `busi.predict` uses them. Weights no record covers get predict's defaults
+# (letterbox, threshold 0.5).
 
 # %%
-busi.postprocess_for(weights)
+model.settings
 
 # %% [markdown]
 # ## The images
@@ -93,7 +95,7 @@ inputs, output_dir
 # and its `error` column says why.
 
 # %%
-results = busi.predict(weights, inputs, output_dir)
+results = busi.predict(model, inputs, output_dir)
 results[["input", "height", "width", "lesion_pixels", "max_probability", "error"]]
 
 # %% [markdown]

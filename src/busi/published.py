@@ -27,13 +27,13 @@ from busi.errors import DataError
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """The sidecar of a published model file: ``X.json`` beside ``X.h5`` and beside its exports
-    (``X.int8.tflite``); the longest stem first, so a name with dots (``a.b.h5``) finds its own."""
-    model_path = Path(model_path)
-    names = model_path.name.split(".")
-    candidates = [model_path.with_name(".".join(names[:end]) + ".json")
-                  for end in range(len(names) - 1, 0, -1)]
-    return next((path for path in candidates if path.is_file()), candidates[-1])
+    """The sidecar of a published model file: the model record beside it that lists it by name
+    (:func:`busi.bundle.published_record`: ``X.json`` for ``X.h5`` and its exports); where there
+    is none, ``X.json``, the path an error names."""
+    from busi.bundle import published_record, record_candidates
+
+    found = published_record(model_path)
+    return found[0] if found is not None else record_candidates(Path(model_path))[-1]
 
 
 def read_sidecar(model_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -43,13 +43,14 @@ def read_sidecar(model_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         FileNotFoundError: no model file at ``model_path``.
         DataError: no sidecar beside it, or one without a training config.
     """
-    from busi.runs import read_json
+    from busi.bundle import published_record
 
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model file not found")
     path = sidecar_path(model_path)
-    sidecar = read_json(path)
+    found = published_record(model_path)
+    sidecar = None if found is None else found[1].to_dict()
     if sidecar is None:
         raise DataError(
             f"{model_path}: no sidecar {path.name} beside it (busi publish writes one), so its "
