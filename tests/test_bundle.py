@@ -114,7 +114,9 @@ def test_a_changed_h5_is_refused_before_tensorflow_reads_it(tmp_path, images, mo
     path = publish_like(tmp_path / "w")
     assert inference.open_model(path).settings.verified_by == path.with_suffix(".json")
     overwrite_kernel(path)
-    weights.load_model(path)  # the damage is silent: the file still loads
+    weights.load_model(path, verify=False)  # the damage is silent: the file still loads
+    with pytest.raises(DigestMismatchError, match=r"m\.h5: its SHA-256 differs"):
+        busi.load_model(path)  # the Keras loader checks too
 
     def no_load(*args, **kwargs):
         raise AssertionError("the file reached tf-keras before its digest was checked")

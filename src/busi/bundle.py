@@ -377,6 +377,38 @@ def settings_for(model_path: str | os.PathLike, verify: bool | None = None) -> M
     return ModelSettings(None, "letterbox", PostProcess(), digest)
 
 
+def verify_file(model_path: str | os.PathLike, verify: bool | None = None) -> Path | None:
+    """The digest check of :func:`settings_for` alone, for loaders that need no settings
+    (:func:`busi.weights.load_model`): against the record that lists the file, or the SHA-256
+    training recorded in its run's ``state.json``.
+
+    Returns:
+        The file that vouched for it, or None (nothing recorded a digest for it, or the check
+        was skipped).
+
+    Raises:
+        DigestMismatchError: as :func:`settings_for`.
+    """
+    from busi.runs import RunFolder
+
+    path = Path(model_path)
+    verify = verify_default(verify)
+    found = published_record(path)
+    if found is not None:
+        against, expected, recorded = found[0], found[1].covers(path.name), "recorded in"
+    else:
+        run = RunFolder(path.parent)
+        sha256 = run.recorded_sha256(path)
+        if sha256 is None:
+            return None
+        against, expected, recorded = run.state, FileDigest(sha256=sha256), "training recorded in"
+    which = expected.differs(FileDigest.of(path))
+    if which:
+        report_mismatch(path, against, which, verify, recorded)
+        return None
+    return against
+
+
 def _run_settings(run: Any, path: Path, digest: FileDigest, verify: bool) -> ModelSettings:
     """:func:`settings_for` of a file in a run folder."""
     from busi.runs import POSTPROCESS_FILE
@@ -408,5 +440,5 @@ def _run_settings(run: Any, path: Path, digest: FileDigest, verify: bool) -> Mod
 __all__ = [
     "INPUT_CONVENTION", "VERSION", "DigestMismatchError", "FileDigest", "ModelRecord",
     "ModelSettings", "published_record", "record_candidates", "report_mismatch", "settings_for",
-    "skipping_digest_checks", "verify_default",
+    "skipping_digest_checks", "verify_default", "verify_file",
 ]

@@ -71,13 +71,11 @@ ONNX_OPSET = 17
 
 def _as_model(model_or_h5_path: Any) -> Any:
     """A Keras model, loaded (uncompiled) if given a path to an ``.h5``, whose digest is
-    checked against its record first (:func:`busi.bundle.settings_for`): an export of a damaged
+    checked against its record first (:func:`busi.weights.load_model`): an export of a damaged
     or replaced file would carry the damage on under a new digest."""
     if isinstance(model_or_h5_path, (str, os.PathLike)):
-        from busi.bundle import settings_for
         from busi.weights import load_model
 
-        settings_for(model_or_h5_path)
         return load_model(model_or_h5_path, compile=False)
     if not hasattr(model_or_h5_path, "input_shape"):
         raise TypeError(

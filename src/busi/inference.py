@@ -120,7 +120,8 @@ def _open(path: Path, suffix: str, runtime: str | None, precision: str | None,
     from busi import model_checks
 
     if suffix in (".h5", ".hdf5"):
-        return runtimes.KerasPredictor(path, precision or "float32", safe_mode=safe_mode)
+        return runtimes.KerasPredictor(path, precision or "float32", safe_mode=safe_mode,
+                                       verify=False)  # checked by open_model
     threads = threads or runtimes.cores()
     if suffix == ".tflite":
         if not vouched:

@@ -231,7 +231,7 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
     if run.recorded_sha256(source) is None:
         log.warning("%s: no SHA-256 recorded by training (run made before busi recorded them, "
                     "or weights from elsewhere); checking only that it loads", source)
-    model = weights.load_for_inference(source)
+    model = weights.load_for_inference(source, verify=False)  # checked just above
     config = run.load_config()
     size = model_input_size(model)
     shapes = (model.input_shape, model.output_shape)

@@ -131,8 +131,8 @@ class KerasPredictor(Predictor):
 
     runtime = "keras"
 
-    def __init__(self, path: Path, precision: str = "float32", safe_mode: bool | None = None
-                 ) -> None:
+    def __init__(self, path: Path, precision: str = "float32", safe_mode: bool | None = None,
+                 verify: bool | None = None) -> None:
         import tensorflow as tf
 
         from busi.weights import load_for_inference, with_policy
@@ -141,7 +141,8 @@ class KerasPredictor(Predictor):
         if precision not in policies:
             raise ValueError(
                 f"{path}: Keras precision must be 'float32' or 'bfloat16', got {precision!r}")
-        model = with_policy(load_for_inference(path, safe_mode=safe_mode), policies[precision])
+        model = with_policy(load_for_inference(path, safe_mode=safe_mode, verify=verify),
+                            policies[precision])
         fixed = model_input_size(model)  # (B, H, W, 3) checked by load_for_inference
         super().__init__(path, fixed, precision)
         self.model = model

@@ -97,8 +97,8 @@ def _weights_group(handle: Any, path: Path) -> Any:
     return group
 
 
-def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | None = None
-               ) -> Any:
+def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | None = None,
+               verify: bool | None = None) -> Any:
     """Load a full model saved by :func:`save_model` (or ``model.save("x.h5")``).
 
     Args:
@@ -111,14 +111,23 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             True unless :func:`busi.model_file.enable_unsafe_deserialization` was called.
             A file saved without them (``best.h5``, published weights) loads uncompiled
             either way, without Keras' warning to "compile it manually".
+        verify: refuse a file whose digest differs from its record (a published sidecar or the
+            run's ``state.json``: :func:`busi.bundle.verify_file`) before tf-keras reads it;
+            None: unless :func:`busi.bundle.skipping_digest_checks`. False: no check, for a
+            caller that made it (:func:`busi.inference.open_model`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         busi.errors.DataError: not an HDF5 Keras file, a damaged one, or a weights-only file.
+        busi.bundle.DigestMismatchError: the file is not the one its record was made for.
         busi.model_file.UnsafeModelError: safe mode and a layer that is not allowed.
     """
     path = Path(path)
     _check_h5(path)
+    if verify is not False:
+        from busi.bundle import verify_file
+
+        verify_file(path, verify)
     config = model_file.read_model_config(path)
     if config is None:
         with model_file.open_h5(path) as handle:
@@ -278,12 +287,13 @@ def check_segmentation_model(model: Any, path: str | os.PathLike) -> None:
         )
 
 
-def load_for_inference(path: str | os.PathLike, safe_mode: bool | None = None) -> Any:
+def load_for_inference(path: str | os.PathLike, safe_mode: bool | None = None,
+                       verify: bool | None = None) -> Any:
     """A model file loaded for prediction: uncompiled and in float32, whatever precision it was
     trained in (``last.h5`` of a mixed-precision run keeps the training policy), so evaluation
     scores are float32 scores and match what published weights give. Checked to be a
-    segmentation model (:func:`check_segmentation_model`); ``safe_mode`` as in
+    segmentation model (:func:`check_segmentation_model`); ``safe_mode`` and ``verify`` as in
     :func:`load_model`."""
-    model = load_model(path, compile=False, safe_mode=safe_mode)
+    model = load_model(path, compile=False, safe_mode=safe_mode, verify=verify)
     check_segmentation_model(model, path)
     return with_policy(model, "float32")
