@@ -6,6 +6,7 @@ Each case runs in a fresh Python process, since the Keras choice is made once pe
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,3 +89,62 @@ def test_filtered_stderr_drops_the_noise_and_keeps_other_lines(capfd):
                     b"cuda drivers on your machine, GPU will not be used.\nreal problem here\n")
     err = capfd.readouterr().err
     assert err == "real problem here\n"
+
+
+NOISE = (
+    "Segmentation Models: using", "Compiled the loaded model", "XNNPACK delegate", "[ERROR:",
+    "least populated class",
+)
+
+QUIET = """
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import busi
+from busi import weights
+from busi.data import datasets
+from busi.data.masks import read_image
+from busi.errors import DataError
+from busi.runs import environment
+from busi.runtimes import tflite_interpreter
+
+environment("0")  # imports segmentation-models
+model = busi.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)  # not compiled
+weights.save_model(model, Path(TMP) / "m.h5", include_optimizer=False)
+tflite_interpreter(model_path=SHIPPED_TFLITE, num_threads=1).allocate_tensors()
+(Path(TMP) / "bad.bmp").write_bytes(b"BM" + bytes(60))
+try:
+    read_image(Path(TMP) / "bad.bmp")
+except DataError:
+    print("unreadable image reported")
+for _ in range(2):  # a warning of busi's, twice: once, without busi's source line
+    datasets.load("busi", FOLDER)
+"""
+
+
+@pytest.mark.slow
+def test_known_noise_is_dropped_and_busi_warnings_are_one_line_once(tmp_path, busi_folder):
+    """The lines the first hour of busi printed for nothing (issue 24), each from where it
+    starts: segmentation-models' import notice, TensorFlow's metrics note when an uncompiled
+    model is saved (every epoch of a mixed-precision run), LiteRT's XNNPACK notice, OpenCV's
+    C++ errors for an unreadable image busi reports itself."""
+    from busi.paths import PROJ_ROOT
+
+    folder = tmp_path / "no-normal"  # BUSI without its normal/ folder: busi warns
+    for label in ("benign", "malignant"):
+        shutil.copytree(busi_folder / label, folder / label)
+    code = (f"TMP = {str(tmp_path)!r}\nFOLDER = {str(folder)!r}\nSHIPPED_TFLITE = "
+            f"{str(PROJ_ROOT / 'weights' / 'classic-unet-cosine-cpu.int8.tflite')!r}\n" + QUIET)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "OPENCV_LOG_LEVEL", "PYTHONWARNINGS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "unreadable image reported" in result.stdout
+    assert not [noise for noise in NOISE if noise in output], output[-3000:]
+    warned = [line for line in result.stderr.splitlines() if "no normal images" in line]
+    assert len(warned) == 1 and warned[0].startswith("UserWarning: "), result.stderr[-3000:]
+    assert "datasets.load" not in result.stderr and ".py:" not in result.stderr

@@ -12,6 +12,14 @@ new user and drown notebook output, so they are off by default: ``TF_CPP_MIN_LOG
 unless the user set it, and the lines TensorFlow writes before that level applies are dropped at
 the first ``import tensorflow`` of the process (:class:`_QuietTensorFlowFinder`).
 ``TF_CPP_MIN_LOG_LEVEL=0`` before ``import busi`` turns all of it back on.
+
+Other known noise is dropped where it starts, by exact message, never by level: TensorFlow's
+"Compiled the loaded model, but the compiled metrics have yet to be built" (logged whenever
+training saves the uncompiled float32 copy that becomes ``best.h5``: nothing is wrong), LiteRT's
+"Created TensorFlow Lite XNNPACK delegate" (:func:`native_noise_dropped`), OpenCV's C++
+``[ERROR:...]`` lines for unreadable images (busi names each such file itself;
+``OPENCV_LOG_LEVEL`` set by the user wins), and a warning of busi's own printed again and again
+with the busi source line it points at (:func:`_quiet_busi_warnings`).
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import io
+import logging
 import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -46,10 +56,46 @@ def set_environment() -> None:
     for name, value in ENV.items():
         os.environ[name] = value
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", default_log_level())
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")  # read when OpenCV first logs
+    tf_logger = logging.getLogger("tensorflow")  # the logger TensorFlow's Python code uses
+    if not any(isinstance(f, _KnownLogNoise) for f in tf_logger.filters):
+        tf_logger.addFilter(_KnownLogNoise())
+    _quiet_busi_warnings()
     if "tensorflow" not in sys.modules and not any(
         isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path
     ):
         sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+class _KnownLogNoise(logging.Filter):
+    """Drops log records that say nothing is wrong when nothing is (see the module docstring)."""
+
+    MESSAGES = ("Compiled the loaded model, but the compiled metrics have yet to be built",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.MESSAGES)
+
+
+BUSI_SOURCE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _quiet_busi_warnings() -> None:
+    """Show each warning busi gives once per process, as one line without the busi source line
+    it points at (a dataset problem met by training and again by evaluation is one problem).
+    Warnings pointing at a user's code, and every other library's, keep Python's format."""
+    warnings.filterwarnings("once", category=UserWarning, module=r"busi(\.|$)")
+    if getattr(warnings.formatwarning, "_busi", False):
+        return
+    original = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+        if os.path.abspath(filename).startswith(BUSI_SOURCE + os.sep):
+            return f"{category.__name__}: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    formatwarning._busi = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
 
 
 NVIDIA_DRIVER = "/proc/driver/nvidia"
@@ -81,9 +127,20 @@ def quiet_requested() -> bool:
     return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") not in ("0", "1")
 
 
+NATIVE_NOISE = re.compile(r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU")
+"""What LiteRT (and tf.lite) print to stderr at a process's first interpreter allocation."""
+
+
+def native_noise_dropped() -> contextlib.AbstractContextManager[None]:
+    """A block whose :data:`NATIVE_NOISE` lines on stderr are dropped (others kept), unless the
+    user asked for TensorFlow's logs (:func:`quiet_requested`)."""
+    return _filtered_stderr(NATIVE_NOISE) if quiet_requested() else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def _filtered_stderr() -> Iterator[None]:
-    """Drop :data:`IMPORT_NOISE` lines written to the stderr file descriptor in this block.
+def _filtered_stderr(noise: re.Pattern[str] | None = None) -> Iterator[None]:
+    """Drop lines matching ``noise`` (default :data:`IMPORT_NOISE`) written to the stderr file
+    descriptor in this block.
 
     TensorFlow's C++ code writes to the descriptor, not to ``sys.stderr``, so the descriptor is
     pointed at a temporary file; the other lines are written back to stderr afterwards, so a
@@ -103,8 +160,9 @@ def _filtered_stderr() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
+            noise = IMPORT_NOISE if noise is None else noise
             kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if line.strip() and not IMPORT_NOISE.search(line)]
+                    if line.strip() and not noise.search(line)]
             if kept:
                 print("\n".join(kept), file=sys.stderr)
 

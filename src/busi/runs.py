@@ -403,9 +403,12 @@ def _git(*args: str) -> str | None:
 
 def environment(fingerprint: str) -> dict[str, Any]:
     """Versions, devices and code version of this run, for its env.json."""
-    import segmentation_models
     import tensorflow as tf
     import tf_keras
+
+    from busi._keras import sm
+
+    segmentation_models = sm()  # imported without its "using tf.keras framework" notice
 
     return {
         "python": platform.python_version(),

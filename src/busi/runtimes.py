@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from busi import _keras
+
 if TYPE_CHECKING:
     from busi.bundle import ModelSettings
 
@@ -228,7 +230,12 @@ def tflite_interpreter(**options: Any) -> Any:
         Interpreter = tf.lite.Interpreter  # noqa: N806
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        return Interpreter(**options)
+        interpreter = Interpreter(**options)
+    # The first allocation of a process applies XNNPACK and prints "INFO: Created TensorFlow
+    # Lite XNNPACK delegate for CPU." to stderr, whatever the log level: allocated here, quietly
+    with _keras.native_noise_dropped():
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 class TFLitePredictor(Predictor):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def _one_fold(table: pd.DataFrame, n_folds: int, seed: int, fold: int = 0) -> pd
     # images; take fewer, larger folds rather than fail.
     n_folds = min(n_folds, max(2, int(table["label"].value_counts().max())))
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    _, held_out = list(folds.split(table, table["label"], table["group"]))[fold]
+    with warnings.catch_warnings():
+        # A class with fewer images than folds (normal images of a small folder) leaves some
+        # folds without it, as it must; scikit-learn says so at every split, which is noise.
+        warnings.filterwarnings("ignore", message="The least populated class in y has only",
+                                category=UserWarning)
+        _, held_out = list(folds.split(table, table["label"], table["group"]))[fold]
     selected = pd.Series(False, index=table.index)
     selected.iloc[held_out] = True
     return selected
