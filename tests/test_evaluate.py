@@ -374,6 +374,38 @@ def test_evaluate_reuses_a_saved_choice_for_the_same_weights(
     assert json.loads(saved.read_text())["threshold"] == 0.9
 
 
+def test_evaluation_writes_the_record_of_the_weights_it_evaluated(
+    tmp_path: Path, busi_folder: Path
+) -> None:
+    """postprocess.json is the weights' model record (version 2, their digests): prediction
+    takes its settings only for those very bytes, and the run's state.json guards the file."""
+    from busi.bundle import VERSION, DigestMismatchError, ModelRecord
+    from busi.digests import file_digest
+    from busi.inference import open_model
+    from busi.runs import RunFolder
+
+    run, _ = make_run(tmp_path, busi_folder)
+    RunFolder(run).write_record(run / "state.json",
+                                {"epoch": 1, "sha256": {"best.h5": file_digest(run / "best.h5")}})
+    ev.evaluate(run, split="val")
+    record = ModelRecord.read(run / "evaluation" / "postprocess.json")
+    assert record.version == VERSION and record.chosen_on == "val"
+    assert record.covers("best.h5").sha256 == file_digest(run / "best.h5")
+    assert (record.image_size, record.resize) == (SIZE, "letterbox")
+    model = open_model(run / "best.h5")
+    assert model.settings.record == record and model.settings.verified_by == run / "state.json"
+    import h5py
+
+    with h5py.File(run / "best.h5", "r+") as handle:  # a weight changed: the file still loads
+        weights = []
+        handle["model_weights"].visititems(
+            lambda _, obj: weights.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        weights[0][...] = np.asarray(weights[0]) + 1.0
+    with pytest.raises(DigestMismatchError, match=r"best\.h5: its SHA-256 differs from the one "
+                                                  r"training recorded in .*state\.json"):
+        ev.evaluate(run, split="val")
+
+
 def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_folder: Path) -> None:
     """RunFolder.predictions opens the run as evaluate does: same images, weights and
     post-processing, so figures show what was scored."""
