@@ -371,3 +371,22 @@ def test_settings_that_cannot_train_leave_no_run_folder(busi_folder, tmp_path, c
     with pytest.raises((ValueError, FileNotFoundError), match=said):
         busi.train(config.replace(**change))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["state-written", "state-not-written"])
+def test_a_last_h5_not_yet_renamed_is_settled_before_resume_checks_it(tmp_path, recorded):
+    """A kill between state.json and renaming last.pending.h5 must leave a run that resumes:
+    last.h5 and the SHA-256 state.json holds agree after settling."""
+    from busi.callbacks import settle_pending
+    from busi.runs import RunFolder
+
+    run = RunFolder(tmp_path)
+    run.last.write_bytes(b"epoch 3")
+    pending = tmp_path / "last.pending.h5"
+    pending.write_bytes(b"epoch 4")
+    wanted = file_digest(pending) if recorded else file_digest(run.last)
+    run.write_record(run.state, {"epoch": 4 if recorded else 3, "sha256": {"last.h5": wanted}})
+    settle_pending(run)
+    assert not pending.exists()
+    assert run.last.read_bytes() == (b"epoch 4" if recorded else b"epoch 3")
+    run.verify_checkpoint(run.last)  # resumable: no DigestMismatchError

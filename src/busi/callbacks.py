@@ -163,12 +163,34 @@ class CosineSchedule(keras.callbacks.Callback):
         return {}
 
 
+def pending_path(checkpoint: Path) -> Path:
+    """Where a checkpoint is written before ``state.json`` records it: ``<stem>.pending.h5``."""
+    return checkpoint.with_name(f"{checkpoint.stem}.pending.h5")
+
+
+def settle_pending(run: RunFolder) -> None:
+    """Checkpoints a kill left as ``<stem>.pending.h5`` between ``state.json`` and their rename:
+    promoted if the state recorded them (their epoch finished), else dropped (it did not). So
+    ``best.h5`` and ``last.h5`` are always the files whose SHA-256 ``state.json`` holds, which
+    resuming and publishing check (:meth:`busi.runs.RunFolder.verify_checkpoint`); call it
+    before the state is read to resume."""
+    for checkpoint in (run.best, run.last):
+        pending = pending_path(checkpoint)
+        if pending.is_file():
+            if file_digest(pending) == run.recorded_sha256(checkpoint):
+                os.replace(pending, checkpoint)
+            else:
+                pending.unlink()
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """Saves best.h5 (float32), last.h5 (training precision, with the optimizer), history.csv
     and state.json at each epoch end, atomically.
 
-    ``last.h5`` is written before ``state.json``: the state never names an epoch whose model is
-    not on disk. Runs after the callbacks whose counters it records.
+    Each checkpoint is written as ``<stem>.pending.h5``, its SHA-256 recorded in ``state.json``,
+    and only then renamed into place (:func:`settle_pending` finishes the rename after a kill):
+    the state never names an epoch whose model is not on disk, nor a file it did not record.
+    Runs after the callbacks whose counters it records.
     """
 
     def __init__(self, run: RunFolder, config: TrainConfig, history: pd.DataFrame,
@@ -178,22 +200,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.monitor, self.mode = config.monitor, config.monitor_mode
         self.best = best
         self.tracked = tracked
+        settle_pending(run)
         self.checkpoints: dict[str, str] = dict(run.read_state().get("sha256", {}))
-        self._settle_pending_best()
-
-    @property
-    def _pending(self) -> Path:
-        return self.run.best.with_name("best.pending.h5")
-
-    def _settle_pending_best(self) -> None:
-        """A ``best.pending.h5`` left by a kill between ``state.json`` and its rename: promoted
-        if the state recorded it (its epoch finished), else dropped (its epoch did not)."""
-        pending = self._pending
-        if pending.is_file():
-            if file_digest(pending) == self.checkpoints.get(self.run.best.name):
-                os.replace(pending, self.run.best)
-            else:
-                pending.unlink()
 
     def _improved(self, value: float) -> bool:
         if self.config.keep == "last":
@@ -214,12 +222,12 @@ class RunCheckpoint(keras.callbacks.Callback):
             # best.h5 is for evaluation and prediction: float32 whatever the training precision,
             # so that reported scores are float32 scores and the file runs fast on any device.
             # It becomes best.h5 only after state.json records its hash: a kill in between
-            # leaves best.h5 and the recorded hash in step (see _settle_pending_best).
+            # leaves best.h5 and the recorded hash in step (see settle_pending).
             best = weights.with_policy(self.model, "float32")
-            weights.save_model(best, self._pending, include_optimizer=False)
-            self.checkpoints[self.run.best.name] = file_digest(self._pending)
-        weights.save_model(self.model, self.run.last, include_optimizer=True)
-        self.checkpoints[self.run.last.name] = file_digest(self.run.last)
+            weights.save_model(best, pending_path(self.run.best), include_optimizer=False)
+            self.checkpoints[self.run.best.name] = file_digest(pending_path(self.run.best))
+        weights.save_model(self.model, pending_path(self.run.last), include_optimizer=True)
+        self.checkpoints[self.run.last.name] = file_digest(pending_path(self.run.last))
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
         self.history = pd.concat([self.history, pd.DataFrame([row])], ignore_index=True)
         atomic_write_text(self.run.history, self.history.to_csv(index=False))
@@ -230,8 +238,9 @@ class RunCheckpoint(keras.callbacks.Callback):
             # what was written, so that publishing can tell a damaged or replaced checkpoint
             "sha256": dict(self.checkpoints),
         })
-        if self._pending.is_file():
-            os.replace(self._pending, self.run.best)
+        for checkpoint in (self.run.best, self.run.last):
+            if pending_path(checkpoint).is_file():
+                os.replace(pending_path(checkpoint), checkpoint)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from busi import _keras, losses, models, progress, weights
 from busi.batchnorm import PreciseValidation
-from busi.callbacks import format_duration, make_callbacks
+from busi.callbacks import format_duration, make_callbacks, settle_pending
 from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
 from busi.data.pipeline import load_arrays, make_dataset
@@ -225,6 +225,7 @@ def check_settings(config: TrainConfig) -> None:
 
 def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     """:func:`train` with the run folder's lock held: the state is read under the lock."""
+    settle_pending(run)  # a kill between state.json and a checkpoint's rename
     state = run.read_state()
     if state:
         check_same_config(run, config)
