@@ -358,7 +358,8 @@ def test_a_failed_move_puts_the_old_files_back(trained_run, tmp_path, monkeypatc
     ({"image_size": 30}, r"multiples of 4"),
     ({"data": "/nonexistent/busi"}, r"/nonexistent/busi"),
     ({"init_weights": "OTHER"}, r"other\.h5 do not fit"),
-], ids=["image_size", "data", "init_weights"])
+    ({"split_file": "/nonexistent/split.csv"}, r"split_file: /nonexistent/split\.csv not found"),
+], ids=["image_size", "data", "init_weights", "split_file"])
 def test_settings_that_cannot_train_leave_no_run_folder(busi_folder, tmp_path, change, said):
     from busi.config import TrainConfig
 

@@ -204,17 +204,24 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
 
 def check_settings(config: TrainConfig) -> None:
     """Check what a config cannot check alone, before a run folder is made: each dataset is
-    where the config says, the network takes ``image_size`` (its builder says), and
-    ``init_weights`` load into the model as training will load them. The model is built once
-    for it, without ImageNet weights (seconds), so a run that cannot start writes nothing.
+    where the config says, ``split_file`` reads, the network takes ``image_size`` (its builder
+    says), and ``init_weights`` load into the model as training will load them. The model is
+    built once for it, without ImageNet weights (seconds), so a run that cannot start writes
+    nothing.
 
     Raises:
         FileNotFoundError, busi.errors.DataError, ValueError: the message names the problem.
     """
     from busi.data import datasets
+    from busi.data.splits import load_split
 
     for name in config.datasets:
         datasets.get(name).locate(config.data_path(name))
+    if config.split_file:
+        if not Path(config.split_file).is_file():
+            raise FileNotFoundError(f"split_file: {config.split_file} not found (looked in "
+                                    f"{Path.cwd()})")
+        load_split(config.split_file)  # a malformed one is named before anything is written
     try:
         with tempfile.TemporaryDirectory() as scratch:  # init_weights' record goes there
             _initial_model(replace(config, encoder_weights=None), RunFolder(scratch),
