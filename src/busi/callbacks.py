@@ -42,6 +42,25 @@ class _EpochInfo(keras.callbacks.Callback):
             logs["seconds"] = round(time.perf_counter() - self._start, 2)
 
 
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress output with an ``Epoch k/N`` header at every epoch, N the run's epochs.
+
+    Keras prints no header when one ``fit`` call trains a single epoch (a run of one epoch, a
+    frozen-encoder warm-up epoch, the last epoch of a resumed run) and counts a warm-up call's
+    epochs as if they were the run's, so training seemed to start silently.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__(count_mode="steps")
+        self.total = epochs
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._reset_progbar()
+        self._maybe_init_progbar()
+        if self.verbose:
+            print(f"Epoch {epoch + 1}/{self.total}", flush=True)
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Keeps training within the run's time budget (``max_minutes``) to within one epoch.
 
@@ -284,6 +303,7 @@ def make_callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
         validation, _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, schedule, checkpoint,
         time_limit,
         keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0, write_graph=False),
+        EpochProgress(config.epochs),  # last: it prints the epoch's logs as the others left them
     ])
 
 

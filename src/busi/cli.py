@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set max_minutes=30 or --set limit=8 "
                    "(repeatable; see below)")
-    p.add_argument("--name", help="run name: the run folder is runs/NAME")
+    p.add_argument("--name", help="run name: the run folder is runs/NAME (default: named after "
+                   "the model, e.g. unet-resnet34, classic-unet, unet-efficientnet-lite0-scratch)")
     p.add_argument("--run-dir", help="run folder (instead of runs/NAME)")
     p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

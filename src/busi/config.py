@@ -161,7 +161,10 @@ class TrainConfig:
     """Everything a training run depends on.
 
     Attributes:
-        name: run name; the run folder is ``runs/<name>`` unless ``run_dir`` is given.
+        name: run name; the run folder is ``runs/<name>`` unless ``run_dir`` is given. None:
+            named after the model (:meth:`default_name`: ``unet-resnet34``, ``classic-unet``,
+            ``unet-efficientnet-lite0-scratch``, ...), so that runs of other models never land
+            in one folder (and a resumed run refuses the other settings).
         data: root of the first of ``datasets`` (anything its adapter's ``locate`` accepts);
             None looks in the usual places and ``$BUSI_DATA`` (``$BUSBRA_DATA``, ...).
         datasets: registered dataset names (:mod:`busi.data.datasets`) the run trains on, each
@@ -235,7 +238,7 @@ class TrainConfig:
             same command resumes it.
     """
 
-    name: str = "unet-resnet34"
+    name: str | None = None
     data: str | None = None
     datasets: tuple[str, ...] = ("busi",)
     data_paths: dict[str, str] = field(default_factory=dict)
@@ -382,7 +385,24 @@ class TrainConfig:
         """The run folder."""
         from busi.paths import RUNS_DIR
 
-        return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.name
+        return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.run_name
+
+    @property
+    def run_name(self) -> str:
+        """``name``, or the model's :meth:`default_name` when none is given."""
+        return self.name or self.default_name()
+
+    def default_name(self) -> str:
+        """A run name that says which model trains: architecture, encoder, ``scratch`` for an
+        encoder without pretrained weights, and the datasets when not BUSI alone."""
+        parts = [self.architecture.replace("_", "-")]
+        if models.ARCHITECTURES[self.architecture].uses_encoder:
+            parts.append(self.encoder)
+            if self.encoder_weights is None and self.init_weights is None:
+                parts.append("scratch")
+        if tuple(self.datasets) != ("busi",):
+            parts.extend(self.datasets)
+        return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON and YAML can hold them (tuples as lists)."""

@@ -431,13 +431,14 @@ def check_same_config(run: RunFolder, config: TrainConfig) -> None:
     """Refuse to resume a run folder that was made with other settings.
 
     Only ``epochs`` (train longer), ``max_minutes``, ``evaluate``, ``data`` and ``data_paths``
-    (the same dataset elsewhere, the fingerprint guards it) may differ.
+    (the same dataset elsewhere, the fingerprint guards it) may differ, and ``name`` and
+    ``run_dir``, which only say where the folder is.
     """
     if not run.config.is_file():
         return
     old = TrainConfig.load(run.config).to_dict()
     new = config.to_dict()
-    free = {"epochs", "evaluate", "data", "data_paths", "run_dir", "max_minutes"}
+    free = {"name", "epochs", "evaluate", "data", "data_paths", "run_dir", "max_minutes"}
     differs = sorted(k for k in new if k not in free and old.get(k) != new[k])
     if differs:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -33,6 +34,7 @@ from busi.data.splits import in_classes
 from busi.devices import configure_devices, distribution_strategy, global_policy, precision_policy
 from busi.digests import file_digest, file_sha1
 from busi.paths import PROJ_ROOT
+from busi.runlock import LOCK_NAME
 from busi.runs import RunFolder, check_same_config
 
 keras = _keras.keras()
@@ -187,19 +189,78 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
         config: a TrainConfig, a mapping of its fields, or the path of a JSON/YAML file.
         resume: continue the run in the folder if one is there (same settings, more epochs
             allowed); with False an existing run folder is an error.
+
+    A training that fails (or is interrupted) before its first epoch has finished removes what
+    it wrote, the folder too if it made it: there is nothing to resume, and a half-made folder
+    would be taken for a run (by notebooks looking for ``runs/<name>``, say). Files that were
+    in the folder before are never touched.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     elif not isinstance(config, TrainConfig):
         config = TrainConfig.load(config)
+    if config.name is None:  # named after the model; config.json then says which name
+        config = config.replace(name=config.run_name)
     run = RunFolder(config.directory)
     if run.config.is_file() and not resume:
-        raise FileExistsError(f"{run.root}: run folder exists; pass resume=True or a new name")
+        raise FileExistsError(f"{run.root}: a run folder exists and resuming it was refused "
+                              "(--restart, resume=False in Python); choose another run name")
     if not run.read_state():  # a new run: settings that cannot train leave no folder behind
         check_settings(config)
-    # One writer per run folder: a second training (or an evaluation) of it is refused.
-    with run.lock("training"):
-        return _train_locked(config, run)
+    made = _missing_folders(run.root)
+    before = {entry.name for entry in run.root.iterdir()} if run.root.is_dir() else set()
+    removed = False
+    try:
+        # One writer per run folder: a second training (or an evaluation) of it is refused.
+        with run.lock("training"):
+            try:
+                return _train_locked(config, run)
+            except BaseException:
+                removed = _remove_unstarted(run, before)  # under the lock: no one else writes
+                raise
+    finally:
+        if removed:
+            _remove_folders(run, before, made)
+
+
+def _missing_folders(root: Path) -> list[Path]:
+    """``root`` and those of its parents that do not exist yet, deepest first: the folders that
+    making the run folder creates."""
+    missing, path = [], root.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unstarted(run: RunFolder, before: set[str]) -> bool:
+    """Remove what a training that finished no epoch wrote into the run folder (all entries
+    but those in ``before`` and the lock file, which goes once released); False, removing
+    nothing, once an epoch has finished (``state.json``): that run resumes."""
+    if run.state.is_file() or not run.root.is_dir():
+        return False
+    for entry in run.root.iterdir():
+        if entry.name in before or entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    log.warning("%s: removed what this training wrote; it stopped before its first epoch ended",
+                run.root)
+    return True
+
+
+def _remove_folders(run: RunFolder, before: set[str], made: list[Path]) -> None:
+    """After :func:`_remove_unstarted`, with the lock released: the lock file, and the folders
+    the training made, if they are empty."""
+    if LOCK_NAME not in before:
+        (run.root / LOCK_NAME).unlink(missing_ok=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer since), or gone
+            break
 
 
 def check_settings(config: TrainConfig) -> None:
@@ -261,6 +322,7 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
 
     parts = run.parts(config, new_run=not state)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
+    print(start_message(config, run, parts, done, finished), flush=True)
     if not finished:
         with global_policy(policy):
             stopped = _train_epochs(config, run, parts, done, deadline)
@@ -272,6 +334,37 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
 
         evaluate(run.root)
     return run.root
+
+
+def start_message(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
+                  done: int, finished: bool) -> str:
+    """What a run says before reading images and building the model: the folder, the data and
+    its part sizes, the model, the epochs and the budget, so that a wrong dataset or setting
+    shows at once and a long first epoch is not taken for a hang."""
+    from busi.data import datasets
+
+    if finished:
+        state = f"all {done} epochs done" if done >= config.epochs else "stopped early"
+    else:
+        state = f"resuming after epoch {done} of {config.epochs}" if done else "new run"
+    lines = [f"run folder: {run.root} ({state})"]
+    for name in config.datasets:
+        adapter = datasets.get(name)
+        sizes = ", ".join(
+            f"{part} {len(rows if 'dataset' not in rows else rows[rows['dataset'] == name])}"
+            for part, rows in parts.items())
+        lines.append(f"data: {adapter.title} at {adapter.locate(config.data_path(name))}: "
+                     f"{sizes} images")
+    if config.train_classes is not None:
+        lines.append(f"training on {', '.join(config.train_classes)} images only")
+    if config.limit:
+        lines.append(f"limit: {config.limit} images per part (a quick try)")
+    lines.append(f"model: {models.model_label(config)}; {config.image_size} px, batch "
+                 f"{config.batch_size}")
+    budget = (f"time budget {config.max_minutes:g} min (the same command resumes a stopped run)"
+              if config.max_minutes else "no time budget")
+    lines.append(f"epochs: {config.epochs}; {budget}")
+    return "\n".join(lines)
 
 
 def time_budget_message(config: TrainConfig, run: RunFolder, done_before: int) -> str:
