@@ -30,14 +30,24 @@ keras = _keras.keras()
 log = logging.getLogger(__name__)
 
 
+def _unprefix_mask_metrics(logs: dict) -> None:
+    """The mask's metrics of a model with the image head under their one-output names
+    (``mask_iou_score`` -> ``iou_score``), so that ``monitor``, history and plots read the same
+    keys for every model; the head's own keep theirs (``label_loss``, ...)."""
+    for key in [key for key in logs if "mask_" in key and not key.endswith("mask_loss")]:
+        logs[key.replace("mask_", "", 1)] = logs.pop(key)
+
+
 class _EpochInfo(keras.callbacks.Callback):
-    """Adds the learning rate and the epoch's wall time to the logs the other callbacks see."""
+    """Adds the learning rate and the epoch's wall time to the logs the other callbacks see, and
+    names the mask's metrics as a one-output model does."""
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
+            _unprefix_mask_metrics(logs)
             logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
             logs["seconds"] = round(time.perf_counter() - self._start, 2)
 

@@ -199,6 +199,11 @@ class TrainConfig:
             (segmentation-models' default 256, 128, 64, 32, 16). Smaller ones shrink the model
             file and the training time most, since the first stage sees the encoder's widest
             features.
+        image_head: add the image-level head (:mod:`busi.heads`): normal / benign / malignant
+            from the pooled deepest encoder features, trained with the mask; its lesion
+            probability gates the mask in post-processing.
+        image_head_weight: weight of the head's loss beside the mask's.
+        image_head_balance: weigh the head's classes by inverse frequency in the training part.
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
         augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and
@@ -261,6 +266,9 @@ class TrainConfig:
     base_filters: int = 32
     depth: int = 4
     dropout: float = 0.0
+    image_head: bool = False
+    image_head_weight: float = 0.5
+    image_head_balance: bool = True
 
     image_size: int = 256
     resize: str = "letterbox"
@@ -308,6 +316,12 @@ class TrainConfig:
                     f"train_classes must be some of classes {list(self.classes)}, got "
                     f"{list(self.train_classes)}"
                 )
+        trained = self.train_classes or self.classes
+        if self.image_head and "normal" not in trained:
+            raise ValueError(
+                f"image_head needs normal images to train on (it learns lesion vs normal), but "
+                f"the trained classes are {list(trained)}; add normal to classes/train_classes"
+            )
         self.augmentation = _augmentation_overrides(self.augmentation)
         if self.encoder_weights in ("none", "None", ""):
             self.encoder_weights = None

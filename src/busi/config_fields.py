@@ -51,6 +51,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "limit": (lambda v: v >= 1, ">= 1 images per split part (or null: all)"),
     "max_minutes": (lambda v: v > 0, "> 0 (or null: no time limit)"),
     "precise_bn_batches": (lambda v: v >= 0, ">= 0"),
+    "image_head_weight": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0 (or null: the optimizer's default)"),
 }
 

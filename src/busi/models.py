@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from busi import _keras, encoders
+from busi import _keras, encoders, heads
 from busi.encoders import sm_unet
 from busi.encoders import unet as busi_unet
 from busi.errors import WeightsDownloadError
@@ -50,7 +50,8 @@ encoder_weights, decoder_filters=, decoder_block_type=, decoder_use_batchnorm=)`
 uncompiled U-Net on an encoder of that family (arguments checked by :func:`build_model`)."""
 
 # Layer names that are not part of the encoder (see set_encoder_trainable).
-_NOT_ENCODER_PREFIXES = ("image", "preprocess", "decoder_", "center_", "final_conv", "mask")
+_NOT_ENCODER_PREFIXES = ("image", "preprocess", "decoder_", "center_", "final_conv", "mask",
+                         "label")
 
 
 def _check_input_shape(input_shape: Sequence[int | None], factor: int, what: str) -> tuple:
@@ -283,7 +284,8 @@ def build(config: TrainConfig, freeze_encoder: bool = False) -> Any:
     options = {name: getattr(config, name) for name in spec.options}
     if spec.uses_encoder:
         options["freeze_encoder"] = freeze_encoder
-    return spec.builder(input_shape=(config.image_size, config.image_size, 3), **options)
+    model = spec.builder(input_shape=(config.image_size, config.image_size, 3), **options)
+    return heads.add_image_head(model) if config.image_head else model
 
 
 def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:

@@ -235,3 +235,39 @@ def side_by_side(table: pd.DataFrame, predictions: Mapping[str, Preds], ids: Seq
             title = f"{name}: {image_id}" + ("" if score is None else f", Dice {score:.2f}")
             draw(ax, image, mask, _binary(preds[image_id], threshold), title)
     return save(figure, path)
+
+
+def gate_curves(curves: Mapping[str, pd.DataFrame], chosen: float | None = None,
+                path: str | os.PathLike | None = None) -> Figure:
+    """Lesion Dice and normal-image false positives across gate thresholds
+    (:func:`busi.classification.gate_curve`), one line per part (``{"val": ..., "test":
+    ...}``), the chosen threshold marked: what the gate costs in Dice for what it saves."""
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    dice_ax, fp_ax = figure.subplots(1, 2)
+    for part, curve in curves.items():
+        dice_ax.plot(curve["gate"], curve["lesion_dice"], marker=".", label=part)
+        fp_ax.plot(curve["gate"], curve["normal_fp"] / curve["n_normal"].clip(lower=1),
+                   marker=".", label=part)
+    for ax, title in ((dice_ax, "lesion Dice (mean)"), (fp_ax, "normal images masked")):
+        if chosen is not None:
+            ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen {chosen:g}")
+        ax.set_xlabel("gate: lesion probability threshold")
+        ax.set_title(title)
+        ax.legend()
+    return save(figure, path)
+
+
+def roc_curves(curves: Mapping[str, pd.DataFrame], aucs: Mapping[str, float] | None = None,
+               path: str | os.PathLike | None = None) -> Figure:
+    """ROC curves of the image-level head (:func:`busi.classification.roc_points`): lesion vs
+    normal and benign vs malignant, side by side, AUCs in the titles."""
+    figure, axes = _grid(max(1, len(curves)), 2, cell=3.6)
+    for ax, (name, curve) in zip(axes, curves.items(), strict=False):
+        ax.plot(curve["fpr"], curve["tpr"], color="tab:blue")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        auc = (aucs or {}).get(name)
+        ax.set_title(name.replace("_", " ") + (f" (AUC {auc:.3f})" if auc is not None else ""))
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.set_aspect("equal")
+    return save(figure, path)

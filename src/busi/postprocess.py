@@ -71,12 +71,16 @@ class PostProcess:
         keep_largest: keep only the largest remaining component (the first of equal largest
             ones). Most BUSI images show one lesion; this trades the rare second lesion for fewer
             false positives, so it is only used if validation says so.
+        gate: an image whose lesion probability (from the model's image-level head,
+            :mod:`busi.heads`) is below this gets an empty mask; in [0, 1], 0 is no gate. Chosen
+            on validation by :func:`busi.classification.choose_gate`.
     """
 
     threshold: float = 0.5
     tta: bool = False
     min_component_fraction: float = 0.0
     keep_largest: bool = False
+    gate: float = 0.0
 
     def __post_init__(self) -> None:
         # the types JSON gives back are the types written: 1 and 1.0 are one threshold
@@ -84,6 +88,9 @@ class PostProcess:
         object.__setattr__(self, "tta", bool(self.tta))
         object.__setattr__(self, "min_component_fraction", float(self.min_component_fraction))
         object.__setattr__(self, "keep_largest", bool(self.keep_largest))
+        object.__setattr__(self, "gate", float(self.gate))
+        if not 0.0 <= self.gate <= 1.0:
+            raise ValueError(f"gate must be in [0, 1], got {self.gate}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.min_component_fraction < 1.0:
@@ -112,14 +119,21 @@ class PostProcess:
         the user did not set keeps the value chosen on validation)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def apply(self, prob: np.ndarray) -> np.ndarray:
+    def apply(self, prob: np.ndarray, lesion_probability: float | None = None) -> np.ndarray:
         """uint8 ``(H, W)`` mask in {0, 1} of a ``(H, W)`` or ``(H, W, 1)`` probability map (a
-        {0, 1} mask works too)."""
+        {0, 1} mask works too); with a ``gate``, empty when the image's ``lesion_probability``
+        (required then) is below it."""
         prob = np.asarray(prob)
         if prob.ndim == 3 and prob.shape[-1] == 1:
             prob = prob[..., 0]
         if prob.ndim != 2:
             raise ValueError(f"prob must be (H, W) or (H, W, 1), got shape {prob.shape}")
+        if self.gate > 0:
+            if lesion_probability is None:
+                raise ValueError(f"gate {self.gate} set, but no lesion probability given: the "
+                                 "gate needs a model with the image-level head")
+            if lesion_probability < self.gate:
+                return np.zeros(prob.shape, np.uint8)
         mask = (prob > self.threshold).astype(np.uint8)
         if (self.min_component_fraction > 0 or self.keep_largest) and mask.any():
             count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import tensorflow as tf
 
-from busi import _keras, losses, models, progress, weights
+from busi import _keras, heads, losses, models, progress, weights
 from busi.batchnorm import PreciseValidation
 from busi.callbacks import format_duration, make_callbacks, settle_pending
 from busi.config import TrainConfig
@@ -46,10 +46,14 @@ NO_AUGMENTATION = AugmentConfig(flip_horizontal=False, affine=False, intensity=F
 def compile_model(model: keras.Model, config: TrainConfig) -> None:
     """Compile ``model`` with the config's loss, metrics and a fresh optimizer (also after the
     encoder is unfrozen: Keras reads the trainable flags when compiling)."""
+    loss, metrics = losses.get_loss(config.loss), losses.get_metrics()
+    extra: dict = {}
+    if heads.has_image_head(model):  # outputs [mask, label]; metric names get a "mask_" prefix
+        loss, metrics = [loss, heads.image_label_loss], [metrics, [heads.class_accuracy]]
+        extra["loss_weights"] = [1.0, config.image_head_weight]
     model.compile(
         optimizer=losses.get_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
-        loss=losses.get_loss(config.loss), metrics=losses.get_metrics(),
-        jit_compile=config.jit_compile,
+        loss=loss, metrics=metrics, jit_compile=config.jit_compile, **extra,
     )
 
 
@@ -62,16 +66,22 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
     """
     common = {"size": config.image_size, "mode": config.resize, "batch_size": config.batch_size}
     arrays = load_arrays(parts["train"], size=config.image_size, mode=config.resize)
+    train_labels = val_labels = None
+    monitored = _monitored(config, parts["val"])
+    if config.image_head:
+        balance = heads.class_weights(parts["train"], config.image_head_balance)
+        train_labels = heads.label_targets(parts["train"], balance)
+        val_labels = heads.label_targets(monitored)
     train_data = make_dataset(
         parts["train"], training=True, seed=config.seed + 1000 * done, cache_arrays=arrays,
-        drop_remainder=len(parts["train"]) > config.batch_size,
+        drop_remainder=len(parts["train"]) > config.batch_size, labels=train_labels,
         augment_config=config.augment_config() if config.augment else NO_AUGMENTATION, **common,
     )
     if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
         train_data = train_data.repeat()
     calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
                                cache_arrays=arrays, **common)
-    validation = PreciseValidation(calibration, make_dataset(_monitored(config, parts["val"]),
+    validation = PreciseValidation(calibration, make_dataset(monitored, labels=val_labels,
                                                              **common),
                                    config.precise_bn_batches)
     return train_data, validation
@@ -121,8 +131,12 @@ def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) ->
         record.unlink(missing_ok=True)
         return models.build(config, freeze_encoder=freeze_encoder)
     path = init_weights_path(config)
-    model = models.build(replace(config, encoder_weights=None), freeze_encoder=freeze_encoder)
+    head_in_file = config.image_head and weights.has_layer(path, heads.LOGITS_LAYER)
+    model = models.build(replace(config, encoder_weights=None, image_head=head_in_file),
+                         freeze_encoder=freeze_encoder)
     weights.load_weights_into(model, path)
+    if config.image_head and not head_in_file:  # a mask-only model: the head starts afresh
+        model = heads.add_image_head(model)
     run.write_record(record, {"path": str(path), "sha256": file_digest(path),
                               "sha1": file_sha1(path)})
     log.info("run %s: starts from the weights of %s", run.root, path)

@@ -28,9 +28,9 @@ H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _custom_objects() -> dict[str, Any]:
-    from busi import losses, models
+    from busi import heads, losses, models
 
-    return {**models.custom_objects(), **losses.CUSTOM_OBJECTS}
+    return {**models.custom_objects(), **losses.CUSTOM_OBJECTS, **heads.CUSTOM_OBJECTS}
 
 
 def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = True) -> Path:
@@ -186,6 +186,12 @@ def _file_layers(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
             if names:
                 layers.append((name, [tuple(group[name][weight].shape) for weight in names]))
     return layers
+
+
+def has_layer(path: str | os.PathLike, name: str) -> bool:
+    """Whether the ``.h5`` at ``path`` holds weights of a layer called ``name`` (read with h5py:
+    nothing reaches Keras)."""
+    return any(layer == name for layer, _ in _file_layers(Path(path)))
 
 
 def _model_layers(model: Any) -> list[tuple[str, list[tuple[int, ...]]]]:

@@ -111,13 +111,17 @@ def _split_seed(seed: int) -> tuple[int, int]:
     return int(shuffle_seed) >> 1, int(augment_seed) >> 1  # TF seeds are signed int64 anyway
 
 
-def _to_model_input(image: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _to_model_input(image: tf.Tensor, mask: tf.Tensor,
+                    label: tf.Tensor | None = None) -> tuple:
     """float32 images with 3 channels, float32 masks: done on whole batches, after augmenting
-    (augmenting one gray channel is a third of the work)."""
+    (augmenting one gray channel is a third of the work). With image-level targets the model's
+    targets are the pair ``(mask, label)``, in the order of its outputs."""
     image = tf.cast(image, tf.float32)
     if image.shape[-1] == 1:
         image = tf.repeat(image, 3, axis=-1)
-    return image, tf.cast(mask, tf.float32)
+    if label is None:
+        return image, tf.cast(mask, tf.float32)
+    return image, (tf.cast(mask, tf.float32), label)
 
 
 def make_dataset(
@@ -132,6 +136,7 @@ def make_dataset(
     shuffle: bool | None = None,
     cache_arrays: Arrays | tuple[np.ndarray, np.ndarray] | None = None,
     drop_remainder: bool = False,
+    labels: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Batches of ``(image, mask)`` for ``model.fit`` / ``model.predict``.
 
@@ -160,6 +165,8 @@ def make_dataset(
         drop_remainder: leave out the last partial batch. For training under several replicas:
             a batch smaller than the replica count leaves a replica an empty batch, which
             BatchNorm rejects. Shuffled every epoch, every image is still seen.
+        labels: image-level targets, one row per table row (:func:`busi.heads.label_targets`),
+            for a model with the image head; they travel with their image through shuffling.
 
     Returns:
         A dataset of ``(image float32 [B, H, W, 3] in [0, 255], mask float32 [B, H, W, 1] in
@@ -181,17 +188,21 @@ def make_dataset(
     shuffle_seed, augment_seed = _split_seed(seed)
     autotune = tf.data.AUTOTUNE
 
-    dataset = tf.data.Dataset.from_tensor_slices((images, masks))
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"make_dataset: {len(labels)} label rows for {len(images)} images")
+    columns = (images, masks) if labels is None else (images, masks, labels)
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     if training:
         config = AugmentConfig() if augment_config is None else augment_config
         seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, element_seed: augment(pair[0], pair[1], element_seed, config),
+            lambda row, element_seed: (*augment(row[0], row[1], element_seed, config), *row[2:]),
             num_parallel_calls=autotune,
             deterministic=True,
         )
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(_to_model_input, num_parallel_calls=autotune, deterministic=True)
+    dataset = dataset.map(lambda *row: _to_model_input(*row), num_parallel_calls=autotune,
+                          deterministic=True)
     return dataset.prefetch(autotune)

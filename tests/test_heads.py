@@ -1,0 +1,196 @@
+"""The image-level head: model, targets and loss, gate, classification scores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_weights import clean_env
+
+import busi
+from busi import classification, heads, models
+from busi.postprocess import PostProcess
+
+# ------------------------------------------------------------------ targets and loss (no model)
+
+
+def _table(labels, datasets=None):
+    table = pd.DataFrame({"label": labels})
+    if datasets is not None:
+        table["dataset"] = datasets
+    return table
+
+
+def test_targets_weigh_classes_and_flag_lesion_only_datasets():
+    table = _table(["normal", "benign", "benign", "malignant"], ["busi", "busi", "busbra",
+                                                                  "busi"])
+    weights = heads.class_weights(table, balance=True)
+    # inverse frequency, mean 1 over the rows: 4 / (3 * count)
+    assert weights == pytest.approx({"normal": 4 / 3, "benign": 2 / 3, "malignant": 4 / 3})
+    targets = heads.label_targets(table, weights)
+    np.testing.assert_allclose(targets, [[4 / 3, 0, 0, 0], [0, 2 / 3, 0, 0], [0, 2 / 3, 0, 1],
+                                         [0, 0, 4 / 3, 0]], rtol=1e-6)
+    assert heads.class_weights(table, balance=False) == dict.fromkeys(heads.CLASSES, 1.0)
+    with pytest.raises(ValueError, match="lesion"):
+        heads.label_targets(_table(["lesion"]))
+
+
+def test_loss_of_lesion_only_rows_ignores_the_normal_class():
+    """A BUS-BRA row is scored on benign vs malignant only: moving probability between normal
+    and the lesion classes in proportion leaves its loss unchanged, and a BUSI row's does not."""
+    loss = heads.image_label_loss
+    flagged = np.array([[0, 1, 0, 1]], np.float32)
+    plain = np.array([[0, 1, 0, 0]], np.float32)
+    confident = np.array([[0.0, 0.8, 0.2]], np.float32)
+    unsure = np.array([[0.5, 0.4, 0.1]], np.float32)  # same benign share among lesions
+    assert float(loss(flagged, confident)[0]) == pytest.approx(float(loss(flagged, unsure)[0]),
+                                                               rel=1e-5)
+    assert float(loss(plain, unsure)[0]) > float(loss(plain, confident)[0]) + 0.5
+    assert float(loss(plain, confident)[0]) == pytest.approx(-np.log(0.8), rel=1e-5)
+    weighted = np.array([[0, 2, 0, 0]], np.float32)
+    assert float(loss(weighted, confident)[0]) == pytest.approx(-2 * np.log(0.8), rel=1e-5)
+
+
+def test_probability_table_names_the_class_and_conditional_malignancy():
+    table = heads.probability_table(["a.png", "b.png"], np.array([[0.7, 0.2, 0.1],
+                                                                   [0.1, 0.3, 0.6]]))
+    assert list(table["class"]) == ["normal", "malignant"]
+    np.testing.assert_allclose(table["p_lesion"], [0.3, 0.9])
+    np.testing.assert_allclose(table["p_malignant_given_lesion"], [1 / 3, 2 / 3])
+
+
+# ------------------------------------------------------------------------------------ the gate
+
+
+def _per_image():
+    return pd.DataFrame({
+        "id": list("abcde"), "label": ["benign", "malignant", "benign", "normal", "normal"],
+        "dice": [0.9, 0.8, 0.7, np.nan, np.nan], "iou": [0.8, 0.7, 0.6, np.nan, np.nan],
+        "precision": [0.9] * 3 + [0.0, np.nan], "recall": [0.9] * 3 + [np.nan] * 2,
+        "hd95": [3.0] * 3 + [np.nan] * 2, "pred_pixels": [10, 10, 10, 5, 0],
+        "empty_pred": [False, False, False, False, True],
+    })
+
+
+def test_gate_empties_masks_below_it_and_the_curve_counts_the_cost():
+    per_image, p_lesion = _per_image(), [0.9, 0.6, 0.2, 0.3, 0.1]
+    curve = classification.gate_curve(per_image, p_lesion, thresholds=(0.0, 0.25, 0.5))
+    assert list(curve["normal_fp"]) == [1, 1, 0]
+    np.testing.assert_allclose(curve["lesion_dice"], [0.8, 1.7 / 3, 1.7 / 3])  # c: Dice 0
+    assert list(curve["lesions_gated"]) == [0, 1, 1]
+    # the loss of Dice at 0.25 and 0.5 is beyond tolerance: no gate
+    assert classification.choose_gate(curve) == 0.0
+    assert classification.choose_gate(curve, tolerance=0.3) == 0.5
+
+    post = PostProcess(gate=0.5)
+    prob = np.full((4, 4), 0.9, np.float32)
+    assert post.apply(prob, lesion_probability=0.49).sum() == 0
+    assert post.apply(prob, lesion_probability=0.5).sum() == 16
+    with pytest.raises(ValueError, match="image-level head"):
+        post.apply(prob)
+    assert PostProcess().apply(prob).sum() == 16  # no gate: no probability needed
+    assert PostProcess.from_dict({"threshold": 0.4}).gate == 0.0  # older records: no gate
+
+
+# ---------------------------------------------------------------------- classification scores
+
+
+def test_classification_summary_against_known_answers():
+    labels = ["normal"] * 4 + ["benign"] * 4 + ["malignant"] * 4
+    perfect = np.array([[0.9, 0.05, 0.05]] * 4 + [[0.1, 0.8, 0.1]] * 4 + [[0.1, 0.2, 0.7]] * 4)
+    summary = classification.classification_summary(labels, perfect, draws=200)
+    assert summary["lesion_vs_normal_auc"] == 1.0
+    assert summary["benign_vs_malignant_auc"] == 1.0
+    assert summary["accuracy"] == 1.0
+    assert summary["confusion"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+    low, high = summary["accuracy_ci"]
+    assert low == high == 1.0
+
+    rng = np.random.default_rng(0)
+    noise = rng.dirichlet([1, 1, 1], size=300)
+    labels = rng.choice(heads.CLASSES, size=300)
+    summary = classification.classification_summary(labels, noise, draws=300)
+    # random scores: AUC near 0.5 and the interval holds it (300 images: CI width ~0.13)
+    for key in ("lesion_vs_normal_auc", "benign_vs_malignant_auc"):
+        low, high = summary[f"{key}_ci"]
+        assert low < 0.5 < high and high - low < 0.3
+    assert np.asarray(summary["confusion"]).sum() == 300
+    with pytest.raises(ValueError, match="expected"):
+        classification.classification_summary(labels, noise[:, :2])
+
+
+def test_roc_points_of_both_questions():
+    labels = ["normal", "benign", "malignant", "benign"]
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.6, 0.1]])
+    curves = classification.roc_points(labels, probs)
+    assert set(curves) == {"lesion_vs_normal", "benign_vs_malignant"}
+    for curve in curves.values():
+        assert curve["fpr"].iloc[0] == 0 and curve["tpr"].iloc[-1] == 1
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("architecture", ["classic_unet", "unet"])
+def test_head_on_both_architectures_saves_and_reloads(architecture, tmp_path):
+    """Two outputs, mask first; the head sits on the bottleneck; the .h5 reloads in tf.keras
+    without busi's custom objects, and mask_only gives the mask alone."""
+    if architecture == "unet":
+        model = models.build_model("efficientnet-lite0", (64, 64, 3), None,
+                                   decoder_filters=(8, 8, 8, 8, 8))
+    else:
+        model = models.classic_unet((64, 64, 3), base_filters=4, depth=2)
+    headed = heads.add_image_head(model)
+    assert heads.has_image_head(headed) and not heads.has_image_head(model)
+    assert heads.bottleneck(headed).shape[1] == 64 // (32 if architecture == "unet" else 4)
+    image = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    mask, label = headed.predict(image, verbose=0)
+    assert mask.shape == (2, 64, 64, 1) and label.shape == (2, 3)
+    np.testing.assert_allclose(label.sum(axis=1), 1.0, rtol=1e-5)
+    path = tmp_path / "headed.h5"
+    busi.weights.save_model(headed, path, include_optimizer=False)
+    keras = busi._keras.keras()
+    reloaded = keras.models.load_model(path, compile=False)
+    again = reloaded.predict(image, verbose=0)
+    np.testing.assert_allclose(again[1], label, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(heads.mask_only(reloaded).predict(image, verbose=0), mask,
+                               rtol=1e-5, atol=1e-6)
+    if architecture == "classic_unet":  # a Keras 3 user without busi (see test_weights.py)
+        np.save(tmp_path / "x.npy", image)
+        script = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1], "
+                  "compile=False); out = m(np.load(sys.argv[2]), training=False); "
+                  "np.save(sys.argv[3], np.asarray(out[1]))")
+        subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"),
+                        str(tmp_path / "k3.npy")], env=clean_env(), check=True,
+                       capture_output=True, timeout=240)
+        # same bound and reason as the masks in test_weights.py
+        np.testing.assert_allclose(np.load(tmp_path / "k3.npy"), label, atol=1e-3)
+    # the head is not part of the encoder: freezing the encoder leaves it trainable
+    models.set_encoder_trainable(headed, False)
+    assert headed.get_layer(heads.LOGITS_LAYER).trainable
+
+
+@pytest.mark.slow
+def test_training_with_the_head_learns_the_classes_and_resumes(busi_folder, tmp_path):
+    from busi.config import TrainConfig
+
+    config = TrainConfig(
+        name="head", data=str(busi_folder), run_dir=str(tmp_path / "run"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, learning_rate=1e-2, augment=False, evaluate=False, seed=1, image_head=True,
+    )
+    run = busi.train(config)
+    history = pd.read_csv(run / "history.csv")
+    assert {"iou_score", "val_iou_score", "label_loss", "val_label_loss"} <= set(history)
+    config.epochs = 2
+    busi.train(config)
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    model = busi.load_model(run / "best.h5", compile=False)
+    assert heads.has_image_head(model)
+
+    with pytest.raises(ValueError, match="image_head needs normal images"):
+        TrainConfig(image_head=True, train_classes=("benign", "malignant"))
