@@ -1,4 +1,5 @@
-"""The README's "Using the package" snippet runs as written (tiny model, synthetic data)."""
+"""The README's Python snippets run as written: "Using the package" (one epoch on a few
+synthetic images) and "Loading saved weights elsewhere" (the shipped model)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,13 @@ def readme_snippet(heading: str = "## Using the package") -> str:
 
 @pytest.mark.slow
 def test_using_the_package_snippet_runs(busi_folder, tmp_path, monkeypatch):
-    """Only the size of the run is changed: every TrainConfig the snippet makes becomes a tiny
-    classic U-Net of one epoch in tmp_path (not the project's runs/); data, split, training,
-    evaluation, publishing and prediction run as the README says."""
+    """Only the length of the run is changed: every TrainConfig the snippet makes trains one
+    epoch on 4 images of each part (``limit``), in tmp_path (not the project's runs/); model,
+    data, split, training, evaluation, publishing and prediction are the README's."""
     real = busi.TrainConfig
 
     def tiny_config(**values):
-        return real(**{**values, "architecture": "classic_unet", "base_filters": 4, "depth": 2,
-                       "image_size": 32, "batch_size": 4, "epochs": 1, "augment": False,
+        return real(**{**values, "epochs": 1, "limit": 4,
                        "run_dir": str(tmp_path / "runs" / values["name"])})
 
     monkeypatch.setattr(busi, "TrainConfig", tiny_config)
@@ -48,3 +48,13 @@ def test_using_the_package_snippet_runs(busi_folder, tmp_path, monkeypatch):
     assert (run / "evaluation" / "summary.json").is_file()  # train evaluated it already
     assert namespace["weights"] == Path("weights") / "my-run.h5"
     assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 2
+
+
+def test_loading_saved_weights_snippet_runs_on_a_fresh_clone(monkeypatch):
+    """As written, from the project root: the file it loads is the shipped model, not a run."""
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(readme_snippet("### Loading saved weights elsewhere"), "README.md", "exec"),
+         namespace)
+    assert Path(namespace["path"]).is_file()
+    assert tuple(namespace["model"].input_shape[1:]) == (256, 256, 3)  # Keras 3's, the last
