@@ -149,3 +149,12 @@ def test_set_and_its_own_option_must_agree(tmp_path, capsys):
     assert main(["train", "--set", "epochs=5", "--epochs", "8", "--run-dir", str(run)]) == 2
     assert "--set epochs=5 and --epochs 8 disagree" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_restart_on_an_existing_run_names_the_option_not_the_python_argument(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main(["train", "--run-dir", str(run), "--restart"]) == 2
+    err = capsys.readouterr().err
+    assert "resuming it was refused (--restart" in err and "pass resume=True" not in err
