@@ -123,3 +123,23 @@ def test_notebook_demo_images_of_a_published_model_are_its_test_images(published
     dest = busi.notebook.demo_inputs(weights, tmp_path / "demo", n=3, data=busi_folder)
     test_ids = set(busi.RunFolder(run).parts()["test"]["id"])
     assert {path.stem for path in dest.iterdir()} <= test_ids and len(list(dest.iterdir())) == 3
+
+
+def test_a_joint_model_scores_each_of_its_datasets_as_its_run_did(busi_folder, busbra_folder,
+                                                                 tmp_path, monkeypatch, capsys):
+    from busi.publish import publish
+
+    run = busi.train(TrainConfig(
+        name="j", datasets=("busi", "busbra"), data=str(busi_folder),
+        data_paths={"busbra": str(busbra_folder)}, run_dir=str(tmp_path / "j"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, augment=False, evaluate=True, seed=1,
+    ))
+    weights = publish(run, tmp_path / "weights", export=None)[0]
+    monkeypatch.setenv("BUSI_DATA", str(busi_folder))  # the sidecar's paths are not used
+    monkeypatch.setenv("BUSBRA_DATA", str(busbra_folder))
+    for dataset in ("busi", "busbra"):
+        assert main(["evaluate", str(run), "--dataset", dataset]) == 0
+        of_run = capsys.readouterr().out
+        assert main(["evaluate", str(weights), "--dataset", dataset]) == 0
+        assert _table(capsys.readouterr().out) == _table(of_run), dataset
