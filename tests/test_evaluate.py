@@ -107,7 +107,9 @@ def test_postprocess_dict_form_is_what_files_hold() -> None:
     post = PostProcess.from_dict(recorded)
     assert post.to_dict() == {"threshold": 0.3, "tta": True, "min_component_fraction": 0.001,
                               "keep_largest": False}
-    assert list(post.to_dict()) == list(PostProcess.keys())
+    assert list(post.to_dict()) == list(PostProcess.required_keys())
+    gated = PostProcess.from_dict({**recorded, "gate": 0.35})
+    assert gated.to_dict()["gate"] == 0.35 and list(gated.to_dict()) == list(PostProcess.keys())
     assert PostProcess.from_dict(None) == PostProcess.from_dict({}) == PostProcess()
     assert PostProcess.from_dict({"threshold": 1}).to_dict()["threshold"] == 1.0
     changed = post.override(threshold=None, tta=False)  # None: keep the recorded value

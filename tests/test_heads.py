@@ -174,8 +174,14 @@ def test_head_on_both_architectures_saves_and_reloads(architecture, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_with_the_head_learns_the_classes_and_resumes(busi_folder, tmp_path):
+def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, tmp_path):
+    """The whole path of a model with the head: training (and a resume), evaluation with the
+    gate chosen on val, its curves and the classification scores, and busi predict writing
+    classes.csv beside the masks (and refusing a gate for a model without the head)."""
+    import json
+
     from busi.config import TrainConfig
+    from busi.evaluation import evaluate
 
     config = TrainConfig(
         name="head", data=str(busi_folder), run_dir=str(tmp_path / "run"),
@@ -191,6 +197,34 @@ def test_training_with_the_head_learns_the_classes_and_resumes(busi_folder, tmp_
     assert list(history["epoch"]) == [1, 2]
     model = busi.load_model(run / "best.h5", compile=False)
     assert heads.has_image_head(model)
+
+    summary = evaluate(run)
+    out = run / "evaluation"
+    for name in ("gate_val.csv", "gate_test.csv", "gate.png", "roc.png"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "postprocess.json").read_text())
+    gate = record.get("gate", 0.0)  # written when set (PostProcess.to_dict)
+    assert gate in classification.GATE_THRESHOLDS
+    test = summary["splits"]["test"]
+    assert {"lesion_vs_normal_auc", "benign_vs_malignant_auc", "accuracy", "confusion"} <= set(
+        test["classification"])
+    per_image = pd.read_csv(out / "per_image_test.csv")
+    assert {"p_normal", "p_benign", "p_malignant", "p_lesion", "predicted_class"} <= set(
+        per_image)
+    gated = per_image["p_lesion"] < gate
+    assert per_image.loc[gated, "empty_pred"].all()  # the gate emptied what it should
+
+    masks = tmp_path / "masks"
+    table = busi.predict(run / "best.h5", busi_folder / "normal",
+                         masks, gate=1.0)
+    classes = pd.read_csv(masks / "classes.csv")
+    assert len(classes) == len(table) and set(classes["class"]) <= set(heads.CLASSES)
+    assert (table["lesion_pixels"] == 0).all()  # gate 1: no image passes
+    with pytest.raises(busi.errors.DataError, match="no image-level head"):
+        plain = busi.train(TrainConfig(**{**config.to_dict(), "image_head": False,
+                                          "run_dir": str(tmp_path / "plain"), "epochs": 1}))
+        busi.predict(plain / "best.h5", busi_folder / "normal",
+                     tmp_path / "plain_masks", gate=0.5)
 
     with pytest.raises(ValueError, match="image_head needs normal images"):
         TrainConfig(image_head=True, train_classes=("benign", "malignant"))

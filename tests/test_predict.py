@@ -107,7 +107,7 @@ def test_predict_a_single_file_beside_itself(tmp_path: Path, inputs: Path) -> No
     table = predict(dark_is_lesion, image, single, image_size=SIZE, threshold=0.4)
     assert table["error"].isna().all()
     assert sorted(p.name for p in single.iterdir()) == [
-        "gray.bmp", "gray_overlay.png", "gray_pred.png"]
+        "gray.bmp", "gray_overlay.png", "gray_pred.png", "predict.json"]
     # 120/255 gray -> probability 0.53: lesion at 0.4, not at 0.6
     assert cv2.imread(str(single / "gray_pred.png"), 0).min() == 255
     predict(dark_is_lesion, image, single, image_size=SIZE, threshold=0.6)

@@ -17,6 +17,7 @@ score every threshold without predicting again; :func:`choose_gate` picks one on
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,7 +146,8 @@ def classification_summary(labels: Sequence[str], probabilities: np.ndarray,
         summary[f"{key}_ci"] = _interval(samples[key])
     summary["confusion"] = point["confusion"].tolist()
     stacked = np.stack(samples["confusion_rates"])
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a class absent from every resample: NaN, as documented
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         summary["confusion_rates"] = np.round(point["confusion_rates"], 4).tolist()
         summary["confusion_rates_ci"] = np.stack([
             np.nanpercentile(stacked, 2.5, axis=0), np.nanpercentile(stacked, 97.5, axis=0),

@@ -173,7 +173,7 @@ def _predict(args: argparse.Namespace) -> None:
     # raises when no image was segmented: the command then exits 2
     table = busi.predict(
         args.weights, args.inputs, args.output, image_size=args.size, resize=args.resize,
-        threshold=args.threshold, tta=args.tta, include_masks=args.include_masks,
+        threshold=args.threshold, tta=args.tta, include_masks=args.include_masks, gate=args.gate,
     )
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
     print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
@@ -186,6 +186,9 @@ def _predict(args: argparse.Namespace) -> None:
                   "--include-masks keeps them")
     if len(failed):
         print(f"skipped {len(failed)} unreadable file(s): see the warnings above")
+    if "p_lesion" in table:
+        print(f"image classes and probabilities (image-level head) are in "
+              f"{Path(args.output) / 'classes.csv'}")
     print(f"the model file, its settings and the busi version are in "
           f"{Path(args.output) / 'predict.json'}")
 
@@ -318,6 +321,10 @@ def parser() -> argparse.ArgumentParser:
                    help="default: the run's setting, else letterbox")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the flipped image (default: as chosen on validation)")
+    p.add_argument("--gate", type=float,
+                   help="models with the image-level head: an image whose lesion probability "
+                   "is below this gets an empty mask (default: as chosen on validation; 0: no "
+                   "gate). Their classes and probabilities go to classes.csv")
     p.add_argument("--include-masks", action="store_true",
                    help="also segment files named X_mask*.png that sit next to an image X "
                    "(BUSI ground truth; skipped by default)")

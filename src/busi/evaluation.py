@@ -34,15 +34,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from busi import heads, plots
 from busi.atomic import atomic_write_text
 from busi.bundle import FileDigest, ModelRecord
+from busi.classification import choose_gate, classification_summary, gate_curve, roc_points
 from busi.data.geometry import Mode
 from busi.data.masks import load_truths
 from busi.data.splits import LESION_CLASSES, is_lesion
 from busi.digests import file_sha1
-from busi.inference import ImageSize, predict_probabilities
+from busi.inference import ImageSize, predict_table
 from busi.postprocess import PostProcess, check_lengths, postprocess_grid, select_postprocess
 from busi.runs import (
+    GATE_FILE,
     GRID_FILE,
     PER_IMAGE_FILE,
     POSTPROCESS_FILE,
@@ -70,6 +73,7 @@ def score_table(
     probs: Sequence[np.ndarray],
     postprocess: PostProcess | None = None,
     truths: Sequence[np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per-image scores of probability maps (or binary masks) against the index rows' masks.
 
@@ -80,6 +84,9 @@ def score_table(
         postprocess: how the maps become masks; default :class:`PostProcess`'s defaults.
         truths: the rows' masks if already loaded (:func:`busi.data.masks.load_truths`), to
             avoid re-reading.
+        labels: the image-level probabilities ``(N, 3)`` of a model with the head
+            (:func:`busi.inference.predict_table`): the gate of ``postprocess`` reads them, and
+            the table gets their columns (``p_normal`` ... ``p_lesion``).
 
     Returns:
         One row per image with columns :data:`PER_IMAGE_COLUMNS`; conventions for empty masks
@@ -91,9 +98,15 @@ def score_table(
     postprocess = postprocess or PostProcess()
     check_lengths(table, probs, truths)
     truths = load_truths(table) if truths is None else truths
+    lesion_probs: Sequence[float | None] = [None] * len(table)
+    if labels is not None:
+        if len(labels) != len(table):
+            raise ValueError(f"{len(labels)} image-level predictions for {len(table)} rows")
+        lesion_probs = list(heads.lesion_probability(labels))
     records = []
-    for row, prob, truth in zip(table.to_dict("records"), probs, truths, strict=True):
-        pred = postprocess.apply(prob)
+    for row, prob, truth, lesion in zip(table.to_dict("records"), probs, truths, lesion_probs,
+                                        strict=True):
+        pred = postprocess.apply(prob, lesion)
         if pred.shape != truth.shape:
             raise ValueError(
                 f"{row['id']}: prediction of shape {pred.shape} for a mask of shape {truth.shape};"
@@ -104,7 +117,12 @@ def score_table(
         record.update({key: scores[key] for key in PER_IMAGE_COLUMNS[2:]})
         records.append(record)
     frame = pd.DataFrame.from_records(records, columns=PER_IMAGE_COLUMNS)
-    return frame.astype({"empty_truth": bool, "empty_pred": bool})
+    frame = frame.astype({"empty_truth": bool, "empty_pred": bool})
+    if labels is not None:
+        probabilities = heads.probability_table(frame["id"], labels).drop(columns="image")
+        frame = pd.concat([frame, probabilities.rename(columns={"class": "predicted_class"})],
+                          axis=1)
+    return frame
 
 
 def _lesion_summary(frame: pd.DataFrame) -> dict[str, Any]:
@@ -145,6 +163,9 @@ def summarize(per_image: pd.DataFrame) -> dict[str, Any]:
     for label in LESION_CLASSES:
         if (labels == label).any():
             summary[label] = _lesion_summary(per_image[labels == label])
+    if "p_normal" in per_image and labels.isin(heads.CLASSES).all():
+        probabilities = per_image[[f"p_{name}" for name in heads.CLASSES]].to_numpy()
+        summary["classification"] = classification_summary(labels, probabilities)
     normal = per_image[labels == "normal"]
     if len(normal):
         false_positives = int((~normal["empty_pred"].astype(bool)).sum())
@@ -180,9 +201,9 @@ def evaluate_model(
         ``(per_image, summary)`` from :func:`score_table` and :func:`summarize`.
     """
     postprocess = postprocess or PostProcess()
-    probs = predict_probabilities(model, table, image_size, resize, batch_size,
+    probs, labels = predict_table(model, table, image_size, resize, batch_size,
                                   tta=postprocess.tta, desc=desc)
-    per_image = score_table(table, probs, postprocess)
+    per_image = score_table(table, probs, postprocess, labels=labels)
     return per_image, summarize(per_image)
 
 
@@ -262,16 +283,24 @@ def _evaluate(
     saved = None if rechoose else _saved_choice(run.evaluation_dir(model_path), model_path,
                                                 digest)
     variants = (False, True) if saved is None else (saved.postprocess.tta,)
-    val_probs = {
-        tta: predict_probabilities(model, val_table, size, mode, batch_size, tta, desc="val")
+    val_predictions = {
+        tta: predict_table(model, val_table, size, mode, batch_size, tta, desc="val")
         for tta in variants
     }
+    val_probs = {tta: maps for tta, (maps, _) in val_predictions.items()}
+    val_labels = {tta: labels for tta, (_, labels) in val_predictions.items()}
     if saved is None:
         grid = postprocess_grid(val_table, val_probs[False], val_probs[True], truths=val_truths)
         chosen = select_postprocess(grid)
+        post = PostProcess.from_dict(chosen)
+        if val_labels[post.tta] is not None:  # the image-level head: its gate, chosen on val
+            curve = gate_curve(score_table(val_table, val_probs[post.tta], post,
+                                           truths=val_truths),
+                               heads.lesion_probability(val_labels[post.tta]))
+            post = post.override(gate=choose_gate(curve))
         saved = ModelRecord(
             model=model_path.name, files={model_path.name: digest}, image_size=size,
-            resize=mode, postprocess=PostProcess.from_dict(chosen), chosen_on="val",
+            resize=mode, postprocess=post, chosen_on="val",
             classes=tuple(config.classes),
             provenance={k: v for k, v in chosen.items() if k not in PostProcess.keys()},
         )
@@ -281,10 +310,20 @@ def _evaluate(
         log.info("post-processing chosen on val: %s", saved.postprocess)
     post = saved.postprocess
 
-    per_image = {"val": score_table(val_table, val_probs[post.tta], post, truths=val_truths)}
+    per_image = {"val": score_table(val_table, val_probs[post.tta], post, truths=val_truths,
+                                    labels=val_labels[post.tta])}
     if split != "val":
-        per_image[split], _ = evaluate_model(model, parts[split], post, size, mode, batch_size,
-                                             desc=split)
+        probs, labels = predict_table(model, parts[split], size, mode, batch_size, post.tta,
+                                      desc=split)
+        truths = load_truths(parts[split])
+        per_image[split] = score_table(parts[split], probs, post, truths=truths, labels=labels)
+        if labels is not None:
+            ungated = {
+                "val": score_table(val_table, val_probs[post.tta], post.override(gate=0.0),
+                                   truths=val_truths),
+                split: score_table(parts[split], probs, post.override(gate=0.0), truths=truths),
+            }
+            _head_figures(run.evaluation_dir(model_path), per_image, ungated, split, post.gate)
 
     # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
     # the first goes to evaluation/, the others to evaluation-<name>/.
@@ -299,16 +338,35 @@ def _evaluate(
     return records[dataset or config.datasets[0]]
 
 
+def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
+                  ungated: Mapping[str, pd.DataFrame], split: str, gate: float) -> None:
+    """The gate's cost across thresholds (val, where it was chosen, and ``split`` for show) and
+    the ROC curves of ``split``: ``gate_<part>.csv``, ``gate.png`` and ``roc.png`` beside the
+    summary. ``ungated``: the parts' per-image scores without the gate."""
+    curves = {part: gate_curve(ungated[part], per_image[part]["p_lesion"])
+              for part in dict.fromkeys(("val", split))}
+    for part, curve in curves.items():
+        atomic_write_text(out_dir / GATE_FILE.format(split=part), curve.to_csv(index=False))
+    plots.gate_curves(curves, gate, out_dir / "gate.png")
+    frame = per_image[split]
+    known = frame["label"].isin(heads.CLASSES)
+    probabilities = frame.loc[known, [f"p_{name}" for name in heads.CLASSES]].to_numpy()
+    rocs = roc_points(frame.loc[known, "label"], probabilities)
+    summary = summarize(frame).get("classification", {})
+    plots.roc_curves(rocs, {name: summary.get(f"{name}_auc") for name in rocs},
+                     out_dir / "roc.png")
+
+
 def _saved_choice(out_dir: Path, model_path: Path, digest: FileDigest) -> ModelRecord | None:
     """The record in ``postprocess.json`` if it was made for these very weights, else None."""
     path = out_dir / POSTPROCESS_FILE
     saved = read_json(path)
     if saved is None:
         return None
-    if not set(PostProcess.keys()) <= set(saved):
+    if not set(PostProcess.required_keys()) <= set(saved):
         raise ValueError(
-            f"{path}: lacks some of {list(PostProcess.keys())}; fix it or delete it to choose "
-            "again"
+            f"{path}: lacks some of {list(PostProcess.required_keys())}; fix it or delete it "
+            "to choose again"
         )
     record = ModelRecord.from_dict(saved, path)
     covered = record.covers(model_path.name)

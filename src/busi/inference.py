@@ -155,16 +155,21 @@ def _resolve_size(model: Any, image_size: ImageSize | None) -> ImageSize:
     return fixed
 
 
-def _forward(model: Any, batch: np.ndarray) -> np.ndarray:
-    """Probabilities ``(B, H, W)`` for a float32 ``(B, H, W, 3)`` batch.
+def _forward(model: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities ``(B, H, W)`` for a float32 ``(B, H, W, 3)`` batch, and the image-level
+    probabilities ``(B, 3)`` of a model with the head (:mod:`busi.heads`), else None.
 
-    Keras models go through ``predict_on_batch`` (no progress bar, no per-call retracing); any
-    other callable (a :class:`busi.runtimes.Predictor`, a fake model in tests) is simply called.
+    Keras models go through ``predict_on_batch`` (no progress bar, no per-call retracing); a
+    :class:`busi.runtimes.Predictor` through ``predict_with_labels``; any other callable (a fake
+    model in tests) is simply called.
     """
-    if hasattr(model, "predict_on_batch"):
-        out = model.predict_on_batch(batch)
+    labels = None
+    if hasattr(model, "predict_with_labels"):
+        out, labels = model.predict_with_labels(batch)
     else:
-        out = model(batch)
+        out = model.predict_on_batch(batch) if hasattr(model, "predict_on_batch") else model(batch)
+        if isinstance(out, (list, tuple)) and len(out) == 2:  # a Keras model with the head
+            out, labels = out
     out = np.asarray(out, dtype=np.float32)  # float16 output of mixed-precision models, too
     if out.ndim == 4 and out.shape[-1] == 1:
         out = out[..., 0]
@@ -173,7 +178,7 @@ def _forward(model: Any, batch: np.ndarray) -> np.ndarray:
             f"the model returned shape {out.shape} for a batch of shape {batch.shape}; expected "
             "one sigmoid channel per pixel, (B, H, W, 1)"
         )
-    return out
+    return out, None if labels is None else np.asarray(labels, dtype=np.float32)
 
 
 def model_batch(images: Sequence[np.ndarray], image_size: ImageSize, resize: Mode):
@@ -213,10 +218,25 @@ def predict_images(
     Returns:
         One float32 ``(H, W)`` array per image, values in [0, 1].
     """
+    return predict_images_and_labels(model, images, image_size, resize, batch_size, tta)[0]
+
+
+def predict_images_and_labels(
+    model: Any,
+    images: Sequence[np.ndarray],
+    image_size: ImageSize | None = None,
+    resize: Mode = "letterbox",
+    batch_size: int = 8,
+    tta: bool = False,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """:func:`predict_images`, and the image-level probabilities ``(N, 3)`` (normal, benign,
+    malignant) of a model with the head, else None. With ``tta`` both are the mean of the image
+    and its mirror."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     image_size = _resolve_size(model, image_size)
     probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
         chunk = [np.asarray(image) for image in images[start : start + batch_size]]
         for image in chunk:
@@ -225,13 +245,17 @@ def predict_images(
         if tta:
             chunk = chunk + [image[:, ::-1] for image in chunk]
         batch, placements = model_batch(chunk, image_size, resize)
-        out = _forward(model, batch)
+        out, label = _forward(model, batch)
         maps = [to_original(o, p) for o, p in zip(out, placements, strict=True)]
         if tta:
             half = len(maps) // 2
             maps = [(a + b[:, ::-1]) / 2.0 for a, b in zip(maps[:half], maps[half:], strict=True)]
+            if label is not None:
+                label = (label[:half] + label[half:]) / 2.0
         probs.extend(np.ascontiguousarray(m, dtype=np.float32) for m in maps)
-    return probs
+        if label is not None:
+            labels.append(label)
+    return probs, (np.concatenate(labels) if labels else None)
 
 
 def predict_probabilities(
@@ -249,15 +273,35 @@ def predict_probabilities(
     (:mod:`busi.progress`). Images are decoded per batch, so a whole split is never held in
     memory at model size.
     """
+    return predict_table(model, table, image_size, resize, batch_size, tta, desc)[0]
+
+
+def predict_table(
+    model: Any,
+    table: pd.DataFrame,
+    image_size: ImageSize | None = None,
+    resize: Mode = "letterbox",
+    batch_size: int = 8,
+    tta: bool = False,
+    desc: str = "predicting",
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """:func:`predict_probabilities`, and the image-level probabilities ``(N, 3)`` of a model
+    with the head (else None), row by row."""
     rows = table.to_dict("records")
     probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
     with progress.bar(total=len(rows), desc=desc + (" (with flips)" if tta else "")) as shown:
         for start in range(0, len(rows), batch_size):
             images = [read_image(row["image_path"]) for row in rows[start : start + batch_size]]
-            probs.extend(predict_images(model, images, image_size, resize, batch_size, tta))
+            maps, label = predict_images_and_labels(model, images, image_size, resize,
+                                                    batch_size, tta)
+            probs.extend(maps)
+            if label is not None:
+                labels.append(label)
             shown.update(len(images))
-    return probs
+    return probs, (np.concatenate(labels) if labels else None)
 
 
 __all__ = ["ImageSize", "load", "model_batch", "model_input_size", "open_model",
-           "predict_images", "predict_probabilities"]
+           "predict_images", "predict_images_and_labels", "predict_probabilities",
+           "predict_table"]

@@ -103,6 +103,12 @@ class PostProcess:
         return tuple(field.name for field in dataclasses.fields(cls))
 
     @classmethod
+    def required_keys(cls) -> tuple[str, ...]:
+        """The keys a saved choice must hold: all but ``gate``, which records made before the
+        image-level head lack (no gate, the default)."""
+        return tuple(key for key in cls.keys() if key != "gate")
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> PostProcess:
         """The settings in ``postprocess.json``, a summary's ``postprocess`` or a sidecar: other
         keys there (the weights' SHA-1, validation scores, ...) are ignored, missing ones take
@@ -111,8 +117,13 @@ class PostProcess:
         return cls(**{key: values[key] for key in cls.keys() if key in values})
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"threshold", "tta", "min_component_fraction", "keep_largest"}``, as files hold it."""
-        return dataclasses.asdict(self)
+        """``{"threshold", "tta", "min_component_fraction", "keep_largest"}``, as files hold it,
+        and ``gate`` when one is set: the records of models without the image-level head stay
+        as they were, and compare equal to those written before the gate existed."""
+        values = dataclasses.asdict(self)
+        if not self.gate:
+            del values["gate"]
+        return values
 
     def override(self, **changes: Any) -> PostProcess:
         """A copy with the settings given changed; None leaves a setting as it is (an option

@@ -31,12 +31,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from busi import inference, progress
+from busi import heads, inference, progress
 from busi.atomic import atomic_write_bytes, atomic_write_text
 from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
 from busi.errors import DataError
-from busi.inference import ImageSize, model_input_size, predict_images
+from busi.inference import ImageSize, model_input_size, predict_images_and_labels
 from busi.postprocess import PostProcess
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_
            "error"]
 OVERLAY_BGR = (0, 0, 255)  # red
 RECORD_FILE = "predict.json"
+CLASSES_FILE = "classes.csv"
+"""In an output folder of a model with the image-level head: each image's class and
+probabilities."""
 """In an output folder: what made its masks (:func:`write_run_record`)."""
 
 
@@ -175,6 +178,7 @@ def predict(
     tta: bool | None = None,
     min_component_fraction: float | None = None,
     keep_largest: bool | None = None,
+    gate: float | None = None,
     batch_size: int = 8,
     include_masks: bool = False,
     safe_mode: bool | None = None,
@@ -194,9 +198,10 @@ def predict(
         inputs: an image file or a folder of images (see :func:`list_inputs`).
         output_dir: folder for the outputs (created); must not be the input folder.
         image_size: model input side; default the model's input size (or the run's).
-        resize, threshold, tta, min_component_fraction, keep_largest: None takes the value chosen
-            on validation for these weights (module docstring), else letterbox and
-            :class:`~busi.postprocess.PostProcess`'s defaults.
+        resize, threshold, tta, min_component_fraction, keep_largest, gate: None takes the value
+            chosen on validation for these weights (module docstring), else letterbox and
+            :class:`~busi.postprocess.PostProcess`'s defaults. ``gate=0`` turns off the
+            image-level gate of a model with the head (masks wherever pixels say so).
         batch_size: images per forward pass.
         include_masks: also segment BUSI ground-truth masks found next to their images
             (see :func:`list_inputs`).
@@ -205,10 +210,13 @@ def predict(
         verify: for a path, refuse a file whose digest differs from its record
             (:func:`busi.inference.open_model`); False uses it with a warning.
 
+    A model with the image-level head (:mod:`busi.heads`) also writes ``classes.csv``: each
+    image's class (normal, benign, malignant) and probabilities.
+
     Returns:
         One row per input file (:data:`COLUMNS`): output paths, original size, predicted lesion
         pixels, maximum probability, and ``error`` (None, or why an unreadable file was skipped;
-        it is also reported as a warning).
+        it is also reported as a warning); with the head also the columns of ``classes.csv``.
 
     Raises:
         ValueError: ``output_dir`` is the input folder, an output would overwrite an input, or
@@ -236,7 +244,7 @@ def predict(
     resize = resize if resize is not None else (settings.resize if settings else "letterbox")
     post = (settings.postprocess if settings else PostProcess()).override(
         threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,
-        keep_largest=keep_largest)
+        keep_largest=keep_largest, gate=gate)
     created = not output_dir.exists()
     make_output_dir(output_dir)
 
@@ -254,10 +262,16 @@ def predict(
                     rows.append({"input": str(file), "error": str(error)})
             if not readable:
                 continue
-            probs = predict_images(model, [image for _, image in readable], image_size, resize,
-                                   batch_size, post.tta)
-            for (file, image), prob in zip(readable, probs, strict=True):
-                mask = post.apply(prob)
+            probs, labels = predict_images_and_labels(
+                model, [image for _, image in readable], image_size, resize, batch_size,
+                post.tta)
+            if labels is None and post.gate > 0:
+                raise DataError(f"{getattr(model, 'path', 'the model')}: gate {post.gate} set, "
+                                "but the model has no image-level head; use --gate 0")
+            lesion = [None] * len(readable) if labels is None else \
+                heads.lesion_probability(labels)
+            for index, ((file, image), prob) in enumerate(zip(readable, probs, strict=True)):
+                mask = post.apply(prob, lesion[index])
                 pred_path, overlay_path = output_paths(file, output_dir)
                 _write_png(pred_path, mask * np.uint8(255))
                 _write_png(overlay_path, overlay_image(image, mask))
@@ -266,9 +280,13 @@ def predict(
                     "height": image.shape[0], "width": image.shape[1],
                     "lesion_pixels": int(mask.sum()), "max_probability": float(prob.max()),
                     "error": None,
+                    **({} if labels is None else heads.probability_table(
+                        [file.name], labels[index : index + 1]).drop(columns="image")
+                        .iloc[0].to_dict()),
                 })
     order = {str(file): i for i, file in enumerate(files)}
-    table = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    extra = [key for row in rows for key in row if key not in COLUMNS]
+    table = pd.DataFrame.from_records(rows, columns=[*COLUMNS, *dict.fromkeys(extra)])
     table = table.sort_values("input", key=lambda s: s.map(order)).reset_index(drop=True)
     segmented = int(table["error"].isna().sum())
     if not segmented:
@@ -277,6 +295,9 @@ def predict(
                 output_dir.rmdir()
         raise DataError(f"{inputs}: no image was segmented: none of the {len(files)} file(s) "
                         f"could be read ({table['error'].iloc[0]})")
+    if extra:  # the image-level head: each image's class and probabilities beside the masks
+        classes = table[table["error"].isna()][["input", *dict.fromkeys(extra)]]
+        atomic_write_text(output_dir / CLASSES_FILE, classes.to_csv(index=False))
     write_run_record(output_dir / RECORD_FILE, model, settings, inputs, image_size, resize,
                      post, segmented, len(table) - segmented)
     return table

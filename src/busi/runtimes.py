@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from busi import _keras
+from busi import _keras, heads
 
 if TYPE_CHECKING:
     from busi.bundle import ModelSettings
@@ -85,8 +85,18 @@ class Predictor:
     def input_shape(self) -> tuple[None, int | None, int | None, int]:
         return (None, *(self.input_size or (None, None)), 3)
 
+    has_head = False
+    """Whether the model also gives the image-level output (:mod:`busi.heads`)."""
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities float32 ``[B, H, W, 1]`` of images float32 ``[B, H, W, 3]`` in 0-255."""
+        return self.predict_with_labels(batch)[0]
+
+    __call__ = predict
+
+    def predict_with_labels(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict`, and the image-level probabilities ``[B, 3]`` (normal, benign,
+        malignant) of a model with the head, else None."""
         array = np.ascontiguousarray(batch, dtype=np.float32)
         if array.ndim != 4 or array.shape[-1] != 3 or (
                 self.input_size is not None and array.shape[1:3] != self.input_size):
@@ -97,13 +107,17 @@ class Predictor:
                 f"{np.shape(batch)}"
             )
         if len(array) == 0:
-            return np.zeros((*array.shape[:3], 1), np.float32)
-        out = np.asarray(self._run(array), dtype=np.float32)
-        return out.reshape(*array.shape[:3], 1)
+            return np.zeros((*array.shape[:3], 1), np.float32), None
+        out, labels = self._run(array), None
+        if isinstance(out, tuple):
+            out, labels = out
+            labels = np.asarray(labels, dtype=np.float32).reshape(len(array), -1)
+        out = np.asarray(out, dtype=np.float32)
+        return out.reshape(*array.shape[:3], 1), labels
 
-    __call__ = predict
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The mask probabilities of ``batch``, or ``(mask, labels)`` for a model with the
+        head."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -148,6 +162,7 @@ class KerasPredictor(Predictor):
         fixed = model_input_size(model)  # (B, H, W, 3) checked by load_for_inference
         super().__init__(path, fixed, precision)
         self.model = model
+        self.has_head = heads.has_image_head(model)
         # one traced graph for every batch size: no retracing per batch, no predict() overhead
         # (its probabilities are bit-identical to predict_on_batch's, measured on lite0)
         self._call = tf.function(
@@ -155,8 +170,11 @@ class KerasPredictor(Predictor):
             input_signature=[tf.TensorSpec((None, *(fixed or (None, None)), 3), tf.float32)],
         )
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._call(batch).numpy()
+    def _run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        out = self._call(batch)
+        if self.has_head:
+            return out[0].numpy(), out[1].numpy()
+        return out.numpy()
 
 
 class OpenVinoPredictor(Predictor):

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from busi import _keras, model_file
+from busi import _keras, heads, model_file
 from busi.atomic import atomic_path
 from busi.errors import DataError
 
@@ -28,7 +28,7 @@ H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _custom_objects() -> dict[str, Any]:
-    from busi import heads, losses, models
+    from busi import losses, models
 
     return {**models.custom_objects(), **losses.CUSTOM_OBJECTS, **heads.CUSTOM_OBJECTS}
 
@@ -281,9 +281,12 @@ def with_policy(model: Any, policy: str) -> Any:
 
 def check_segmentation_model(model: Any, path: str | os.PathLike) -> None:
     """Raise DataError unless ``model`` maps images (B, H, W, 3) to one probability map
-    (B, H, W, 1), as every busi model does: another Keras model (a classifier, say) would
-    otherwise fail deep in prediction, with a shape and no file name."""
+    (B, H, W, 1), as every busi model does (first, with the image-level head): another Keras
+    model (a classifier, say) would otherwise fail deep in prediction, with a shape and no file
+    name."""
     inputs, outputs = model.input_shape, model.output_shape
+    if heads.has_image_head(model):  # [mask, label]: the mask is checked like any model's
+        outputs = outputs[0]
     if (isinstance(inputs, list) or isinstance(outputs, list) or len(inputs) != 4
             or len(outputs) != 4 or inputs[-1] != 3 or outputs[-1] != 1):
         raise DataError(
