@@ -228,3 +228,24 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
 
     with pytest.raises(ValueError, match="image_head needs normal images"):
         TrainConfig(image_head=True, train_classes=("benign", "malignant"))
+
+
+@pytest.mark.parametrize(("backend", "quantize"), [("tflite", None), ("onnx", None)])
+def test_exports_of_a_model_with_the_head_give_both_outputs(backend, quantize, tmp_path):
+    """Converters reorder outputs; the runtimes tell mask from labels by rank, so an exported
+    head model predicts what its Keras model does."""
+    pytest.importorskip("tf2onnx" if backend == "onnx" else "tensorflow")
+    from busi import export, runtimes
+
+    model = heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2))
+    out = export.export(model, tmp_path / f"m.{backend}", backend, quantize)
+    predictor = busi.inference.open_model(out, verify=False)
+    assert predictor.has_head
+    image = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    mask, label = predictor.predict_with_labels(image)
+    keras_mask, keras_label = model.predict(image, verbose=0)
+    # float32 exports: the same graph under other kernels (see test_weights.py's bound)
+    np.testing.assert_allclose(mask, keras_mask, atol=1e-3)
+    np.testing.assert_allclose(label, keras_label, atol=1e-3)
+    with pytest.raises(busi.errors.DataError, match="shapes"):
+        runtimes._mask_and_labels([np.zeros((1, 3)), np.zeros((1, 2))])

@@ -39,8 +39,9 @@ from busi.runtimes import tflite_interpreter
 interpreter = tflite_interpreter(model_path=sys.argv[1], num_threads=1)
 details = interpreter.get_input_details()
 outputs = interpreter.get_output_details()
-if len(details) != 1 or len(outputs) != 1:
-    sys.exit(f"it has {len(details)} inputs and {len(outputs)} outputs; a busi model has one each")
+if len(details) != 1 or len(outputs) not in (1, 2):
+    sys.exit(f"it has {len(details)} inputs and {len(outputs)} outputs; a busi model has one "
+             "input and one output (two with the image-level head)")
 shape = [1, *[int(v) for v in details[0]["shape"][1:]]]
 interpreter.resize_tensor_input(details[0]["index"], shape)
 interpreter.allocate_tensors()

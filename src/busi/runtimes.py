@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from busi import _keras, heads
+from busi.errors import DataError
 
 if TYPE_CHECKING:
     from busi.bundle import ModelSettings
@@ -201,9 +202,11 @@ class OpenVinoPredictor(Predictor):
             precision = "float32"  # no bfloat16 on this CPU: OpenVINO computes in float32
         super().__init__(path, hw, precision)
         self._request = self._compiled.create_infer_request()
+        self.has_head = len(self._compiled.outputs) == 2
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._request.infer({0: batch})[0].copy()
+    def _run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        results = self._request.infer({0: batch})
+        return _mask_and_labels([results[output].copy() for output in self._compiled.outputs])
 
 
 class OnnxRuntimePredictor(Predictor):
@@ -232,9 +235,10 @@ class OnnxRuntimePredictor(Predictor):
             precision = "float32"  # onnxruntime has no bfloat16 CPU convolutions
         super().__init__(path, (int(node.shape[1]), int(node.shape[2])), precision)
         self._input = node.name
+        self.has_head = len(self._session.get_outputs()) == 2
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: batch})[0]
+    def _run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return _mask_and_labels(self._session.run(None, {self._input: batch}))
 
 
 def tflite_interpreter(**options: Any) -> Any:
@@ -265,7 +269,8 @@ class TFLitePredictor(Predictor):
         self._interpreter = tflite_interpreter(model_path=str(path), num_threads=threads)
         details = self._interpreter.get_input_details()[0]
         self._input = details["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._outputs = [d["index"] for d in self._interpreter.get_output_details()]
+        self.has_head = len(self._outputs) == 2
         self._batch = -1
         super().__init__(path, (int(details["shape"][1]), int(details["shape"][2])),
                          _tflite_precision(self._interpreter))
@@ -277,7 +282,23 @@ class TFLitePredictor(Predictor):
             self._batch = len(batch)
         self._interpreter.set_tensor(self._input, batch)
         self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output).copy()
+        return _mask_and_labels([self._interpreter.get_tensor(index).copy()
+                                 for index in self._outputs])
+
+
+def _mask_and_labels(outputs: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The mask of an exported model's outputs, or ``(mask, labels)`` for one with the
+    image-level head. Converters do not keep Keras' output order (TFLite sorts outputs by its
+    own tensor names), so the two are told apart by rank: the mask is (B, H, W, 1), the labels
+    (B, 3)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    by_rank = {np.ndim(output): output for output in outputs}
+    if len(outputs) != 2 or set(by_rank) != {2, 4}:
+        raise DataError(f"an exported model with outputs of shapes "
+                        f"{[np.shape(o) for o in outputs]}: busi exports give a mask "
+                        "(B, H, W, 1), and with the image-level head labels (B, 3)")
+    return by_rank[4], by_rank[2]
 
 
 def _tflite_precision(interpreter: Any) -> str:
