@@ -214,6 +214,16 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     gated = per_image["p_lesion"] < gate
     assert per_image.loc[gated, "empty_pred"].all()  # the gate emptied what it should
 
+    from busi.report import results_table, write_report
+
+    report = write_report(run, tmp_path / "report")
+    assert (report / "roc.png").is_file() and (report / "gate.png").is_file()
+    assert "| benign vs malignant AUC |" in (report / "metrics.md").read_text()
+    row = results_table([run]).splitlines()[2]
+    assert "image-level head" in row
+    auc = test["classification"]["benign_vs_malignant_auc"]
+    assert f"| {auc:.3f} (" in row
+
     masks = tmp_path / "masks"
     table = busi.predict(run / "best.h5", busi_folder / "normal",
                          masks, gate=1.0)

@@ -138,6 +138,10 @@ def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     assert low - 0.005 <= lesion["dice_mean"] <= high + 0.005  # the bootstrap CI of the mean
     assert f"| {lesion['dice_mean']:.3f} / {lesion['dice_median']:.3f} |" in row
     assert f"| {lesion['missed']} of {lesion['n']} |" in row
+    env = json.loads((evaluated_run / "env.json").read_text())
+    # no image-level head: no AUC; the command, commit and hardware of the run's env.json
+    assert cells[-3] == "-"
+    assert cells[-2].startswith(f"`{env['command']}` at ") and cells[-2].endswith("-core CPU")
     out = tmp_path / "results.md"
     assert main(["compare", str(evaluated_run), "--out", str(out)]) == 0
     assert out.read_text() == table

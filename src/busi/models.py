@@ -309,7 +309,8 @@ def model_label(config: TrainConfig | Mapping[str, Any]) -> str:
     """How results tables name a config's model, e.g. "U-Net, resnet34, imagenet" or "classic
     U-Net, 16 filters, depth 4, from scratch" (a config, or its dict as sidecars keep it)."""
     spec, values = _described(config)
-    return f"{spec.label.format_map(values)}, {values['weights']}"
+    head = ", image-level head" if values.get("image_head") else ""
+    return f"{spec.label.format_map(values)}{head}, {values['weights']}"
 
 
 def model_details(config: TrainConfig | Mapping[str, Any]) -> str:

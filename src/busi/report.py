@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from busi.atomic import atomic_write_text
+from busi.atomic import atomic_write_bytes, atomic_write_text
 from busi.models import model_label
 from busi.runs import SUMMARY_FILE, RunFolder
 
@@ -49,6 +49,24 @@ def metrics_table(summary: dict[str, Any], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def classification_table(summary: dict[str, Any]) -> str:
+    """Markdown lines of the image-level head's scores (:func:`busi.classification.
+    classification_summary`): each figure with its bootstrap 95% interval, and the confusion
+    matrix (rows: truth, columns: answer)."""
+    lines = ["| image-level head | value | 95% interval |", "| --- | --- | --- |"]
+    for key, name in (("lesion_vs_normal_auc", "lesion vs normal AUC"),
+                      ("benign_vs_malignant_auc", "benign vs malignant AUC"),
+                      ("accuracy", "accuracy (3 classes)")):
+        low, high = summary.get(f"{key}_ci", (None, None))
+        lines.append(f"| {name} | {_fmt(summary.get(key))} | {_fmt(low)}-{_fmt(high)} |")
+    classes = summary.get("classes", [])
+    lines += ["", "| truth \\ answer | " + " | ".join(classes) + " |",
+              "| --- |" + " --- |" * len(classes)]
+    for name, row in zip(classes, summary.get("confusion", []), strict=False):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_text(summary: dict[str, Any], split: str = "test") -> str:
     """A few lines a person reads after ``busi evaluate`` or ``busi train``: which weights, the
     post-processing chosen on val, and :func:`metrics_table` of ``split`` (``--json`` of the CLI
@@ -60,6 +78,8 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
         f"flip TTA {'on' if post.get('tta') else 'off'}",
         f"components under {fraction:.1%} of the image removed" if fraction else "",
         "largest component kept" if post.get("keep_largest") else "",
+        f"image-level gate: empty mask below lesion probability {_fmt(post['gate'], 2)}"
+        if post.get("gate") else "",
     ) if part)
     name = summary.get("dataset")
     dataset = f" of {name}" if name not in (None, "busi") else ""  # BUSI: the project's own
@@ -70,7 +90,13 @@ def summary_text(summary: dict[str, Any], split: str = "test") -> str:
         "Dice and IoU per image at the original size; lesion = benign + malignant; normal "
         "images count only as false positives (any predicted pixel).\n\n"
         + metrics_table(summary, split)
+        + _classification_text(summary, split)
     )
+
+
+def _classification_text(summary: dict[str, Any], split: str) -> str:
+    classification = summary.get("splits", {}).get(split, {}).get("classification")
+    return "\n" + classification_table(classification) if classification else ""
 
 
 def trained_on(run: RunFolder, config: Any) -> str:
@@ -95,14 +121,15 @@ def results_table(
 
     Built from ``summary.json``, ``history.csv``, ``config.json`` and ``best.h5``, so no figure
     in it is typed by hand (the README's results table is its output). Wall time is the sum of
-    the recorded epochs (training and validation; start-up and evaluation excluded).
+    the recorded epochs (training and validation; start-up and evaluation excluded); a
+    ``busi cv`` ensemble's row counts those of its folds together.
     """
     lines = [
         "| run | model | params | trained on | epochs (kept), wall time "
         "| lesion Dice mean / median | 95% CI of the mean | IoU mean / median "
         "| benign / malignant Dice mean "
-        "| missed lesions | normal FP rate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| missed lesions | normal FP rate | benign vs malignant AUC | made by |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in map(Path, run_dirs):
         is_file = entry.suffix == ".h5"
@@ -121,10 +148,9 @@ def results_table(
                              f"--split {split}`")
         part = summary["splits"][split]
         config = run.load_config()
-        history = pd.read_csv(run.history)
         lesion, normal = part["lesion"], part.get("normal") or {}
         benign, malignant = part.get("benign") or {}, part.get("malignant") or {}
-        model = model_label(config)
+        model, training = _training(run, config, model_path)
         data = trained_on(run, config)
         if config.datasets != ("busi",):
             data += f" of {' + '.join(config.datasets)}"
@@ -132,20 +158,36 @@ def results_table(
         # a part without normal images (all of BUS-BRA's hold a lesion) has no FP rate to show
         normals = (f"{normal.get('false_positives', 'n/a')} of {normal['n']} ({_fmt(fp, 2)})"
                    if normal.get("n") else "no normal images")
-        kept = _kept_epoch(run, config, history, model_path)
         lines.append(
             f"| `{_label(run, model_path)}` | {model} "
             f"| {_parameter_count(model_path) / 1e6:.1f} M "
-            f"| {data} | {len(history)} (kept {kept}), "
-            f"{history['seconds'].sum() / 60:.0f} min "
+            f"| {data} | {training} "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
             f"| {_ci(run.per_image_path(split, model_path, dataset))} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
-            f"| {normals} |"
+            f"| {normals} | {_auc(part)} | {_made_by(run)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _training(run: RunFolder, config: Any, model_path: Path) -> tuple[str, str]:
+    """The model and "epochs (kept), wall time" cells of a row: the run's own, or for a
+    ``busi cv`` ensemble (:func:`busi.cv.ensemble_members`), which has no history of its own,
+    its folds' epochs and time together."""
+    from busi.cv import ensemble_members
+
+    members = ensemble_members(run)
+    if members is None:
+        history = pd.read_csv(run.history)
+        kept = _kept_epoch(run, config, history, model_path)
+        return model_label(config), (f"{len(history)} (kept {kept}), "
+                                     f"{history['seconds'].sum() / 60:.0f} min")
+    histories = [RunFolder(member).read_history() for member in members]
+    minutes = sum(history["seconds"].sum() for history in histories) / 60
+    return (f"mean of {len(members)} folds' {model_label(config)}",
+            f"{sum(map(len, histories))} in {len(members)} folds, {minutes:.0f} min")
 
 
 def _kept_epoch(run: RunFolder, config: Any, history: pd.DataFrame, model_path: Path) -> Any:
@@ -198,6 +240,26 @@ def _parameter_count(h5_path: Path) -> int:
     return sum(sizes)
 
 
+def _auc(part: dict[str, Any]) -> str:
+    """The image-level head's benign-vs-malignant AUC with its interval, or "-" without one."""
+    classification = part.get("classification")
+    if not classification:
+        return "-"
+    low, high = classification.get("benign_vs_malignant_auc_ci", (None, None))
+    return f"{_fmt(classification.get('benign_vs_malignant_auc'))} ({_fmt(low, 2)}-{_fmt(high, 2)})"
+
+
+def _made_by(run: RunFolder) -> str:
+    """The command, commit and hardware of a run, from its ``env.json``: what a reader needs to
+    make the row again and to weigh its wall time."""
+    env = json.loads(run.env.read_text()) if run.env.is_file() else {}
+    command = f"`{env['command']}`" if env.get("command") else "command not recorded"
+    commit = (env.get("git_commit") or "no commit")[:7] + ("+" if env.get("git_dirty") else "")
+    gpus = env.get("gpus") or []
+    hardware = f"{len(gpus)} GPU" if gpus else f"{env.get('cpu_count', '?')}-core CPU"
+    return f"{command} at {commit}, {hardware}"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
@@ -230,7 +292,8 @@ def write_report(
     if summary is None or split not in summary.get("splits", {}):
         summary = evaluate(run.root, split=split, data=data, model_path=model_path,
                            dataset=dataset)
-    plots.training_curves(run.history, path=out_dir / "curves.png")
+    if run.history.is_file():  # a busi cv ensemble has none: its folds trained
+        plots.training_curves(run.history, path=out_dir / "curves.png")
     # the images and masks scored: the run's own (its first dataset's, in a joint run) or
     # another dataset's, post-processed as the summary says
     table, masks = run.predictions(split, model_path, data, dataset or config.datasets[0],
@@ -246,5 +309,13 @@ def write_report(
         f"Post-processing chosen on val: {json.dumps(summary.get('postprocess'))}\n\n"
         + metrics_table(summary, split)
     )
+    classification = summary["splits"][split].get("classification")
+    if classification:  # the image-level head: its figures beside the masks'
+        evaluation = run.evaluation_dir(model_path, dataset if dataset != config.datasets[0]
+                                        else None)
+        for name in ("gate.png", "roc.png"):
+            if (evaluation / name).is_file():
+                atomic_write_bytes(out_dir / name, (evaluation / name).read_bytes())
+        text += "\n" + classification_table(classification)
     atomic_write_text(out_dir / "metrics.md", text)
     return out_dir

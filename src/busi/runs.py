@@ -20,7 +20,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -274,7 +276,8 @@ class RunFolder:
             ``(table, masks)``: the index rows, and ``{id: uint8 (H, W) mask in {0, 1}}`` at each
             image's original size.
         """
-        from busi.inference import predict_probabilities
+        from busi import heads
+        from busi.inference import predict_table
         from busi.postprocess import PostProcess
 
         config = self.load_config()
@@ -296,10 +299,11 @@ class RunFolder:
                 f"run `busi evaluate {self.root}` first (in Python, or give postprocess=)"
             )
         post = postprocess or (chosen.postprocess if chosen is not None else PostProcess())
-        probs = predict_probabilities(model, rows, config.image_size, config.resize,
+        probs, labels = predict_table(model, rows, config.image_size, config.resize,
                                       config.batch_size, post.tta, desc=split)
-        return rows, {image_id: post.apply(prob)
-                      for image_id, prob in zip(rows["id"], probs, strict=True)}
+        lesion = [None] * len(rows) if labels is None else heads.lesion_probability(labels)
+        return rows, {image_id: post.apply(prob, p_lesion) for image_id, prob, p_lesion
+                      in zip(rows["id"], probs, lesion, strict=True)}
 
     # ------------------------------------------------------------------------- evaluations
 
@@ -403,6 +407,13 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def _command() -> str:
+    """The command line of this process as a user typed it (``busi train ...``), or the Python
+    script's."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return shlex.join([program if program == "busi" else f"python {program}", *sys.argv[1:]])
+
+
 def environment(fingerprint: str) -> dict[str, Any]:
     """Versions, devices and code version of this run, for its env.json."""
     import tensorflow as tf
@@ -421,6 +432,8 @@ def environment(fingerprint: str) -> dict[str, Any]:
         "tf_keras": tf_keras.__version__,
         "segmentation_models": segmentation_models.__version__,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        # what made the run, for the results table (the first session's: resumes keep it)
+        "command": _command(),
         "git_commit": _git("rev-parse", "HEAD") or None,
         # uncommitted changes to tracked files: the commit alone does not say what ran
         "git_dirty": None if _git("rev-parse", "HEAD") is None
