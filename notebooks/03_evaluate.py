@@ -9,7 +9,8 @@
 # **Inputs.** A run folder from `02_train` and the dataset it was trained on.
 #
 # **Outputs.** In the run folder: `evaluation/` (`postprocess.json`, `per_image_val.csv`,
-# `per_image_test.csv`, `summary.json`) and `figures/` (overlays, worst cases).
+# `per_image_test.csv`, `summary.json`; with the image-level head also `gate_val.csv`,
+# `gate_test.csv`, `gate.png`, `roc.png`) and `figures/` (overlays, worst cases).
 
 # %% [markdown]
 # **Parameters.** This cell is tagged `parameters` (the papermill convention): the test suite
@@ -38,7 +39,9 @@ N_WORST = 6  # worst lesion images shown
 import pandas as pd
 
 import busi
+import busi.classification
 import busi.notebook
+import busi.report
 
 # %% [markdown]
 # The run folder `02_train` wrote:
@@ -82,6 +85,28 @@ per_image.head()
 # %%
 lesions = per_image[per_image["label"].isin(busi.data.LESION_CLASSES)]
 lesions.boxplot(column=["dice", "iou"], by="label", figsize=(8, 3.5));
+
+# %% [markdown]
+# ## Is there a lesion, is it malignant
+#
+# A model trained with the image-level head (`image_head: true`; `busi.heads`) also says whether
+# an image shows a lesion and whether it is malignant. Its lesion probability gates the mask: an
+# image below the threshold chosen on validation gets an empty mask. Shown here: the two AUCs,
+# accuracy and the confusion matrix with bootstrap 95% intervals, the ROC curves, and what the gate
+# costs in lesion Dice for what it saves on normal images, across thresholds.
+
+# %%
+classification = summary["splits"][SPLIT].get("classification")
+if classification is None:
+    print("this model has no image-level head (image_head: true in a config adds one)")
+else:
+    print(busi.report.classification_table(classification))
+    evaluation = busi.RunFolder(run_dir).evaluation_dir()
+    busi.plots.gate_curves({part: pd.read_csv(evaluation / f"gate_{part}.csv")
+                            for part in dict.fromkeys(("val", SPLIT))},
+                           summary["postprocess"].get("gate"))
+    probabilities = per_image[["p_normal", "p_benign", "p_malignant"]].to_numpy()
+    busi.plots.roc_curves(busi.classification.roc_points(per_image["label"], probabilities))
 
 # %% [markdown]
 # ## Overlays
