@@ -259,3 +259,34 @@ def test_exports_of_a_model_with_the_head_give_both_outputs(backend, quantize, t
     np.testing.assert_allclose(label, keras_label, atol=1e-3)
     with pytest.raises(busi.errors.DataError, match="shapes"):
         runtimes._mask_and_labels([np.zeros((1, 3)), np.zeros((1, 2))])
+
+
+@pytest.mark.slow
+def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, busbra_folder,
+                                                                   tmp_path):
+    """The second stage of lite0_joint_head_ft_cpu.yaml: a mask-only model's weights start a
+    joint BUSI + BUS-BRA run with the head (the head alone starts afresh)."""
+    from busi.config import TrainConfig
+
+    common = dict(data=str(busi_folder), architecture="classic_unet", base_filters=4, depth=2,
+                  image_size=32, batch_size=4, epochs=1, learning_rate=1e-2, augment=False,
+                  evaluate=False, seed=1)
+    first = busi.train(TrainConfig(name="mask", run_dir=str(tmp_path / "mask"), **common))
+    config = TrainConfig(name="joint", run_dir=str(tmp_path / "joint"),
+                         datasets=("busi", "busbra"), data_paths={"busbra": str(busbra_folder)},
+                         image_head=True, init_weights=str(first / "best.h5"), **common)
+    from busi import training
+    from busi.runs import RunFolder
+
+    run = RunFolder(config.directory)
+    run.root.mkdir(parents=True)
+    model = training._initial_model(config, run, freeze_encoder=False)
+    assert heads.has_image_head(model)
+    source = busi.load_model(first / "best.h5", compile=False)
+    for layer in source.layers:
+        for built, saved in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(),
+                                strict=True):
+            np.testing.assert_array_equal(built, saved)
+    trained = busi.train(config)
+    history = pd.read_csv(trained / "history.csv")
+    assert np.isfinite(history["label_loss"]).all()
