@@ -1,4 +1,4 @@
-"""The ``busi`` command: download, index, train, evaluate, report, compare, publish, predict.
+"""The ``busi`` command: download, index, train, cv, evaluate, report, compare, publish, predict.
 
 Each subcommand is a thin wrapper over the same function the notebooks call. TensorFlow is
 imported only by the subcommands that need it, so ``busi --help`` and ``busi index`` are quick.
@@ -78,8 +78,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         changes[key.strip().replace("-", "_")] = _parse_value(value)
     options = {key: getattr(args, key, None) for key in (
         "name", "data", "epochs", "batch_size", "image_size", "architecture", "encoder",
-        "run_dir")}
-    if args.encoder_weights is not None:
+        "run_dir", "max_minutes")}
+    if getattr(args, "encoder_weights", None) is not None:
         options["encoder_weights"] = _parse_value(args.encoder_weights)
     for key, value in options.items():
         if value is None:
@@ -104,6 +104,20 @@ def _train(args: argparse.Namespace) -> None:
     if summary is not None and "test" in summary.get("splits", {}):
         print(summary_text(summary, "test"), end="")
         print(f"per-image scores and summary.json in {run.evaluation}")
+
+
+def _cv(args: argparse.Namespace) -> None:
+    from busi.cv import cross_validate
+    from busi.report import results_table
+
+    result = cross_validate(_train_config(args), folds=args.folds)
+    if result.ensemble is None:
+        print(f"busi cv: {len(result.folds)} of {result.total} folds done; run the same command "
+              "to continue")
+        return
+    print(results_table([*result.folds, result.ensemble]), end="")
+    print(f"fold runs, splits and the ensemble (a run folder: busi evaluate, predict --weights "
+          f"ENSEMBLE/best.h5, publish) in {result.root}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -257,6 +271,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="refuse to resume an existing run folder")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "cv", help="k-fold cross-validation of a config; its fold models as one ensemble",
+        description="Train the config once per fold of train+val (duplicate and patient groups "
+        "kept whole; the test part is the config's own), evaluate each fold run on the test "
+        "part, then average the fold models into one ensemble model whose post-processing is "
+        "chosen on the out-of-fold predictions, and evaluate it. Folders: runs/NAME-cv/ "
+        "(NAME-fold<k>/, NAME-ensemble/, splits/). Running the same command again resumes.",
+        epilog="Cost: each fold is one training run of the config (k folds cost k runs, plus "
+        "k+1 test evaluations); --max-minutes (or --set max_minutes=...) is the budget of one "
+        "call for all folds.",
+    )
+    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
+    p.add_argument("--folds", type=int, default=5,
+                   help="number of folds, 2 to 10 (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable), as for busi train")
+    p.add_argument("--name", help="run name: folders go to runs/NAME-cv/ (default: the "
+                   "config's)")
+    p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
+    p.add_argument("--max-minutes", type=float, help="time budget of this call, all folds "
+                   "together; the same command continues")
+    p.set_defaults(func=_cv)
 
     p = sub.add_parser("evaluate", help="score a run (or a published model) on its test split "
                        "(threshold from val)")

@@ -282,6 +282,11 @@ def _evaluate(
     val_truths = load_truths(val_table)
     saved = None if rechoose else _saved_choice(run.evaluation_dir(model_path), model_path,
                                                 digest)
+    if val_table.empty and (saved is None or split == "val"):  # a busi cv ensemble's split
+        what = "score" if saved else "score or to choose post-processing on"
+        raise ValueError(f"{run.split}: no validation images to {what}; a busi cv ensemble's "
+                         "choice is made on its folds' out-of-fold predictions: run the same "
+                         "busi cv command again")
     variants = (False, True) if saved is None else (saved.postprocess.tta,)
     val_predictions = {
         tta: predict_table(model, val_table, size, mode, batch_size, tta, desc="val")
@@ -310,8 +315,9 @@ def _evaluate(
         log.info("post-processing chosen on val: %s", saved.postprocess)
     post = saved.postprocess
 
-    per_image = {"val": score_table(val_table, val_probs[post.tta], post, truths=val_truths,
-                                    labels=val_labels[post.tta])}
+    per_image = {} if val_table.empty else {
+        "val": score_table(val_table, val_probs[post.tta], post, truths=val_truths,
+                           labels=val_labels[post.tta])}
     if split != "val":
         probs, labels = predict_table(model, parts[split], size, mode, batch_size, post.tta,
                                       desc=split)

@@ -127,6 +127,10 @@ def cross_validation_splits(
     table = _prepare(table, classes)
     test = _one_fold(table, round(1 / test_fraction), seed)
     rest = table[~test]
+    largest = int(rest["label"].value_counts().max()) if len(rest) else 0
+    if n_folds > max(2, largest):  # _one_fold would make fewer, larger folds
+        raise ValueError(f"{n_folds} folds need {n_folds} images of one class outside the test "
+                         f"part; the largest class there has {largest}")
     splits = []
     for fold in range(n_folds):
         val = _one_fold(rest, n_folds, seed, fold).reindex(table.index, fill_value=False)

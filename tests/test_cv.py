@@ -1,0 +1,350 @@
+"""busi cv: folds around the config's test part, fold runs, and their ensemble as a model that
+busi evaluates, predicts with, publishes and exports, its post-processing chosen out of fold.
+
+Tiny classic U-Nets (4 filters, depth 2, 32 px) on the synthetic folder; one cross-validation
+of 2 folds x 1 epoch is shared by the tests that need trained folds (``cv_run``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import busi
+from busi import cv
+from busi.bundle import ModelRecord
+from busi.cli import main
+from busi.config import TrainConfig
+from busi.data.masks import load_truths
+from busi.data.parts import dataset_table, make_run_split
+from busi.data.splits import load_split
+from busi.digests import file_digest
+from busi.inference import open_model, predict_table
+from busi.postprocess import postprocess_grid
+from busi.runs import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, RunFolder
+
+pytestmark = pytest.mark.slow
+
+# Keras' Average layer and a hand-made mean add the same float32 maps; the only difference is
+# the graph the members run in (the ensemble's graph may fuse or reorder float32 ops), which
+# moves sigmoid outputs in [0, 1] by a few ulps (~1e-7).
+MEAN_ATOL = 1e-6
+# TFLite float32 reorders float32 sums (measured ~1e-6 on these models; see tests/test_export.py).
+FLOAT32_ATOL = 1e-4
+
+
+def tiny(busi_folder, tmp_path, **changes) -> TrainConfig:
+    values = dict(
+        name="tiny", data=str(busi_folder), run_dir=str(tmp_path / "tiny"),
+        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
+        epochs=1, learning_rate=1e-2, augment=False, evaluate=True, seed=1,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _with_duplicate(busi_folder, tmp_path):
+    """A copy of the synthetic folder with ``benign (11)``, an exact copy of ``benign (1)``:
+    a duplicate group of one label, which a run keeps (the folder's own pair conflicts)."""
+    root = tmp_path / "data" / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_folder, root)
+    for suffix in ("", "_mask"):
+        shutil.copy(root / "benign" / f"benign (1){suffix}.png",
+                    root / "benign" / f"benign (11){suffix}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------ folds
+
+
+def test_folds_keep_groups_whole_and_leave_the_test_part_alone(busi_folder, tmp_path):
+    config = tiny(_with_duplicate(busi_folder, tmp_path), tmp_path)
+    table = dataset_table(config)
+    pair = table.loc[table["id"].isin(["benign (1)", "benign (11)"]), "group"]
+    assert len(pair) == 2 and pair.nunique() == 1  # the copy is grouped with its original
+    usual_test = make_run_split(config, table).query("split == 'test'")["id"]
+    splits = cv.fold_splits(config, 3)
+    assert len(splits) == 3
+    for split in splits:
+        assert list(split.query("split == 'test'")["id"]) == list(usual_test)
+        assert (split.groupby("group")["split"].nunique() == 1).all()
+    held = pd.concat([split.query("split == 'val'")["id"] for split in splits])
+    rest = splits[0].query("split != 'test'")["id"]
+    assert sorted(held) == sorted(rest)  # each train+val image in exactly one fold's val
+
+
+def test_joint_folds_split_each_dataset_around_its_own_test_part(busi_folder, busbra_folder,
+                                                                   tmp_path):
+    config = tiny(busi_folder, tmp_path, datasets=["busi", "busbra"],
+                  data_paths={"busbra": str(busbra_folder)})
+    table = dataset_table(config)
+    usual = make_run_split(config, table)
+    for split in cv.fold_splits(config, 2):
+        assert set(split["dataset"]) == {"busi", "busbra"}
+        assert list(split.query("split == 'test'")["id"]) == \
+            list(usual.query("split == 'test'")["id"])
+        busbra = split[split["dataset"] == "busbra"].merge(table[["id", "patient"]], on="id")
+        assert (busbra.groupby("patient")["split"].nunique() == 1).all()  # patients whole
+
+
+@pytest.mark.parametrize("folds", [1, 11, 2.5, True])
+def test_a_bad_number_of_folds_is_named(busi_folder, tmp_path, folds):
+    with pytest.raises(ValueError, match=r"folds \(--folds\) must be a whole number from 2 to "
+                                         r"10"):
+        cv.fold_splits(tiny(busi_folder, tmp_path), folds)
+
+
+def test_the_command_names_a_bad_folds_option_before_touching_anything(busi_folder, tmp_path,
+                                                                        capsys):
+    config = tmp_path / "tiny.yaml"
+    tiny(busi_folder, tmp_path).save(config)
+    assert main(["cv", "--config", str(config), "--folds", "1"]) == 2
+    assert "--folds" in capsys.readouterr().err
+    assert not (tmp_path / "tiny-cv").exists()
+    with pytest.raises(SystemExit):  # argparse: "argument --folds: invalid int value"
+        main(["cv", "--config", str(config), "--folds", "two"])
+    assert "--folds" in capsys.readouterr().err
+
+
+def test_more_folds_than_the_data_can_fill_is_an_error(busi_folder, tmp_path):
+    with pytest.raises(ValueError, match="10 folds need 10 images of one class"):
+        cv.fold_splits(tiny(busi_folder, tmp_path), 10)
+
+
+def test_a_config_with_its_own_split_is_refused(busi_folder, tmp_path):
+    with pytest.raises(ValueError, match="unset split_file and authors_fold"):
+        cv.fold_splits(tiny(busi_folder, tmp_path, split_file=str(tmp_path / "s.csv")), 2)
+
+
+def test_a_fold_the_budget_stopped_stops_the_call(busi_folder, tmp_path, monkeypatch, capsys):
+    from busi import training
+
+    calls = []
+    monkeypatch.setattr(training, "train", lambda config: calls.append(config))  # no epoch
+    config = tmp_path / "tiny.yaml"
+    tiny(busi_folder, tmp_path).save(config)
+    assert main(["cv", "--config", str(config), "--folds", "2", "--max-minutes", "5"]) == 0
+    assert [c.name for c in calls] == ["tiny-fold0"]
+    assert 0 < calls[0].max_minutes <= 5  # the call's budget, less what went before
+    assert "0 of 2 folds done; run the same command to continue" in capsys.readouterr().out
+
+
+def test_pooled_grids_are_the_grid_of_all_the_images(busi_table):
+    rng = np.random.default_rng(0)
+    table = busi_table
+    truths = load_truths(table)
+    probs = [rng.random(truth.shape).astype(np.float32) * 0.6 + 0.4 * truth for truth in truths]
+    flipped = [p[:, ::-1] * 0.5 + p * 0.5 for p in probs]
+    parts = [np.arange(len(table)) % 3 == k for k in range(3)]
+    grids = [postprocess_grid(table[part].reset_index(drop=True),
+                              [p for p, keep in zip(probs, part, strict=True) if keep],
+                              [p for p, keep in zip(flipped, part, strict=True) if keep],
+                              truths=[t for t, keep in zip(truths, part, strict=True) if keep])
+             for part in parts]
+    whole = postprocess_grid(table, probs, flipped, truths=truths)
+    # the same sums in another order: equal to float64 rounding
+    pd.testing.assert_frame_equal(cv.pool_grids(grids), whole, check_exact=False, rtol=1e-12)
+    with pytest.raises(ValueError, match="other post-processing candidates"):
+        cv.pool_grids([grids[0], grids[1].iloc[::-1]], ["a.csv", "b.csv"])
+
+
+# -------------------------------------------------------------------- ensemble model
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two tiny U-Nets with different random weights, saved as .h5 (one with the head)."""
+    from busi import models
+    from busi.weights import save_model
+
+    folder = tmp_path_factory.mktemp("members")
+    keras = busi._keras.keras()
+    paths = []
+    for seed, head in ((0, False), (1, True)):
+        keras.utils.set_random_seed(seed)
+        config = TrainConfig(architecture="classic_unet", base_filters=4, depth=2, image_size=32,
+                             image_head=head)
+        paths.append(save_model(models.build(config), folder / f"m{seed}.h5",
+                                include_optimizer=False))
+    return paths
+
+
+def _inputs(n: int = 3, size: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.repeat(rng.uniform(0, 255, (n, size, size, 1)).astype(np.float32), 3, axis=-1)
+
+
+def test_the_ensemble_gives_the_mean_of_its_members_masks(members, tmp_path):
+    from busi.weights import load_for_inference, save_model
+
+    x = _inputs()
+    outputs = []
+    for path in members:
+        out = load_for_inference(path).predict_on_batch(x)
+        outputs.append(out[0] if isinstance(out, list) else out)  # the head's model: [mask, label]
+    assert not np.allclose(outputs[0], outputs[1], atol=1e-3)  # a mean that means something
+    path = save_model(cv.ensemble_model(members), tmp_path / "ensemble.h5",
+                      include_optimizer=False)
+    ensemble = load_for_inference(path)  # safe mode: nested models of standard layers
+    assert [layer.name for layer in ensemble.layers] == ["image", "fold0", "fold1", "mask"]
+    np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(outputs, axis=0),
+                               atol=MEAN_ATOL, rtol=0)
+
+
+def test_an_ensemble_needs_two_models_of_one_input_size(members, tmp_path):
+    from busi import models
+    from busi.weights import save_model
+
+    with pytest.raises(ValueError, match="at least 2 models"):
+        cv.ensemble_model(members[:1])
+    other = save_model(models.build(TrainConfig(architecture="classic_unet", base_filters=4,
+                                                depth=2, image_size=64)), tmp_path / "o.h5")
+    with pytest.raises(ValueError, match="different inputs"):
+        cv.ensemble_model([members[0], other])
+
+
+# ------------------------------------------------------------- a whole cross-validation
+
+
+@pytest.fixture(scope="module")
+def cv_run(busi_folder, tmp_path_factory):
+    """(config, result) of a finished 2-fold cross-validation."""
+    tmp = tmp_path_factory.mktemp("cv")
+    config = tiny(busi_folder, tmp)
+    return config, cv.cross_validate(config, folds=2)
+
+
+def test_folds_are_evaluated_runs_on_their_splits_and_the_ensemble_is_one_too(cv_run):
+    config, result = cv_run
+    root = cv.cv_root(config)
+    assert result.root == root and result.total == 2
+    assert [p.name for p in result.folds] == ["tiny-fold0", "tiny-fold1"]
+    for k, fold in enumerate(result.folds):
+        run = RunFolder(fold)
+        split = load_split(run.split)
+        assert split.equals(load_split(root / "splits" / f"fold{k}.csv"))
+        assert "test" in run.summary_for()["splits"]
+    ensemble = RunFolder(result.ensemble)
+    assert result.ensemble == root / "tiny-ensemble"
+    split = load_split(ensemble.split)
+    folds = [load_split(RunFolder(fold).split) for fold in result.folds]
+    assert not (split["split"] == "val").any()  # nothing to choose or score on: see evaluation
+    assert list(split.query("split == 'test'")["id"]) == \
+        list(folds[0].query("split == 'test'")["id"])
+    assert sorted(split.query("split == 'train'")["id"]) == \
+        sorted(pd.concat([f.query("split == 'val'")["id"] for f in folds]))
+    assert set(ensemble.summary_for()["splits"]) == {"test"}
+    assert cv.ensemble_members(ensemble) == list(result.folds)
+
+
+def test_the_ensembles_choice_is_made_on_out_of_fold_predictions(cv_run):
+    config, result = cv_run
+    tables, plain, flipped = [], [], []
+    for fold in map(RunFolder, result.folds):
+        val = fold.parts()["val"]
+        model = fold.open_model()
+        for tta, maps in ((False, plain), (True, flipped)):
+            maps.extend(predict_table(model, val, config.image_size, config.resize, 4, tta)[0])
+        tables.append(val)
+    oof = pd.concat(tables, ignore_index=True)
+    expected = postprocess_grid(oof, plain, flipped)
+    ensemble = RunFolder(result.ensemble)
+    saved = pd.read_csv(ensemble.evaluation / GRID_FILE)
+    pd.testing.assert_frame_equal(saved, expected, check_exact=False, rtol=1e-9)
+    record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
+    assert record.chosen_on == cv.CHOSEN_ON
+    assert record.covers("best.h5").sha256 == file_digest(ensemble.best)
+    assert ensemble.summary_for()["postprocess"] == record.postprocess.to_dict()
+
+
+def test_evaluate_reuses_the_out_of_fold_choice(cv_run, monkeypatch):
+    from busi import evaluation
+
+    ensemble = RunFolder(cv_run[1].ensemble)
+    before = (ensemble.evaluation / POSTPROCESS_FILE).read_bytes()
+
+    def no_choosing(*args, **kwargs):
+        raise AssertionError("evaluate chose post-processing again")
+
+    monkeypatch.setattr(evaluation, "postprocess_grid", no_choosing)
+    summary = evaluation.evaluate(ensemble.root)
+    assert (ensemble.evaluation / POSTPROCESS_FILE).read_bytes() == before
+    assert set(summary["splits"]) == {"test"}
+    with pytest.raises(ValueError, match="to score or to choose post-processing on; a busi cv"):
+        evaluation.evaluate(ensemble.root, rechoose=True)
+    with pytest.raises(ValueError, match="no validation images to score; "):
+        evaluation.evaluate(ensemble.root, split="val")
+
+
+def test_the_results_table_has_a_row_per_fold_and_one_for_the_ensemble(cv_run, tmp_path):
+    from busi.report import results_table, write_report
+
+    _, result = cv_run
+    rows = results_table([*result.folds, result.ensemble]).splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == \
+        ["`tiny-fold0`", "`tiny-fold1`", "`tiny-ensemble`"]
+    assert "mean of 2 folds' classic U-Net" in rows[2]
+    assert "2 in 2 folds" in rows[2]  # one epoch each
+    out = write_report(result.ensemble, tmp_path / "report")  # no training curves of its own
+    assert (out / "metrics.md").is_file() and not (out / "curves.png").exists()
+
+
+def test_the_ensemble_opens_predicts_publishes_and_exports(cv_run, busi_table, tmp_path):
+    from busi.publish import publish
+
+    ensemble = RunFolder(cv_run[1].ensemble)
+    record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
+    model = open_model(ensemble.best)
+    assert model.settings.postprocess == record.postprocess
+    assert model.settings.verified_by == ensemble.state  # its SHA-256, as a trained run's
+    written = publish(ensemble.root, tmp_path / "weights", export="tflite")
+    names = sorted(path.name for path in written)
+    assert names == ["tiny-ensemble.h5", "tiny-ensemble.json", "tiny-ensemble.md",
+                     "tiny-ensemble.tflite"]
+    sidecar = ModelRecord.read(tmp_path / "weights" / "tiny-ensemble.json")
+    assert sidecar.chosen_on == cv.CHOSEN_ON and sidecar.postprocess == record.postprocess
+    lite = open_model(tmp_path / "weights" / "tiny-ensemble.tflite")
+    x = _inputs()
+    np.testing.assert_allclose(lite.predict(x), model.predict(x), atol=FLOAT32_ATOL, rtol=0)
+    masks = busi.predict(ensemble.best, busi_table["image_path"].iloc[0], tmp_path / "masks")
+    assert len(masks) == 1
+
+
+def test_a_resumed_cv_skips_finished_folds(cv_run, monkeypatch):
+    from busi import training
+
+    config, result = cv_run
+    watched = [RunFolder(fold).history for fold in result.folds] + \
+        [RunFolder(fold).evaluation / SUMMARY_FILE for fold in (*result.folds, result.ensemble)] \
+        + [RunFolder(result.ensemble).best]
+    before = [path.stat().st_mtime_ns for path in watched]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(training, "train", no_training)
+    again = cv.cross_validate(config, folds=2)
+    assert again == result
+    assert [path.stat().st_mtime_ns for path in watched] == before
+
+
+def test_the_command_resumes_and_prints_the_table(cv_run, tmp_path, capsys):
+    config, result = cv_run
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["cv", "--config", str(path), "--folds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1 of 2" in out and "fold 2 of 2" in out
+    assert "`tiny-ensemble`" in out and str(result.root) in out
+
+
+def test_a_cv_folder_of_other_folds_or_settings_is_refused(cv_run):
+    config, result = cv_run
+    with pytest.raises(ValueError, match=r"holds 2 fold splits, 3 asked for \(--folds\)"):
+        cv.prepare(config, 3)
+    with pytest.raises(ValueError, match="made with other settings or data"):
+        cv.prepare(config.replace(seed=7), 2)
