@@ -98,16 +98,24 @@ def _model_hw(model: Any) -> tuple[int, int]:
     return hw
 
 
+def is_lite_unet(model: Any) -> bool:
+    """Whether ``model`` is a U-Net on busi's own EfficientNet-Lite encoder (its int8 export keeps
+    the encoder in float32)."""
+    return {"preprocess", "stem_conv", "block0_dw_conv"} <= {layer.name for layer in model.layers}
+
+
 def float_layers(model: Any) -> list[str]:
     """The layers a TFLite int8 export of ``model`` keeps in float32 unless told otherwise: the
     input normalisation and encoder of an EfficientNet-Lite U-Net (see the module docstring for
-    why), none for other models."""
+    why), and the image-level head of any model (three probabilities that a gate thresholds:
+    a pooling and one dense layer, nothing to gain from int8); none for other models."""
     names = [layer.name for layer in model.layers]
-    if not {"preprocess", "stem_conv", "block0_dw_conv"} <= set(names):  # busi's own Lite
-        return []
+    head = [name for name in names if name.startswith("label")]
+    if not is_lite_unet(model):
+        return head
     from busi.models import encoder_layers
 
-    return ["preprocess", *(layer.name for layer in encoder_layers(model))]
+    return ["preprocess", *(layer.name for layer in encoder_layers(model)), *head]
 
 
 def _check_calibration(calibration: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray:
@@ -189,7 +197,7 @@ def export(
     unknown = sorted(set(keep_float) - {layer.name for layer in model.layers})
     if unknown:
         raise ValueError(f"keep_float names layers the model does not have: {unknown[:5]}")
-    if quantize == "dynamic" and lite_encoder:
+    if quantize == "dynamic" and is_lite_unet(model):
         warnings.warn(
             f"{out_path}: dynamic-range int8 changed the masks of ImageNet-initialised "
             "EfficientNet-Lite U-Nets (per-image Dice 0.95-0.985 with the float model's, worst "

@@ -185,12 +185,16 @@ def _files_of_old_record(sidecar: Path) -> list[str]:
 
 def default_export(model: Any) -> str:
     """The export :func:`publish` makes unless told: ``"tflite:int8"`` for a model with layers
-    int8 cannot carry (:func:`busi.export.float_layers`: an EfficientNet-Lite U-Net, whose
+    int8 cannot carry (:func:`busi.export.is_lite_unet`: an EfficientNet-Lite U-Net, whose
     dynamic-range int8 export does not keep its masks), kept in float32 there; else
-    ``"tflite:dynamic"``, which needs no calibration images."""
-    from busi.export import float_layers
+    ``"tflite:dynamic"``, which needs no calibration images. An ensemble (``busi cv``: member
+    models nested in one) gets a float32 ``"tflite"``: int8 would need the float layers of
+    each nested member, which the int8 export cannot name."""
+    from busi.export import is_lite_unet
 
-    return "tflite:int8" if float_layers(model) else "tflite:dynamic"
+    if any(hasattr(layer, "layers") for layer in model.layers):
+        return "tflite"
+    return "tflite:int8" if is_lite_unet(model) else "tflite:dynamic"
 
 
 def calibration_images(run: RunFolder, n: int = CALIBRATION_IMAGES) -> np.ndarray:
