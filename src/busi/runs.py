@@ -38,6 +38,7 @@ from busi.digests import file_sha1
 from busi.paths import PROJ_ROOT
 
 if TYPE_CHECKING:
+    from busi.data.cache import Cache
     from busi.postprocess import PostProcess
     from busi.runtimes import Predictor
 
@@ -178,8 +179,8 @@ class RunFolder:
                                     else f"{self.config}: not a run folder (no config.json)")
         return TrainConfig.load(self.config)
 
-    def parts(self, config: TrainConfig | None = None, new_run: bool = False
-              ) -> dict[str, pd.DataFrame]:
+    def parts(self, config: TrainConfig | None = None, new_run: bool = False,
+              cache: Cache | None = None) -> dict[str, pd.DataFrame]:
         """Index and check the dataset and return the rows of each part of the run's split.
 
         Args:
@@ -189,6 +190,8 @@ class RunFolder:
                 ``env.json``. Otherwise (resuming, evaluating) the run's own ``split.csv`` is
                 read, nothing is written, and the data must have the fingerprint recorded in
                 ``env.json``.
+            cache: a :class:`busi.data.cache.Cache` made for ``config``: its rows and split
+                stand in for the datasets, which are not read (``env.json`` then names it).
 
         Returns:
             ``{"train": ..., "val": ..., "test": ...}`` index rows; "train" holds only
@@ -200,9 +203,9 @@ class RunFolder:
         from busi.errors import DataError
 
         config = config if config is not None else self.load_config()
-        table = dataset_table(config)
+        table = dataset_table(config) if cache is None else cache.table
         if new_run:
-            split = make_run_split(config, table)
+            split = make_run_split(config, table) if cache is None else cache.split
         elif self.split.is_file():
             split = load_split(self.split)
         else:
@@ -211,7 +214,10 @@ class RunFolder:
         found = fingerprint(pd.concat(parts.values()))
         if new_run:
             save_split(split, self.split)
-            self.write_record(self.env, environment(found))
+            record = environment(found)
+            if cache is not None:
+                record["data_cache"] = cache.provenance()
+            self.write_record(self.env, record)
         elif self.env.is_file():
             recorded = json.loads(self.env.read_text()).get("dataset_fingerprint")
             if recorded != found:

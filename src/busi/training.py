@@ -29,6 +29,7 @@ from busi.batchnorm import PreciseValidation
 from busi.callbacks import format_duration, make_callbacks, settle_pending
 from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
+from busi.data.cache import Cache, open_cache
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.splits import in_classes
 from busi.devices import configure_devices, distribution_strategy, global_policy, precision_policy
@@ -57,15 +58,20 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     )
 
 
-def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
+def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int,
+              cache: Cache | None = None):
     """Training data, and the validation callback with its BatchNorm calibration data.
 
     The seed moves on with the epochs already done, so a resumed run does not replay the
     shuffles and augmentations of its first epochs. Calibration uses training images as the
-    model sees them at inference: not augmented, in a fixed shuffled order.
+    model sees them at inference: not augmented, in a fixed shuffled order. With a ``cache``
+    the model-size arrays come from it instead of the image files.
     """
     common = {"size": config.image_size, "mode": config.resize, "batch_size": config.batch_size}
-    arrays = load_arrays(parts["train"], size=config.image_size, mode=config.resize)
+    if cache is None:
+        arrays = load_arrays(parts["train"], size=config.image_size, mode=config.resize)
+    else:
+        arrays = cache.arrays(parts["train"])
     train_labels = val_labels = None
     monitored = _monitored(config, parts["val"])
     if config.image_head:
@@ -81,8 +87,9 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int):
         train_data = train_data.repeat()
     calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
                                cache_arrays=arrays, **common)
+    val_arrays = None if cache is None else cache.arrays(monitored)
     validation = PreciseValidation(calibration, make_dataset(monitored, labels=val_labels,
-                                                             **common),
+                                                             cache_arrays=val_arrays, **common),
                                    config.precise_bn_batches)
     return train_data, validation
 
@@ -162,9 +169,9 @@ def init_weights_path(config: TrainConfig) -> Path:
 
 
 def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
-                  done: int, deadline: float | None) -> str:
+                  done: int, deadline: float | None, cache: Cache | None = None) -> str:
     """Train from epoch ``done`` on; returns why training ended: "early", "time" or ""."""
-    train_data, validation = _datasets(config, parts, done)
+    train_data, validation = _datasets(config, parts, done, cache)
     strategy = distribution_strategy(config.devices)
     # Warm-up with a frozen encoder only makes sense for a pretrained one.
     warmup = 0
@@ -196,13 +203,19 @@ def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
     return stopped
 
 
-def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -> Path:
+def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True,
+          cache: str | os.PathLike | None = None) -> Path:
     """Train a model as ``config`` says; return the run folder.
 
     Args:
         config: a TrainConfig, a mapping of its fields, or the path of a JSON/YAML file.
         resume: continue the run in the folder if one is there (same settings, more epochs
             allowed); with False an existing run folder is an error.
+        cache: a file of ``busi cache`` (:mod:`busi.data.cache`) made for this config: the
+            images, masks and split come from it and the datasets are not read (nor needed).
+            The run's ``split.csv`` and fingerprint are those of the raw data, so it is
+            evaluated on them later (``busi evaluate``); right after training only if they are
+            at hand.
 
     A training that fails (or is interrupted) before its first epoch has finished removes what
     it wrote, the folder too if it made it: there is nothing to resume, and a half-made folder
@@ -219,8 +232,9 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
     if run.config.is_file() and not resume:
         raise FileExistsError(f"{run.root}: a run folder exists and resuming it was refused "
                               "(--restart, resume=False in Python); choose another run name")
+    stored = None if cache is None else open_cache(cache, config)  # checked before any writing
     if not run.read_state():  # a new run: settings that cannot train leave no folder behind
-        check_settings(config)
+        check_settings(config, stored)
     made = _missing_folders(run.root)
     before = {entry.name for entry in run.root.iterdir()} if run.root.is_dir() else set()
     removed = False
@@ -228,7 +242,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True) -
         # One writer per run folder: a second training (or an evaluation) of it is refused.
         with run.lock("training"):
             try:
-                return _train_locked(config, run)
+                return _train_locked(config, run, stored)
             except BaseException:
                 removed = _remove_unstarted(run, before)  # under the lock: no one else writes
                 raise
@@ -277,12 +291,12 @@ def _remove_folders(run: RunFolder, before: set[str], made: list[Path]) -> None:
             break
 
 
-def check_settings(config: TrainConfig) -> None:
+def check_settings(config: TrainConfig, cache: Cache | None = None) -> None:
     """Check what a config cannot check alone, before a run folder is made: each dataset is
-    where the config says, ``split_file`` reads, the network takes ``image_size`` (its builder
-    says), and ``init_weights`` load into the model as training will load them. The model is
-    built once for it, without ImageNet weights (seconds), so a run that cannot start writes
-    nothing.
+    where the config says, ``split_file`` reads (neither with a ``cache``, which stands in for
+    both), the network takes ``image_size`` (its builder says), and ``init_weights`` load into
+    the model as training will load them. The model is built once for it, without ImageNet
+    weights (seconds), so a run that cannot start writes nothing.
 
     Raises:
         FileNotFoundError, busi.errors.DataError, ValueError: the message names the problem.
@@ -290,9 +304,9 @@ def check_settings(config: TrainConfig) -> None:
     from busi.data import datasets
     from busi.data.splits import load_split
 
-    for name in config.datasets:
+    for name in config.datasets if cache is None else ():
         datasets.get(name).locate(config.data_path(name))
-    if config.split_file:
+    if config.split_file and cache is None:
         if not Path(config.split_file).is_file():
             raise FileNotFoundError(f"split_file: {config.split_file} not found (looked in "
                                     f"{Path.cwd()})")
@@ -305,7 +319,7 @@ def check_settings(config: TrainConfig) -> None:
         keras.backend.clear_session()
 
 
-def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
+def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = None) -> Path:
     """:func:`train` with the run folder's lock held: the state is read under the lock."""
     settle_pending(run)  # a kill between state.json and a checkpoint's rename
     state = run.read_state()
@@ -334,24 +348,44 @@ def _train_locked(config: TrainConfig, run: RunFolder) -> Path:
     policy = precision_policy(config.mixed_precision)
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
-    parts = run.parts(config, new_run=not state)
+    parts = run.parts(config, new_run=not state, cache=cache)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
-    print(start_message(config, run, parts, done, finished), flush=True)
+    print(start_message(config, run, parts, done, finished, cache), flush=True)
     if not finished:
         with global_policy(policy):
-            stopped = _train_epochs(config, run, parts, done, deadline)
+            stopped = _train_epochs(config, run, parts, done, deadline, cache)
         finished = stopped != "time" or int(run.read_state().get("epoch", 0)) >= config.epochs
         if not finished:
             log.warning(time_budget_message(config, run, done))
     if config.evaluate and finished and run.best.is_file():
         from busi.evaluation import evaluate
 
-        evaluate(run.root)
+        missing = [] if cache is None else _missing_datasets(config)
+        if missing:
+            log.warning("run %s: trained from the cache %s; evaluation skipped, since it scores "
+                        "masks at the original resolution and %s: run `busi evaluate %s` where "
+                        "the data is", run.root, cache.path, "; ".join(missing), run.root)
+        else:
+            evaluate(run.root)
     return run.root
 
 
+def _missing_datasets(config: TrainConfig) -> list[str]:
+    """Why each of the config's datasets cannot be found, if it cannot."""
+    from busi.data import datasets
+    from busi.errors import DataError
+
+    missing = []
+    for name in config.datasets:
+        try:
+            datasets.get(name).locate(config.data_path(name))
+        except DataError as error:
+            missing.append(str(error))
+    return missing
+
+
 def start_message(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
-                  done: int, finished: bool) -> str:
+                  done: int, finished: bool, cache: Cache | None = None) -> str:
     """What a run says before reading images and building the model: the folder, the data and
     its part sizes, the model, the epochs and the budget, so that a wrong dataset or setting
     shows at once and a long first epoch is not taken for a hang."""
@@ -367,8 +401,9 @@ def start_message(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
         sizes = ", ".join(
             f"{part} {len(rows if 'dataset' not in rows else rows[rows['dataset'] == name])}"
             for part, rows in parts.items())
-        lines.append(f"data: {adapter.title} at {adapter.locate(config.data_path(name))}: "
-                     f"{sizes} images")
+        where = (f"from the cache {cache.path} ({cache.codec})" if cache is not None
+                 else f"at {adapter.locate(config.data_path(name))}")
+        lines.append(f"data: {adapter.title} {where}: {sizes} images")
     if config.train_classes is not None:
         lines.append(f"training on {', '.join(config.train_classes)} images only")
     if config.limit:
