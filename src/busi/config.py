@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from busi import encoders, losses, models
 from busi.atomic import atomic_write_text
 from busi.config_fields import check_fields
+from busi.config_files import legacy_extra, read_mapping
 from busi.data.augment_config import AugmentConfig
 from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
-
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("plateau", "cosine")
@@ -69,91 +69,11 @@ def _augmentation_overrides(values: Any) -> dict[str, Any]:
     return overrides
 
 
-def _legacy_extra(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with the ``extra`` mapping of older configs (saved by every run until
-    ``devices`` became a field, ``{}`` mostly) turned into fields, so old run folders still load
-    and resume. ``devices`` was the only key busi read; others are dropped with a warning."""
-    if "extra" not in values:
-        return values
-    values = dict(values)
-    extra = values.pop("extra")
-    if extra is None:  # "extra:" left empty in YAML
-        extra = {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"extra must be a mapping (older configs), got {extra!r}")
-    extra = dict(extra)
-    if "devices" in extra:
-        devices = extra.pop("devices")
-        if values.get("devices") not in (None, devices):
-            raise ValueError(f"devices given twice: {values['devices']!r} and extra.devices "
-                             f"{devices!r}")
-        values["devices"] = devices
-    if extra:
-        log.warning("config: extra keys %s are not used by busi; ignored", sorted(extra))
-    return values
-
-
 def _reject_unknown(values: Any, known: Any, what: str) -> None:
     """An error naming the keys of ``values`` not in ``known``, and the known ones."""
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {what} key(s) {unknown}; known keys: {', '.join(sorted(known))}")
-
-
-def _where(path: Path, error: Exception) -> str:
-    """``file:line:column`` of a JSON or YAML syntax error (1-based, as editors count), else the
-    file: PyYAML's own message names ``<unicode string>``, not the file."""
-    mark = getattr(error, "problem_mark", None)  # yaml.MarkedYAMLError
-    if mark is not None:
-        return f"{path}:{mark.line + 1}:{mark.column + 1}"
-    if hasattr(error, "lineno") and hasattr(error, "colno"):  # json.JSONDecodeError
-        return f"{path}:{error.lineno}:{error.colno}"
-    return str(path)
-
-
-def _unique_keys_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the last
-    silently, so a second ``epochs:`` further down a long config would win unseen. Keys merged
-    in with ``<<`` may still be overridden, as YAML intends."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<", resolved by the base class
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    line = first.get(key)
-                except TypeError:  # an unhashable key: the base class reports it
-                    continue
-                if line is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {line + 1})",
-                        key_node.start_mark)
-                first[key] = key_node.start_mark.line
-            return super().construct_mapping(node, deep=deep)
-
-    return yaml.load(text, Loader=UniqueKeyLoader)
-
-
-def _unique_keys_json(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` of :func:`json.loads` that refuses a key given twice (json keeps
-    the last silently)."""
-    values: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in values:
-            raise ValueError(f"key {key!r} is given twice")
-        values[key] = value
-    return values
-
-
-def _problem(error: Exception) -> str:
-    """What a parser says is wrong, without its position (given by :func:`_where`)."""
-    if getattr(error, "problem_mark", None) is not None:
-        return " ".join(filter(None, (getattr(error, "context", None), error.problem)))
-    return getattr(error, "msg", None) or str(error)
 
 
 @dataclass
@@ -427,7 +347,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping; an unknown key is an error that names it and the known ones."""
-        values = _legacy_extra(values)
+        values = legacy_extra(values)
         _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "config")
         return cls(**values)
 
@@ -439,8 +359,6 @@ class TrainConfig:
         """Write as JSON, or YAML if the file name ends in .yaml/.yml (atomically)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -450,19 +368,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        import yaml
-
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                values = _unique_keys_yaml(text) or {}
-            else:
-                values = json.loads(text, object_pairs_hook=_unique_keys_json)
-        except (ValueError, yaml.YAMLError) as error:
-            raise ValueError(f"{_where(path, error)}: not valid {path.suffix[1:].upper()}: "
-                             f"{_problem(error)}") from error
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
+        values = read_mapping(path)
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as error:
