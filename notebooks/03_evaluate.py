@@ -40,8 +40,10 @@ import pandas as pd
 
 import busi
 import busi.classification
+import busi.evaluation_folders
 import busi.notebook
 import busi.report
+import busi.run_inference
 
 # %% [markdown]
 # The run folder `02_train` wrote:
@@ -74,7 +76,7 @@ pd.DataFrame(summary["splits"][SPLIT]).T.round(3)
 # Per image (`evaluation/per_image_<split>.csv`):
 
 # %%
-per_image = busi.RunFolder(run_dir).per_image(SPLIT)
+per_image = busi.evaluation_folders.per_image(busi.RunFolder(run_dir), SPLIT)
 per_image.head()
 
 # %% [markdown]
@@ -101,7 +103,7 @@ if classification is None:
     print("this model has no image-level head (image_head: true in a config adds one)")
 else:
     print(busi.report.classification_table(classification))
-    evaluation = busi.RunFolder(run_dir).evaluation_dir()
+    evaluation = busi.evaluation_folders.evaluation_dir(busi.RunFolder(run_dir))
     busi.plots.gate_curves({part: pd.read_csv(evaluation / f"gate_{part}.csv")
                             for part in dict.fromkeys(("val", SPLIT))},
                            summary["postprocess"].get("gate"))
@@ -115,7 +117,7 @@ else:
 # green, prediction in red.
 
 # %%
-images, masks = busi.RunFolder(run_dir).predictions(SPLIT, data=DATA)
+images, masks = busi.run_inference.run_predictions(busi.RunFolder(run_dir), SPLIT, data=DATA)
 
 # %% [markdown]
 # The first `N_OVERLAYS` images of the part (the figure is saved in `figures/`):

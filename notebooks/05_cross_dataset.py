@@ -53,7 +53,9 @@ from pathlib import Path
 import pandas as pd
 
 import busi
+import busi.evaluation_folders
 import busi.notebook
+import busi.run_inference
 
 # %% [markdown]
 # ## BUS-BRA at a glance
@@ -168,12 +170,15 @@ pd.DataFrame({
 # same images: ground truth green, prediction red.
 
 # %%
-busi_rows, busi_masks = busi.RunFolder(busi_run).predictions(PART, data=busbra_root,
-                                                              dataset="busbra")
-joint_rows, joint_masks = busi.RunFolder(joint_run).predictions("test", dataset="busbra")
+busi_rows, busi_masks = busi.run_inference.run_predictions(
+    busi.RunFolder(busi_run), PART, data=busbra_root, dataset="busbra")
+joint_rows, joint_masks = busi.run_inference.run_predictions(
+    busi.RunFolder(joint_run), "test", dataset="busbra")
 per_image = {
-    "BUSI model": busi.RunFolder(busi_run).per_image(PART, dataset="busbra"),
-    "joint model": busi.RunFolder(joint_run).per_image("test", dataset="busbra"),
+    "BUSI model": busi.evaluation_folders.per_image(busi.RunFolder(busi_run), PART,
+                                                    dataset="busbra"),
+    "joint model": busi.evaluation_folders.per_image(busi.RunFolder(joint_run), "test",
+                                                     dataset="busbra"),
 }
 common = per_image["BUSI model"][per_image["BUSI model"]["id"].isin(joint_rows["id"])]
 worst = list(common.sort_values("dice", kind="mergesort")["id"].head(N_FAILURES))

@@ -16,9 +16,9 @@ import pytest
 
 import busi
 from busi import bundle, inference, model_checks, weights
-from busi.bundle import DigestMismatchError, FileDigest, ModelRecord
+from busi.bundle import ModelRecord
 from busi.cli import main
-from busi.digests import file_digest, file_sha1
+from busi.digests import DigestMismatchError, FileDigest, file_digest, file_sha1
 from busi.errors import DataError
 from busi.paths import PROJ_ROOT
 from busi.postprocess import PostProcess

@@ -21,11 +21,14 @@ from busi.cli import main
 from busi.config import TrainConfig
 from busi.data.masks import load_truths
 from busi.data.parts import dataset_table, make_run_split
+from busi.data.run_parts import run_parts
 from busi.data.splits import load_split
 from busi.digests import file_digest
+from busi.evaluation_folders import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, summary_for
 from busi.inference import open_model, predict_table
 from busi.postprocess import postprocess_grid
-from busi.runs import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, RunFolder
+from busi.run_inference import open_run_model
+from busi.runs import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -227,7 +230,7 @@ def test_folds_are_evaluated_runs_on_their_splits_and_the_ensemble_is_one_too(cv
         run = RunFolder(fold)
         split = load_split(run.split)
         assert split.equals(load_split(root / "splits" / f"fold{k}.csv"))
-        assert "test" in run.summary_for()["splits"]
+        assert "test" in summary_for(run)["splits"]
     ensemble = RunFolder(result.ensemble)
     assert result.ensemble == root / "tiny-ensemble"
     split = load_split(ensemble.split)
@@ -237,7 +240,7 @@ def test_folds_are_evaluated_runs_on_their_splits_and_the_ensemble_is_one_too(cv
         list(folds[0].query("split == 'test'")["id"])
     assert sorted(split.query("split == 'train'")["id"]) == \
         sorted(pd.concat([f.query("split == 'val'")["id"] for f in folds]))
-    assert set(ensemble.summary_for()["splits"]) == {"test"}
+    assert set(summary_for(ensemble)["splits"]) == {"test"}
     assert cv.ensemble_members(ensemble) == list(result.folds)
 
 
@@ -245,8 +248,8 @@ def test_the_ensembles_choice_is_made_on_out_of_fold_predictions(cv_run):
     config, result = cv_run
     tables, plain, flipped = [], [], []
     for fold in map(RunFolder, result.folds):
-        val = fold.parts()["val"]
-        model = fold.open_model()
+        val = run_parts(fold)["val"]
+        model = open_run_model(fold)
         for tta, maps in ((False, plain), (True, flipped)):
             maps.extend(predict_table(model, val, config.image_size, config.resize, 4, tta)[0])
         tables.append(val)
@@ -258,7 +261,7 @@ def test_the_ensembles_choice_is_made_on_out_of_fold_predictions(cv_run):
     record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
     assert record.chosen_on == cv.CHOSEN_ON
     assert record.covers("best.h5").sha256 == file_digest(ensemble.best)
-    assert ensemble.summary_for()["postprocess"] == record.postprocess.to_dict()
+    assert summary_for(ensemble)["postprocess"] == record.postprocess.to_dict()
 
 
 def test_evaluate_reuses_the_out_of_fold_choice(cv_run, monkeypatch):

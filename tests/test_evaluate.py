@@ -15,11 +15,11 @@ import pytest
 
 import busi
 from busi import evaluation as ev
+from busi.bundle import postprocess_for
 from busi.data.geometry import to_model
 from busi.data.masks import load_example, load_truths
 from busi.inference import predict_probabilities
 from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
-from busi.runs import postprocess_for
 
 SIZE = 32
 
@@ -381,8 +381,8 @@ def test_evaluation_writes_the_record_of_the_weights_it_evaluated(
 ) -> None:
     """postprocess.json is the weights' model record (version 2, their digests): prediction
     takes its settings only for those very bytes, and the run's state.json guards the file."""
-    from busi.bundle import VERSION, DigestMismatchError, ModelRecord
-    from busi.digests import file_digest
+    from busi.bundle import VERSION, ModelRecord
+    from busi.digests import DigestMismatchError, file_digest
     from busi.inference import open_model
     from busi.runs import RunFolder
 
@@ -409,21 +409,23 @@ def test_evaluation_writes_the_record_of_the_weights_it_evaluated(
 
 
 def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_folder: Path) -> None:
-    """RunFolder.predictions opens the run as evaluate does: same images, weights and
+    """run_predictions opens the run as evaluate does: same images, weights and
     post-processing, so figures show what was scored."""
+    from busi.evaluation_folders import per_image, summary_for
+    from busi.run_inference import run_predictions
     from busi.runs import RunFolder
 
     run, data_root = make_run(tmp_path, busi_folder)
     _set_lesion_masks(run, data_root, "val", 0.7)
     ev.evaluate(run)
     folder = RunFolder(run)
-    table, masks = folder.predictions("test")
-    per_image = folder.per_image("test")
-    assert list(table["id"]) == list(per_image["id"])
+    table, masks = run_predictions(folder, "test")
+    scores = per_image(folder, "test")
+    assert list(table["id"]) == list(scores["id"])
     rescored = ev.score_table(table, [masks[i].astype(np.float32) for i in table["id"]])
-    assert np.allclose(rescored["dice"], per_image["dice"])
-    assert folder.summary_for()["postprocess"] == PostProcess.from_dict(
-        folder.postprocess_for()).to_dict()
+    assert np.allclose(rescored["dice"], scores["dice"])
+    assert summary_for(folder)["postprocess"] == PostProcess.from_dict(
+        postprocess_for(folder.best)).to_dict()
 
 
 def test_masks_on_another_dataset_wait_for_the_runs_own_choice(
@@ -431,13 +433,14 @@ def test_masks_on_another_dataset_wait_for_the_runs_own_choice(
 ) -> None:
     """Another dataset is scored with the post-processing chosen on the run's validation data;
     before that choice exists, figures of it would show default masks, so they are refused."""
+    from busi.run_inference import run_predictions
     from busi.runs import RunFolder
 
     run, _ = make_run(tmp_path, busi_folder)
     with pytest.raises(ValueError, match="no post-processing chosen on validation yet"):
-        RunFolder(run).predictions("all", dataset="busbra", data=busbra_folder)
+        run_predictions(RunFolder(run), "all", dataset="busbra", data=busbra_folder)
     ev.evaluate(run, split="val")
-    table, masks = RunFolder(run).predictions("all", dataset="busbra", data=busbra_folder)
+    table, masks = run_predictions(RunFolder(run), "all", dataset="busbra", data=busbra_folder)
     assert len(masks) == len(table) > 0
 
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 import busi
+from busi.bundle import postprocess_for
 from busi.config import TrainConfig
-from busi.runs import postprocess_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_model_card_names_the_augmentation_strengths(config, said):
 
 
 def test_weights_their_sidecar_was_not_made_for_are_refused(evaluated_run, tmp_path):
-    from busi.bundle import DigestMismatchError
+    from busi.digests import DigestMismatchError
 
     weights = busi.publish_weights(evaluated_run, tmp_path / "w")
     sidecar = weights.with_suffix(".json")
@@ -243,6 +243,7 @@ def test_an_int8_export_is_calibrated_on_the_runs_training_images(evaluated_run,
     it; the file is int8 and listed in the sidecar."""
     from busi import export, inference
     from busi.data.masks import read_image
+    from busi.data.run_parts import run_parts
     from busi.publish import publish
     from busi.runs import RunFolder
 
@@ -259,7 +260,7 @@ def test_an_int8_export_is_calibrated_on_the_runs_training_images(evaluated_run,
     assert inference.load(written[3]).precision == "int8"
     assert "model.int8.tflite" in json.loads(written[1].read_text())["exports"]
 
-    parts = RunFolder(evaluated_run).parts()
+    parts = run_parts(RunFolder(evaluated_run))
 
     def model_inputs(rows):
         batch = inference.model_batch([read_image(p) for p in rows["image_path"]], 32,

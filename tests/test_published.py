@@ -14,6 +14,7 @@ import pytest
 import busi
 from busi.cli import main
 from busi.config import TrainConfig
+from busi.data.run_parts import run_parts
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +122,7 @@ def test_notebook_demo_images_of_a_published_model_are_its_test_images(published
                                                                        tmp_path):
     run, weights = published
     dest = busi.notebook.demo_inputs(weights, tmp_path / "demo", n=3, data=busi_folder)
-    test_ids = set(busi.RunFolder(run).parts()["test"]["id"])
+    test_ids = set(run_parts(busi.RunFolder(run))["test"]["id"])
     assert {path.stem for path in dest.iterdir()} <= test_ids and len(list(dest.iterdir())) == 3
 
 

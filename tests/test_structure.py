@@ -149,6 +149,21 @@ def test_prediction_never_enters_evaluation() -> None:
     assert "busi.training" not in reachable(graph, "busi.prediction")
 
 
+def test_the_run_folder_is_only_a_folder() -> None:
+    """``busi.runs`` names a run's files and keeps its records and lock; what a run is used for
+    (the images of its parts, its model and masks, its evaluations) lives with the stage that
+    uses it. Naming a folder must not pull those stages in, nor may they become a circle
+    through it. (It does reach data modules through the config's registries.)"""
+    graph = import_graph()
+    direct = graph["busi.runs"]
+    assert not {name for name in direct if name == "busi.data" or name.startswith("busi.data.")}
+    stages = {"busi.inference", "busi.run_inference", "busi.runtimes", "busi.weights",
+              "busi.bundle", "busi.evaluation", "busi.evaluation_folders", "busi.score_tables",
+              "busi.data.parts", "busi.data.run_parts"}
+    assert not direct & stages
+    assert not reachable(graph, "busi.runs") & stages
+
+
 def test_the_checker_sees_function_level_imports() -> None:
     """evaluation scores predictions: it reaches inference, whose import sits where it sits."""
     graph = import_graph()

@@ -16,6 +16,7 @@ import busi
 from busi import callbacks, training
 from busi.config import TrainConfig
 from busi.data import parts
+from busi.data.run_parts import run_parts
 from busi.publish import publish
 from busi.runs import RunFolder
 from busi.weights import load_for_inference
@@ -206,9 +207,9 @@ def test_cosine_schedule_is_followed_across_an_interruption(busi_folder, tmp_pat
 def test_train_classes_trains_on_those_but_keeps_the_split(busi_folder, tmp_path):
     config = tiny(busi_folder, tmp_path, epochs=1, train_classes=["benign", "malignant"])
     run = RunFolder(config.directory)
-    trained = run.parts(config, new_run=True)
+    trained = run_parts(run, config, new_run=True)
     assert set(trained["train"]["label"]) == {"benign", "malignant"}
-    everything = run.parts(config.replace(train_classes=None))
+    everything = run_parts(run, config.replace(train_classes=None))
     assert "normal" in set(everything["train"]["label"])
     for name in ("val", "test"):  # evaluation still sees the normal images
         assert trained[name]["id"].tolist() == everything[name]["id"].tolist()

@@ -10,6 +10,7 @@ import pytest
 import busi
 from busi import training
 from busi.config import TrainConfig
+from busi.data.run_parts import run_parts
 
 
 def test_a_run_without_a_name_is_named_after_its_model():
@@ -35,7 +36,7 @@ def test_training_says_where_what_and_how_long_before_it_starts(busi_folder, tmp
     run = busi.train(tiny(busi_folder, max_minutes=30))
     assert run == tmp_path / "runs" / "classic-unet"  # not runs/unet-resnet34
     assert json.loads((run / "config.json").read_text())["name"] == "classic-unet"
-    parts = busi.RunFolder(run).parts()
+    parts = run_parts(busi.RunFolder(run))
     out = capsys.readouterr().out
     head = out.split("Epoch 1/1")[0]  # all of it before training starts
     assert f"run folder: {run} (new run)" in head

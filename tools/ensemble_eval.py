@@ -18,16 +18,18 @@ import numpy as np
 
 import busi  # noqa: F401  (sets up Keras before TensorFlow is touched)
 from busi.data.masks import load_truths
+from busi.data.run_parts import run_parts
 from busi.evaluation import score_table, summarize
 from busi.inference import predict_probabilities
 from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
+from busi.run_inference import open_run_model
 from busi.runs import RunFolder
 
 
 def _probabilities(model_path: Path, parts: dict) -> dict:
     run = RunFolder(model_path.parent)
     config = run.load_config()
-    model = run.open_model(model_path)
+    model = open_run_model(run, model_path)
     return {(split, tta): predict_probabilities(model, parts[split], config.image_size,
                                                 config.resize, config.batch_size, tta)
             for split in ("val", "test") for tta in (False, True)}
@@ -42,7 +44,7 @@ def main() -> None:
     splits = {run.root: run.split.read_bytes() for run in runs}
     if len(set(splits.values())) != 1:
         raise SystemExit(f"the runs do not share one split.csv: {sorted(map(str, splits))}")
-    parts = runs[0].parts()
+    parts = run_parts(runs[0])
     truths = {split: load_truths(parts[split]) for split in ("val", "test")}
     probs = {path: _probabilities(path, parts) for path in args.weights}
 

@@ -28,8 +28,10 @@ import numpy as np
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
 from busi import scoring
 from busi.data.masks import merge_masks
+from busi.data.run_parts import run_parts
 from busi.digests import file_sha1
-from busi.runs import SUMMARY_FILE, RunFolder
+from busi.evaluation_folders import SUMMARY_FILE, evaluation_dir
+from busi.runs import RunFolder
 
 
 def written_masks(weights: Path, run_dir: Path, split: str = "test"
@@ -38,7 +40,7 @@ def written_masks(weights: Path, run_dir: Path, split: str = "test"
     images, each at the image's original size."""
     run = RunFolder(run_dir)
     config = run.load_config()
-    rows = run.parts(config)[split]
+    rows = run_parts(run, config)[split]
     if "dataset" in rows:  # a joint run: evaluation/ holds its first dataset's scores
         rows = rows[rows["dataset"] == config.datasets[0]]
     lesions = rows[rows["label"] != "normal"]
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, help="a second model file to compare masks with")
     args = parser.parse_args(argv)
     run = RunFolder(args.run)
-    summary = json.loads((run.evaluation_dir() / SUMMARY_FILE).read_text())
+    summary = json.loads((evaluation_dir(run) / SUMMARY_FILE).read_text())
     if args.weights.suffix == ".h5" and file_sha1(args.weights) != summary["model_sha1"]:
         parser.error(f"{args.weights} is not the model {args.run}/evaluation/summary.json scored "
                      "(SHA-1 differs): evaluate these weights first")

@@ -36,7 +36,7 @@ _LAZY = {
     "evaluate": ("busi.evaluation", "evaluate"),
     "RunFolder": ("busi.runs", "RunFolder"),
     "PostProcess": ("busi.postprocess", "PostProcess"),
-    "postprocess_for": ("busi.runs", "postprocess_for"),
+    "postprocess_for": ("busi.bundle", "postprocess_for"),
     "inference": ("busi.inference", None),
     "predict": ("busi.prediction", "predict"),
     "plots": ("busi.plots", None),

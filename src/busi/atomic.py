@@ -2,17 +2,23 @@
 
 Every output of busi (checkpoints, masks, reports, splits) goes through here: it is written to a
 temporary file in the destination folder, flushed to disk, then renamed onto its final name, which
-is atomic on POSIX and Windows file systems.
+is atomic on POSIX and Windows file systems. Results written as JSON (summaries, records) go
+through :func:`write_json`, so that every reader of them meets strict JSON, never NaN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def _default_mode() -> int:
@@ -84,3 +90,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_ready(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no NaN."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: Path, values: Mapping[str, Any]) -> None:
+    """A result (``summary.json``, ``postprocess.json``) as strict JSON, atomically."""
+    atomic_write_text(path, json.dumps(json_ready(values), indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None if there is no such file (or it holds no object)."""
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it to recompute") from error
+    return values if isinstance(values, dict) else None

@@ -8,7 +8,8 @@ with the settings of other weights (a file damaged or replaced since), they are 
 sign. So each model file is read through one :class:`ModelRecord`, which holds those settings
 and the digest of every file it covers, and a file whose digest differs from its record is
 refused before any of its bytes reach TensorFlow or LiteRT (:func:`settings_for`), unless the
-user says to go on (``verify=False``, ``--skip-digest-check``).
+user says to go on (``verify=False``, ``--skip-digest-check``; the check itself is
+:mod:`busi.digests`).
 
 Where records are:
 
@@ -29,19 +30,20 @@ weights in ``model_sha1`` and of each export in ``exports``); 2 adds ``version``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from busi.atomic import atomic_write_text
-from busi.digests import file_digests
+from busi.atomic import atomic_write_text, json_ready
+from busi.digests import FileDigest, report_mismatch, verify_default
 from busi.errors import DataError
+from busi.evaluation_folders import POSTPROCESS_FILE, evaluation_dir
 from busi.postprocess import PostProcess
+from busi.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -53,56 +55,6 @@ INPUT_CONVENTION = ("gray image replicated to 3 channels, float32 in [0, 255]; o
 """What every busi model takes and gives (:mod:`busi.models`), as records state it."""
 
 RESIZES = ("letterbox", "stretch")
-
-SKIP_HINT = ("Pass --skip-digest-check to the busi command (verify=False in Python) to use it "
-             "anyway, only if you know why it changed")
-
-_skip_checks = False
-
-
-class DigestMismatchError(DataError):
-    """A model file's bytes are not the ones its record (or ``state.json``) was made for."""
-
-
-@contextlib.contextmanager
-def skipping_digest_checks() -> Iterator[None]:
-    """Within the block, a model file whose digest differs from its record is used with a
-    warning instead of refused (the ``busi`` command's ``--skip-digest-check``)."""
-    global _skip_checks
-    before, _skip_checks = _skip_checks, True
-    try:
-        yield
-    finally:
-        _skip_checks = before
-
-
-def verify_default(verify: bool | None) -> bool:
-    """``verify``, or when None, True unless inside :func:`skipping_digest_checks`."""
-    return (not _skip_checks) if verify is None else bool(verify)
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """Digests of one file's bytes; a record made before SHA-256 was recorded has SHA-1 only."""
-
-    sha1: str | None = None
-    sha256: str | None = None
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> FileDigest:
-        return cls(**file_digests(path))
-
-    def differs(self, actual: FileDigest) -> str | None:
-        """The name of the strongest digest both hold that differs ("SHA-256", "SHA-1"), or
-        None when they agree (or share no digest to compare)."""
-        for name, mine, theirs in (("SHA-256", self.sha256, actual.sha256),
-                                   ("SHA-1", self.sha1, actual.sha1)):
-            if mine is not None and theirs is not None:
-                return None if mine == theirs else name
-        return None
-
-    def to_dict(self) -> dict[str, str]:
-        return {k: v for k, v in (("sha1", self.sha1), ("sha256", self.sha256)) if v is not None}
 
 
 def _text(values: Mapping[str, Any], key: str, source: Path | str, required: bool = True
@@ -248,8 +200,6 @@ class ModelRecord:
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the record to ``path`` atomically."""
-        from busi.runs import json_ready
-
         atomic_write_text(path, json.dumps(json_ready(self.to_dict()), indent=2) + "\n")
         return Path(path)
 
@@ -330,17 +280,6 @@ class ModelSettings:
         }
 
 
-def report_mismatch(path: Path, against: Path, which: str, verify: bool,
-                    recorded: str = "recorded in") -> None:
-    """Refuse (``verify``) or warn about a file whose ``which`` digest differs from the one
-    ``recorded`` (e.g. "training recorded in") ``against``."""
-    message = (f"{path}: its {which} differs from the one {recorded} {against}; the file is "
-               "damaged or was changed since")
-    if verify:
-        raise DigestMismatchError(f"{message}. Not loaded. {SKIP_HINT}")
-    log.warning("%s; used anyway (digest check skipped)", message)
-
-
 def settings_for(model_path: str | os.PathLike, verify: bool | None = None) -> ModelSettings:
     """The settings of a model file and the check of its digest: the one place busi looks for
     them (module docstring). Nothing here reads the file but to digest it.
@@ -348,11 +287,11 @@ def settings_for(model_path: str | os.PathLike, verify: bool | None = None) -> M
     Args:
         model_path: a ``.h5``, ``.tflite`` or ``.onnx``.
         verify: refuse a file whose digest differs from its record; None: True unless inside
-            :func:`skipping_digest_checks`.
+            :func:`busi.digests.skipping_digest_checks`.
 
     Raises:
-        DigestMismatchError: ``verify`` and a digest that differs (the message names the file
-            and the record).
+        busi.digests.DigestMismatchError: ``verify`` and a digest that differs (the message
+            names the file and the record).
         DataError: a damaged record.
     """
     path = Path(model_path)
@@ -366,8 +305,6 @@ def settings_for(model_path: str | os.PathLike, verify: bool | None = None) -> M
             report_mismatch(path, record_path, which, verify)
         return ModelSettings(record.image_size, record.resize, record.postprocess, digest,
                              record, record_path, None if which else record_path)
-    from busi.runs import RunFolder
-
     run = RunFolder(path.parent)
     if run.config.is_file():
         return _run_settings(run, path, digest, verify)
@@ -387,10 +324,8 @@ def verify_file(model_path: str | os.PathLike, verify: bool | None = None) -> Pa
         was skipped).
 
     Raises:
-        DigestMismatchError: as :func:`settings_for`.
+        busi.digests.DigestMismatchError: as :func:`settings_for`.
     """
-    from busi.runs import RunFolder
-
     path = Path(model_path)
     verify = verify_default(verify)
     found = published_record(path)
@@ -409,10 +344,9 @@ def verify_file(model_path: str | os.PathLike, verify: bool | None = None) -> Pa
     return against
 
 
-def _run_settings(run: Any, path: Path, digest: FileDigest, verify: bool) -> ModelSettings:
+def _run_settings(run: RunFolder, path: Path, digest: FileDigest, verify: bool
+                  ) -> ModelSettings:
     """:func:`settings_for` of a file in a run folder."""
-    from busi.runs import POSTPROCESS_FILE
-
     verified_by = None
     recorded = run.recorded_sha256(path)
     if recorded is not None:
@@ -422,7 +356,7 @@ def _run_settings(run: Any, path: Path, digest: FileDigest, verify: bool) -> Mod
         else:
             verified_by = run.state
     config = run.load_config()
-    record_path = run.evaluation_dir(path) / POSTPROCESS_FILE
+    record_path = evaluation_dir(run, path) / POSTPROCESS_FILE
     if record_path.is_file():
         record = ModelRecord.read(record_path)
         covered = record.covers(path.name)
@@ -437,8 +371,19 @@ def _run_settings(run: Any, path: Path, digest: FileDigest, verify: bool) -> Mod
                          run.config, verified_by)
 
 
+def postprocess_for(model_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of these weights (the post-processing chosen on validation, input size,
+    resize mode, ...) as a dict, or None if none was made for these very bytes (the defaults
+    apply). Read the settings with :meth:`busi.postprocess.PostProcess.from_dict`.
+
+    Found and checked by :func:`settings_for`: a file whose digest differs from its record
+    raises :class:`busi.digests.DigestMismatchError`.
+    """
+    record = settings_for(model_path).record
+    return None if record is None else record.to_dict()
+
+
 __all__ = [
-    "INPUT_CONVENTION", "VERSION", "DigestMismatchError", "FileDigest", "ModelRecord",
-    "ModelSettings", "published_record", "record_candidates", "report_mismatch", "settings_for",
-    "skipping_digest_checks", "verify_default", "verify_file",
+    "INPUT_CONVENTION", "VERSION", "ModelRecord", "ModelSettings", "postprocess_for",
+    "published_record", "record_candidates", "settings_for", "verify_file",
 ]

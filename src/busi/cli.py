@@ -96,13 +96,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from busi.evaluation_folders import summary_for
     from busi.report import summary_text
     from busi.runs import RunFolder
 
     config = _train_config(args)
     run = RunFolder(busi.train(config, resume=not args.restart, cache=args.cache))
     print(f"run folder: {run.root}")
-    summary = run.summary_for() if run.best.is_file() else None
+    summary = summary_for(run) if run.best.is_file() else None
     if summary is not None and "test" in summary.get("splits", {}):
         print(summary_text(summary, "test"), end="")
         print(f"per-image scores and summary.json in {run.evaluation}")
@@ -138,6 +139,7 @@ def _cv(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from busi.evaluation_folders import evaluation_dir
     from busi.report import summary_text
     from busi.runs import RunFolder
 
@@ -150,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2, default=str))
         return
     print(summary_text(summary, args.split), end="")
-    where = RunFolder(args.run).evaluation_dir(args.weights, args.dataset)
+    where = evaluation_dir(RunFolder(args.run), args.weights, args.dataset)
     print(f"per-image scores and summary.json in {where}")
 
 
@@ -424,7 +426,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from busi.bundle import skipping_digest_checks
+    from busi.digests import skipping_digest_checks
     from busi.model_file import unsafe_deserialization
 
     unsafe = unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext()

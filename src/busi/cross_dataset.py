@@ -8,7 +8,7 @@ partition if the run used ``authors_fold``): the part a joint model trained with
 tested on, so the two numbers compare. The scoring itself is the run's own, unchanged
 (:func:`busi.evaluation.evaluate_dataset`: post-processing chosen on the run's own validation
 data, results in ``<run>/evaluation-<dataset>/``); the masks for figures come from
-:meth:`busi.runs.RunFolder.predictions` with ``dataset=``.
+:func:`busi.run_inference.run_predictions` with ``dataset=``.
 """
 
 from __future__ import annotations

@@ -44,13 +44,15 @@ from typing import Any
 import pandas as pd
 
 from busi import _keras, heads, weights
-from busi.atomic import atomic_write_text
+from busi.atomic import atomic_write_text, write_json
 from busi.config import TrainConfig
 from busi.data.parts import dataset_table
+from busi.data.run_parts import run_parts
 from busi.data.splits import cross_validation_splits, load_split, save_split
-from busi.digests import file_digest
+from busi.digests import FileDigest, file_digest
+from busi.evaluation_folders import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, summary_for
 from busi.postprocess import GRID_COLUMNS, PostProcess, select_postprocess
-from busi.runs import GRID_FILE, POSTPROCESS_FILE, RunFolder, check_same_config, write_json
+from busi.runs import RunFolder, check_same_config
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def trained(run: RunFolder, config: TrainConfig) -> bool:
 
 def evaluated(run: RunFolder) -> bool:
     """Whether the run's ``best.h5`` has test results (for these very weights)."""
-    summary = run.summary_for() if run.best.is_file() else None
+    summary = summary_for(run) if run.best.is_file() else None
     return summary is not None and "test" in summary.get("splits", {})
 
 
@@ -270,7 +272,7 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
         if ensemble_members(run, listed) is None:
             ensemble.save(run.config)
             save_split(ensemble_split(fold_runs), ensemble.split_file)
-            run.parts(ensemble, new_run=True)  # split.csv and env.json, as a new run's
+            run_parts(run, ensemble, new_run=True)  # split.csv and env.json, as a new run's
             keras = _keras.keras()
             try:
                 model = ensemble_model([member.best for member in members])
@@ -353,10 +355,10 @@ def out_of_fold_grid(fold_runs: Sequence[RunFolder]) -> pd.DataFrame:
     grids, paths = [], []
     for run in fold_runs:
         chosen = PostProcess.from_dict(chosen_postprocess(run.root))
-        path = run.evaluation_dir() / GRID_FILE
+        path = evaluation_dir(run) / GRID_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing beside the choice it was made with; "
-                                    f"delete {run.evaluation_dir() / POSTPROCESS_FILE} and run "
+                                    f"delete {evaluation_dir(run) / POSTPROCESS_FILE} and run "
                                     "busi cv again")
         grid = pd.read_csv(path)
         again = PostProcess.from_dict(select_postprocess(grid))
@@ -372,11 +374,11 @@ def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainCo
     """Write the ensemble's out-of-fold choice of post-processing (:func:`out_of_fold_grid`)
     as the record of its ``best.h5`` (``evaluation/postprocess.json``, which evaluation then
     reuses) and the pooled table beside it."""
-    from busi.bundle import FileDigest, ModelRecord
+    from busi.bundle import ModelRecord
 
     grid = out_of_fold_grid(fold_runs)
     chosen = select_postprocess(grid)
-    out_dir = run.evaluation_dir()
+    out_dir = evaluation_dir(run)
     atomic_write_text(out_dir / GRID_FILE, grid.to_csv(index=False))
     ModelRecord(
         model=run.best.name, files={run.best.name: FileDigest.of(run.best)},

@@ -3,12 +3,31 @@
 SHA-256 is recorded for each checkpoint in ``state.json`` when training writes it, and checked
 before the file is published; SHA-1 ties post-processing choices, summaries and sidecars to the
 weights they were made for (a choice made for earlier weights of a resumed run is not reused).
+
+The check of a file against a recorded digest lives here too (:class:`FileDigest`,
+:func:`report_mismatch`), below both the run folder, whose ``state.json`` records the digests of
+its checkpoints, and the model records of :mod:`busi.bundle`, which find a file's settings in
+run folders: both check files, and neither may import the other for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from busi.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SKIP_HINT = ("Pass --skip-digest-check to the busi command (verify=False in Python) to use it "
+             "anyway, only if you know why it changed")
+
+_skip_checks = False
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -38,4 +57,61 @@ def file_sha1(path: str | os.PathLike) -> str:
     return file_digest(path, "sha1")
 
 
-__all__ = ["file_digest", "file_digests", "file_sha1"]
+class DigestMismatchError(DataError):
+    """A model file's bytes are not the ones its record (or ``state.json``) was made for."""
+
+
+@contextlib.contextmanager
+def skipping_digest_checks() -> Iterator[None]:
+    """Within the block, a model file whose digest differs from its record is used with a
+    warning instead of refused (the ``busi`` command's ``--skip-digest-check``)."""
+    global _skip_checks
+    before, _skip_checks = _skip_checks, True
+    try:
+        yield
+    finally:
+        _skip_checks = before
+
+
+def verify_default(verify: bool | None) -> bool:
+    """``verify``, or when None, True unless inside :func:`skipping_digest_checks`."""
+    return (not _skip_checks) if verify is None else bool(verify)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """Digests of one file's bytes; a record made before SHA-256 was recorded has SHA-1 only."""
+
+    sha1: str | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileDigest:
+        return cls(**file_digests(path))
+
+    def differs(self, actual: FileDigest) -> str | None:
+        """The name of the strongest digest both hold that differs ("SHA-256", "SHA-1"), or
+        None when they agree (or share no digest to compare)."""
+        for name, mine, theirs in (("SHA-256", self.sha256, actual.sha256),
+                                   ("SHA-1", self.sha1, actual.sha1)):
+            if mine is not None and theirs is not None:
+                return None if mine == theirs else name
+        return None
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in (("sha1", self.sha1), ("sha256", self.sha256)) if v is not None}
+
+
+def report_mismatch(path: Path, against: Path, which: str, verify: bool,
+                    recorded: str = "recorded in") -> None:
+    """Refuse (``verify``) or warn about a file whose ``which`` digest differs from the one
+    ``recorded`` (e.g. "training recorded in") ``against``."""
+    message = (f"{path}: its {which} differs from the one {recorded} {against}; the file is "
+               "damaged or was changed since")
+    if verify:
+        raise DigestMismatchError(f"{message}. Not loaded. {SKIP_HINT}")
+    log.warning("%s; used anyway (digest check skipped)", message)
+
+
+__all__ = ["DigestMismatchError", "FileDigest", "file_digest", "file_digests", "file_sha1",
+           "report_mismatch", "skipping_digest_checks", "verify_default"]

@@ -20,7 +20,8 @@ The protocol, and why:
   to ``evaluation-<dataset>/`` (:func:`evaluate_dataset`; which images: :mod:`busi.cross_dataset`).
 
 The run-level entry point :func:`evaluate` reads a run folder (:class:`busi.runs.RunFolder`) and
-writes ``evaluation/``; :func:`evaluate_model` is the lower level shared by tests and tools.
+writes ``evaluation/`` (where: :mod:`busi.evaluation_folders`); :func:`evaluate_model` is the
+lower level shared by tests and tools.
 """
 
 from __future__ import annotations
@@ -35,26 +36,28 @@ import numpy as np
 import pandas as pd
 
 from busi import heads, plots
-from busi.atomic import atomic_write_text
-from busi.bundle import FileDigest, ModelRecord
+from busi.atomic import atomic_write_text, json_ready, read_json, write_json
+from busi.bundle import ModelRecord
 from busi.classification import choose_gate, classification_summary, gate_curve, roc_points
+from busi.cross_dataset import dataset_rows
 from busi.data.geometry import Mode
+from busi.data.index import fingerprint
 from busi.data.masks import load_truths
+from busi.data.run_parts import run_parts, with_data
 from busi.data.splits import LESION_CLASSES, is_lesion
-from busi.digests import file_sha1
-from busi.inference import ImageSize, predict_table
-from busi.postprocess import PostProcess, check_lengths, postprocess_grid, select_postprocess
-from busi.runs import (
+from busi.digests import FileDigest, file_sha1
+from busi.evaluation_folders import (
     GATE_FILE,
     GRID_FILE,
     PER_IMAGE_FILE,
     POSTPROCESS_FILE,
     SUMMARY_FILE,
-    RunFolder,
-    json_ready,
-    read_json,
-    write_json,
+    evaluation_dir,
 )
+from busi.inference import ImageSize, predict_table
+from busi.postprocess import PostProcess, check_lengths, postprocess_grid, select_postprocess
+from busi.run_inference import open_run_model
+from busi.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +225,13 @@ def evaluate(
     """Evaluate a run's model on one part of its split, with post-processing chosen on val.
 
     Reads ``config.json`` (image size, resize mode, dataset) and ``split.csv`` of the run, takes
-    the same images training used (:meth:`busi.runs.RunFolder.parts`, which also checks the
+    the same images training used (:func:`busi.data.run_parts.run_parts`, which also checks the
     dataset fingerprint against ``env.json``), and loads ``best.h5`` unless ``model_path`` is
     given. Post-processing is chosen on the validation images and saved as
     ``postprocess.json`` (plus the whole candidate table, ``postprocess_grid.csv``); a saved
     choice is reused if it was made for the same weights (SHA-1) and ``rechoose`` is False.
 
-    Writes (atomically) into :meth:`busi.runs.RunFolder.evaluation_dir`: ``per_image_val.csv``,
+    Writes (atomically) into :func:`busi.evaluation_folders.evaluation_dir`: ``per_image_val.csv``,
     ``per_image_<split>.csv`` and ``summary.json`` (summaries of the evaluated parts; parts
     evaluated earlier with the same weights and post-processing are kept).
 
@@ -267,20 +270,20 @@ def _evaluate(
         hint = (" ('all' scores a whole dataset the run did not train on: give it with "
                 "--dataset)" if split == "all" else "")
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}{hint}")
-    config = run.with_data(data, dataset)
+    config = with_data(run, data, dataset)
     model_path = run.weights(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model file not found")
-    parts = run.parts(config)
+    parts = run_parts(run, config)
     size, mode = config.image_size, config.resize
     batch_size = batch_size or config.batch_size
-    model = run.open_model(model_path)  # checked against the SHA-256 training recorded
+    model = open_run_model(run, model_path)  # checked against the SHA-256 training recorded
     digest = model.settings.digest
     sha1 = digest.sha1
 
     val_table = parts["val"]
     val_truths = load_truths(val_table)
-    saved = None if rechoose else _saved_choice(run.evaluation_dir(model_path), model_path,
+    saved = None if rechoose else _saved_choice(evaluation_dir(run, model_path), model_path,
                                                 digest)
     if val_table.empty and (saved is None or split == "val"):  # a busi cv ensemble's split
         what = "score" if saved else "score or to choose post-processing on"
@@ -309,7 +312,7 @@ def _evaluate(
             classes=tuple(config.classes),
             provenance={k: v for k, v in chosen.items() if k not in PostProcess.keys()},
         )
-        out_dir = run.evaluation_dir(model_path)
+        out_dir = evaluation_dir(run, model_path)
         atomic_write_text(out_dir / GRID_FILE, grid.to_csv(index=False))
         saved.write(out_dir / POSTPROCESS_FILE)
         log.info("post-processing chosen on val: %s", saved.postprocess)
@@ -329,7 +332,7 @@ def _evaluate(
                                    truths=val_truths),
                 split: score_table(parts[split], probs, post.override(gate=0.0), truths=truths),
             }
-            _head_figures(run.evaluation_dir(model_path), per_image, ungated, split, post.gate)
+            _head_figures(evaluation_dir(run, model_path), per_image, ungated, split, post.gate)
 
     # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
     # the first goes to evaluation/, the others to evaluation-<name>/.
@@ -339,7 +342,7 @@ def _evaluate(
         if len(config.datasets) > 1:
             frames = {part: frame[frame["id"].isin(_ids_of(parts[part], name))]
                       .reset_index(drop=True) for part, frame in per_image.items()}
-        records[name] = _write_summary(run.evaluation_dir(model_path, name), frames, model_path,
+        records[name] = _write_summary(evaluation_dir(run, model_path, name), frames, model_path,
                                        sha1, post, size, mode, name)
     return records[dataset or config.datasets[0]]
 
@@ -389,7 +392,7 @@ def chosen_postprocess(run_dir: str | os.PathLike, model_path: str | os.PathLike
     if it has not been, or was chosen for earlier weights."""
     run = RunFolder(run_dir)
     model_path = run.weights(model_path)
-    out_dir, digest = run.evaluation_dir(model_path), FileDigest.of(model_path)
+    out_dir, digest = evaluation_dir(run, model_path), FileDigest.of(model_path)
     saved = _saved_choice(out_dir, model_path, digest)
     if saved is None:
         evaluate(run.root, split="val", model_path=model_path)
@@ -424,9 +427,6 @@ def evaluate_dataset(
     Returns:
         The content of ``summary.json``, its ``splits[part]`` a :func:`summarize` dict.
     """
-    from busi.cross_dataset import dataset_rows
-    from busi.data.index import fingerprint
-
     run = RunFolder(run_dir)
     with run.lock("evaluation"):  # one writer (reentrant: evaluate() may hold it already)
         config = run.load_config()
@@ -435,9 +435,10 @@ def evaluate_dataset(
             raise FileNotFoundError(f"{model_path}: model file not found")
         rows = dataset_rows(config, dataset, part, data)
         post = PostProcess.from_dict(chosen_postprocess(run.root, model_path))
-        per_image, _ = evaluate_model(run.open_model(model_path), rows, post, config.image_size,
-                                      config.resize, batch_size or config.batch_size)
-        out_dir = run.evaluation_dir(model_path, dataset)
+        per_image, _ = evaluate_model(open_run_model(run, model_path), rows, post,
+                                      config.image_size, config.resize,
+                                      batch_size or config.batch_size)
+        out_dir = evaluation_dir(run, model_path, dataset)
         return _write_summary(out_dir, {part: per_image}, model_path, file_sha1(model_path),
                               post, config.image_size, config.resize, dataset, extra={
                                   "part": part, "dataset_fingerprint": fingerprint(rows),

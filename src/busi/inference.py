@@ -1,9 +1,9 @@
 """Inference: open a model file, and turn images into probability maps at their own size.
 
 This is the one prediction path of busi: evaluation (:mod:`busi.evaluation`), the run's figures
-(:meth:`busi.runs.RunFolder.predictions`) and ``busi predict`` (:mod:`busi.prediction`) all call
-:func:`predict_images`, so a delivered mask and a scored mask cannot differ. The model sees a
-letterboxed (or stretched) copy at its input size; the probabilities are mapped back to the
+(:func:`busi.run_inference.run_predictions`) and ``busi predict`` (:mod:`busi.prediction`) all
+call :func:`predict_images`, so a delivered mask and a scored mask cannot differ. The model sees
+a letterboxed (or stretched) copy at its input size; the probabilities are mapped back to the
 image's original size with :func:`busi.data.geometry.to_original`, and thresholded only there
 (:mod:`busi.postprocess`).
 
@@ -64,7 +64,7 @@ def open_model(
         safe_mode: ``.h5`` only: refuse layers that can run code stored in the file
             (:func:`busi.weights.load_model`); False only for files you trust.
         verify: refuse a file whose digest differs from its record; False uses it with a
-            warning. None: True unless :func:`busi.bundle.skipping_digest_checks`.
+            warning. None: True unless :func:`busi.digests.skipping_digest_checks`.
 
     Returns:
         A :class:`busi.runtimes.Predictor`: ``predict(float32 [B, H, W, 3] in [0, 255]) ->
@@ -76,7 +76,7 @@ def open_model(
         FileNotFoundError: no such file.
         ValueError: unknown suffix, runtime or precision for that format.
         ImportError: the runtime needed is not installed (the message says what to install).
-        busi.bundle.DigestMismatchError: the file is not the one its record was made for.
+        busi.digests.DigestMismatchError: the file is not the one its record was made for.
         busi.errors.DataError: a damaged file, an ``.h5`` that is not a busi segmentation
             model or was saved by Keras 3, or one with layers that could run code (in safe
             mode); the message names the file.

@@ -118,13 +118,14 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     (:func:`busi.published.published_parts`). The dataset is only read.
     """
     from busi.data.parts import stratified_head
+    from busi.data.run_parts import run_parts, with_data
     from busi.published import published_parts, sidecar_path
     from busi.runs import RunFolder
 
     source = Path(run_dir)
     run = RunFolder(source)
     if run.config.is_file():
-        rows = run.parts(run.with_data(data))[split]  # checked against the run's fingerprint
+        rows = run_parts(run, with_data(run, data))[split]  # checked against its fingerprint
     elif source.is_file() and sidecar_path(source).is_file():
         try:
             rows = published_parts(source, data)[split]

@@ -4,7 +4,7 @@ A copy of ``best.h5`` taken out of its run folder would lose what evaluation cho
 validation (threshold, flip TTA, component filtering) and the input size and resize mode it was
 trained with. :func:`publish_weights` writes ``<name>.h5`` and ``<name>.json`` side by side; the
 JSON holds those settings tied to the weights by SHA-1, the training config and the test
-metrics, and :func:`busi.predict` reads it (see :func:`busi.runs.postprocess_for`).
+metrics, and :func:`busi.predict` reads it (see :func:`busi.bundle.postprocess_for`).
 
 The sidecar is the weights' model record (:class:`busi.bundle.ModelRecord`): it lists the
 digests of the ``.h5`` and of each export, and a file that no longer matches is refused when
@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from busi.atomic import atomic_write_text
+from busi.atomic import atomic_write_text, read_json
+from busi.data.run_parts import run_parts
+from busi.evaluation_folders import summary_for
 from busi.models import architecture, model_details, weights_name
 from busi.postprocess import PostProcess
-from busi.runs import RunFolder, read_json
+from busi.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ def calibration_images(run: RunFolder, n: int = CALIBRATION_IMAGES) -> np.ndarra
 
     config = run.load_config()
     try:
-        train = run.parts(config)["train"]
+        train = run_parts(run, config)["train"]
     except (DataError, FileNotFoundError) as error:
         raise DataError(
             f"an int8 export is calibrated on the training images of {run.root}, which are not "
@@ -257,11 +259,12 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         from busi import weights
 
         weights.save_model(model, target, include_optimizer=False)
-    from busi.bundle import FileDigest, ModelRecord, settings_for
+    from busi.bundle import ModelRecord, settings_for
+    from busi.digests import FileDigest
     from busi.report import trained_on
 
     chosen = settings_for(source).record  # None: not evaluated (or for earlier weights)
-    summary = run.summary_for(source)  # None for metrics of earlier weights
+    summary = summary_for(run, source)  # None for metrics of earlier weights
     env = read_json(run.env) or {}
     record = ModelRecord(
         model=target.name,
@@ -297,7 +300,7 @@ def _other_datasets(run: RunFolder, source: Path, config: Any) -> dict[str, Any]
 
     found = {}
     for name in datasets.names():
-        summary = None if name == config.datasets[0] else run.summary_for(source, name)
+        summary = None if name == config.datasets[0] else summary_for(run, source, name)
         splits = (summary or {}).get("splits") or {}
         part = "test" if "test" in splits else next(iter(splits), None)
         if part is not None:
@@ -455,7 +458,8 @@ def publish_export(
         The exported file's path (``<name>.tflite`` or ``<name>.onnx``; int8 or bfloat16
         variants get ``.int8``/``.bf16`` before the suffix).
     """
-    from busi.bundle import FileDigest, ModelRecord
+    from busi.bundle import ModelRecord
+    from busi.digests import FileDigest
     from busi.export import export
 
     weights = Path(weights)

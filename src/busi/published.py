@@ -102,7 +102,7 @@ def published_parts(model_path: str | os.PathLike, data: str | os.PathLike | Non
             "was trained on"
         )
     _check_part_sizes(path, sidecar, config, parts)
-    if config.train_classes is not None:  # as RunFolder.parts: the images it trained on
+    if config.train_classes is not None:  # as run_parts: the images it trained on
         train = parts["train"]
         parts["train"] = train[in_classes(train["label"], config.train_classes)].reset_index(
             drop=True)
@@ -170,11 +170,12 @@ def evaluate_published(
         ``summary.json`` (:func:`busi.evaluation.summary_record`), ``splits[split]`` the figures.
     """
     from busi import inference
+    from busi.atomic import json_ready
+    from busi.bundle import postprocess_for
     from busi.data.index import fingerprint
     from busi.digests import file_sha1
     from busi.evaluation import evaluate_model, summary_record
     from busi.postprocess import PostProcess
-    from busi.runs import json_ready, postprocess_for
 
     model_path = Path(model_path)
     path, sidecar = read_sidecar(model_path)

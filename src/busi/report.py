@@ -15,8 +15,15 @@ from typing import Any
 import pandas as pd
 
 from busi.atomic import atomic_write_bytes, atomic_write_text
+from busi.evaluation_folders import (
+    SUMMARY_FILE,
+    evaluation_dir,
+    per_image,
+    per_image_path,
+    summary_for,
+)
 from busi.models import model_label
-from busi.runs import SUMMARY_FILE, RunFolder
+from busi.runs import RunFolder
 
 ROWS = ("lesion", "benign", "malignant")
 
@@ -135,8 +142,8 @@ def results_table(
         is_file = entry.suffix == ".h5"
         run = RunFolder(entry.parent if is_file else entry)
         model_path = run.weights(entry if is_file else None)
-        summary_path = run.evaluation_dir(model_path, dataset) / SUMMARY_FILE
-        summary = run.summary_for(model_path, dataset)
+        summary_path = evaluation_dir(run, model_path, dataset) / SUMMARY_FILE
+        summary = summary_for(run, model_path, dataset)
         command = f"busi evaluate {run.root}" + (f" --dataset {dataset}" if dataset else "")
         if summary is None and summary_path.is_file():
             raise ValueError(f"{summary_path}: evaluated on other weights than {model_path} "
@@ -163,7 +170,7 @@ def results_table(
             f"| {_parameter_count(model_path) / 1e6:.1f} M "
             f"| {data} | {training} "
             f"| {_fmt(lesion.get('dice_mean'))} / {_fmt(lesion.get('dice_median'))} "
-            f"| {_ci(run.per_image_path(split, model_path, dataset))} "
+            f"| {_ci(per_image_path(run, split, model_path, dataset))} "
             f"| {_fmt(lesion.get('iou_mean'))} / {_fmt(lesion.get('iou_median'))} "
             f"| {_fmt(benign.get('dice_mean'))} / {_fmt(malignant.get('dice_mean'))} "
             f"| {lesion.get('missed', 'n/a')} of {lesion['n']} "
@@ -279,16 +286,17 @@ def write_report(
     :mod:`busi.cross_dataset`); default the run's first.
 
     The figures show the masks that were scored: the images of the part, post-processed as the
-    summary records (:meth:`busi.runs.RunFolder.predictions`).
+    summary records (:func:`busi.run_inference.run_predictions`).
     """
     from busi import plots
     from busi.evaluation import evaluate
     from busi.postprocess import PostProcess
+    from busi.run_inference import run_predictions
 
     run, out_dir = RunFolder(run_dir), Path(out_dir)
     model_path = run.weights(model_path)
     config = run.load_config()
-    summary = run.summary_for(model_path, dataset)
+    summary = summary_for(run, model_path, dataset)
     if summary is None or split not in summary.get("splits", {}):
         summary = evaluate(run.root, split=split, data=data, model_path=model_path,
                            dataset=dataset)
@@ -296,13 +304,13 @@ def write_report(
         plots.training_curves(run.history, path=out_dir / "curves.png")
     # the images and masks scored: the run's own (its first dataset's, in a joint run) or
     # another dataset's, post-processed as the summary says
-    table, masks = run.predictions(split, model_path, data, dataset or config.datasets[0],
+    table, masks = run_predictions(run, split, model_path, data, dataset or config.datasets[0],
                                    PostProcess.from_dict(summary["postprocess"]))
-    per_image = run.per_image(split, model_path, dataset)
+    scores = per_image(run, split, model_path, dataset)
     lesions = table[table["label"] != "normal"]
     plots.overlays(table, masks, ids=list(lesions["id"][:n_overlays]),
                    path=out_dir / f"overlays_{split}.png")
-    plots.worst_cases(per_image, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
+    plots.worst_cases(scores, table, masks, n=n_worst, path=out_dir / f"worst_{split}.png")
     text = (
         f"# {run.root.name} ({model_path.name}): {split} split"
         f"{f' of {dataset}' if dataset else ''}\n\n"
@@ -311,8 +319,8 @@ def write_report(
     )
     classification = summary["splits"][split].get("classification")
     if classification:  # the image-level head: its figures beside the masks'
-        evaluation = run.evaluation_dir(model_path, dataset if dataset != config.datasets[0]
-                                        else None)
+        evaluation = evaluation_dir(run, model_path, dataset if dataset != config.datasets[0]
+                                    else None)
         for name in ("gate.png", "roc.png"):
             if (evaluation / name).is_file():
                 atomic_write_bytes(out_dir / name, (evaluation / name).read_bytes())

@@ -31,6 +31,7 @@ from busi.config import TrainConfig
 from busi.data.augment import AugmentConfig
 from busi.data.cache import Cache, open_cache
 from busi.data.pipeline import load_arrays, make_dataset
+from busi.data.run_parts import run_parts
 from busi.data.splits import in_classes
 from busi.devices import configure_devices, distribution_strategy, global_policy, precision_policy
 from busi.digests import file_digest, file_sha1
@@ -348,7 +349,7 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
     policy = precision_policy(config.mixed_precision)
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
-    parts = run.parts(config, new_run=not state, cache=cache)
+    parts = run_parts(run, config, new_run=not state, cache=cache)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
     print(start_message(config, run, parts, done, finished, cache), flush=True)
     if not finished:

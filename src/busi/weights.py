@@ -113,13 +113,13 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
             either way, without Keras' warning to "compile it manually".
         verify: refuse a file whose digest differs from its record (a published sidecar or the
             run's ``state.json``: :func:`busi.bundle.verify_file`) before tf-keras reads it;
-            None: unless :func:`busi.bundle.skipping_digest_checks`. False: no check, for a
+            None: unless :func:`busi.digests.skipping_digest_checks`. False: no check, for a
             caller that made it (:func:`busi.inference.open_model`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         busi.errors.DataError: not an HDF5 Keras file, a damaged one, or a weights-only file.
-        busi.bundle.DigestMismatchError: the file is not the one its record was made for.
+        busi.digests.DigestMismatchError: the file is not the one its record was made for.
         busi.model_file.UnsafeModelError: safe mode and a layer that is not allowed.
     """
     path = Path(path)

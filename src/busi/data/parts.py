@@ -1,7 +1,7 @@
 """The images a run uses: its datasets' checked table, the split made from it, and the rows of
 each part. Training makes the split once and saves it in the run folder; evaluation, reports and
 the notebooks select in the same table with the saved split
-(:meth:`busi.runs.RunFolder.parts`), so every step sees the same images.
+(:func:`busi.data.run_parts.run_parts`), so every step sees the same images.
 
 Pure functions of a config and a table: nothing here reads or writes a run folder.
 """
