@@ -15,6 +15,7 @@ import pytest
 
 import busi
 from busi import evaluation as ev
+from busi import score_tables as st
 from busi.bundle import postprocess_for
 from busi.data.geometry import to_model
 from busi.data.masks import load_example, load_truths
@@ -121,11 +122,11 @@ def test_postprocess_dict_form_is_what_files_hold() -> None:
 
 def test_perfect_predictions_score_one(busi_table: pd.DataFrame, truths) -> None:
     probs = [t.astype(np.float32) for t in truths]
-    per_image = ev.score_table(busi_table, probs, PostProcess(threshold=0.5))
-    assert list(per_image.columns) == ev.PER_IMAGE_COLUMNS
+    per_image = st.score_table(busi_table, probs, PostProcess(threshold=0.5))
+    assert list(per_image.columns) == st.PER_IMAGE_COLUMNS
     assert list(per_image["id"]) == list(busi_table["id"])
     assert np.allclose(per_image["dice"], 1.0) and np.allclose(per_image["iou"], 1.0)
-    summary = ev.summarize(per_image)
+    summary = st.summarize(per_image)
     n_lesion = len(lesion_rows(busi_table))
     assert summary["lesion"]["n"] == n_lesion
     assert summary["lesion"]["dice_mean"] == pytest.approx(1.0)
@@ -137,8 +138,8 @@ def test_perfect_predictions_score_one(busi_table: pd.DataFrame, truths) -> None
 
 def test_empty_predictions_miss_every_lesion(busi_table: pd.DataFrame, truths) -> None:
     probs = [np.zeros(t.shape, np.float32) for t in truths]
-    per_image = ev.score_table(busi_table, probs, truths=truths)
-    summary = ev.summarize(per_image)
+    per_image = st.score_table(busi_table, probs, truths=truths)
+    summary = st.summarize(per_image)
     n_lesion = len(lesion_rows(busi_table))
     assert summary["lesion"]["missed"] == n_lesion
     assert summary["lesion"]["dice_mean"] == pytest.approx(0.0)
@@ -157,12 +158,12 @@ def test_false_positive_rate_on_normals_stays_out_of_lesion_figures(
     for i in normal_positions[:2]:  # a speck on two of the five normal images
         probs[i] = probs[i].copy()
         probs[i][3:6, 3:6] = 0.9
-    summary = ev.summarize(ev.score_table(busi_table, probs, truths=truths))
+    summary = st.summarize(st.score_table(busi_table, probs, truths=truths))
     assert summary["normal"] == {"n": 5, "false_positives": 2, "false_positive_rate": 0.4}
     assert summary["lesion"]["dice_mean"] == pytest.approx(1.0)
     # component filtering removes the 9-pixel specks (< 1% of a ~50x60 image)
-    filtered = ev.summarize(
-        ev.score_table(busi_table, probs, PostProcess(min_component_fraction=0.01), truths=truths)
+    filtered = st.summarize(
+        st.score_table(busi_table, probs, PostProcess(min_component_fraction=0.01), truths=truths)
     )
     assert filtered["normal"]["false_positives"] == 0
 
@@ -174,7 +175,7 @@ def test_half_lesion_prediction_has_known_scores(busi_table: pd.DataFrame, truth
     ys, _ = np.nonzero(truth)
     half[ys.min() + (ys.max() - ys.min()) // 2 + 1 :] = 0  # keep the top part only
     table = busi_table.iloc[[row]]
-    scores = ev.score_table(table, [half.astype(np.float32)], truths=[truth]).iloc[0]
+    scores = st.score_table(table, [half.astype(np.float32)], truths=[truth]).iloc[0]
     kept, total = half.sum(), truth.sum()
     assert scores["precision"] == pytest.approx(1.0)
     assert scores["recall"] == pytest.approx(kept / total)
@@ -185,9 +186,9 @@ def test_half_lesion_prediction_has_known_scores(busi_table: pd.DataFrame, truth
 def test_score_table_rejects_model_size_maps(busi_table: pd.DataFrame, truths) -> None:
     probs = [np.zeros((SIZE, SIZE), np.float32) for _ in truths]
     with pytest.raises(ValueError, match="original size"):
-        ev.score_table(busi_table, probs, truths=truths)
+        st.score_table(busi_table, probs, truths=truths)
     with pytest.raises(ValueError, match="rows"):
-        ev.score_table(busi_table, probs[:3], truths=truths)
+        st.score_table(busi_table, probs[:3], truths=truths)
 
 
 # -------------------------------------------------------------------- predictions
@@ -199,7 +200,7 @@ def test_predictions_come_back_at_original_size(busi_table: pd.DataFrame, truths
         probs = predict_probabilities(model, busi_table, image_size=SIZE, batch_size=4, tta=tta)
         assert [p.shape for p in probs] == [t.shape for t in truths]
         assert all(p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1 for p in probs)
-        summary = ev.summarize(ev.score_table(busi_table, probs, truths=truths))
+        summary = st.summarize(st.score_table(busi_table, probs, truths=truths))
         # 32x32 loses detail, but a perfect model must still look nearly perfect
         assert summary["lesion"]["dice_mean"] > 0.8
         assert summary["normal"]["false_positive_rate"] == 0.0
@@ -222,7 +223,7 @@ def test_tta_averages_the_mirrored_prediction(busi_table: pd.DataFrame) -> None:
 
 def test_untrained_unet_runs_end_to_end(busi_table: pd.DataFrame) -> None:
     model = busi.classic_unet(input_shape=(SIZE, SIZE, 3), base_filters=4, depth=2)
-    per_image, summary = ev.evaluate_model(model, busi_table, PostProcess(threshold=0.5, tta=True))
+    per_image, summary = st.evaluate_model(model, busi_table, PostProcess(threshold=0.5, tta=True))
     assert len(per_image) == len(busi_table)
     assert summary["lesion"]["n"] == len(lesion_rows(busi_table))
     assert 0 <= summary["normal"]["false_positive_rate"] <= 1
@@ -422,7 +423,7 @@ def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_fol
     table, masks = run_predictions(folder, "test")
     scores = per_image(folder, "test")
     assert list(table["id"]) == list(scores["id"])
-    rescored = ev.score_table(table, [masks[i].astype(np.float32) for i in table["id"]])
+    rescored = st.score_table(table, [masks[i].astype(np.float32) for i in table["id"]])
     assert np.allclose(rescored["dice"], scores["dice"])
     assert summary_for(folder)["postprocess"] == PostProcess.from_dict(
         postprocess_for(folder.best)).to_dict()
@@ -450,6 +451,6 @@ def test_real_images_are_scored_at_their_own_size(real_table: pd.DataFrame) -> N
     model = LookupModel(rows, size=64)
     probs = predict_probabilities(model, rows, image_size=64, tta=True)
     assert [p.shape for p in probs] == list(zip(rows["height"], rows["width"], strict=True))
-    summary = ev.summarize(ev.score_table(rows, probs))
+    summary = st.summarize(st.score_table(rows, probs))
     assert summary["lesion"]["n"] == 4 and summary["lesion"]["dice_mean"] > 0.85
     assert summary["normal"]["false_positive_rate"] == 0.0

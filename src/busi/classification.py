@@ -46,7 +46,7 @@ GATED_COLUMNS = {"dice": 0.0, "iou": 0.0, "precision": np.nan, "recall": 0.0, "h
 
 
 def gated(per_image: pd.DataFrame, p_lesion: Sequence[float], gate: float) -> pd.DataFrame:
-    """``per_image`` scores (:func:`busi.evaluation.score_table`, ungated) as the gate at
+    """``per_image`` scores (:func:`busi.score_tables.score_table`, ungated) as the gate at
     ``gate`` leaves them. Lesion images keep NaN precision like any empty prediction."""
     below = np.asarray(p_lesion, dtype=float) < gate
     if len(below) != len(per_image):

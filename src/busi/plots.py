@@ -184,7 +184,7 @@ def worst_cases(per_image: pd.DataFrame, table: pd.DataFrame, preds: Preds, n: i
     than its mean Dice. Normal images are left out: their Dice is 1 or 0 by convention.
 
     Args:
-        per_image: the table of :func:`busi.evaluation.score_table` for these predictions.
+        per_image: the table of :func:`busi.score_tables.score_table` for these predictions.
         table: index rows of the same images.
         preds: as for :func:`overlays`.
     """

@@ -167,15 +167,15 @@ def evaluate_published(
 
     Returns:
         ``(per_image, summary)``: the per-image scores and a summary in the form of
-        ``summary.json`` (:func:`busi.evaluation.summary_record`), ``splits[split]`` the figures.
+        ``summary.json`` (:func:`busi.score_tables.summary_record`), ``splits[split]`` the figures.
     """
     from busi import inference
     from busi.atomic import json_ready
     from busi.bundle import postprocess_for
     from busi.data.index import fingerprint
     from busi.digests import file_sha1
-    from busi.evaluation import evaluate_model, summary_record
     from busi.postprocess import PostProcess
+    from busi.score_tables import evaluate_model, summary_record
 
     model_path = Path(model_path)
     path, sidecar = read_sidecar(model_path)

@@ -137,7 +137,7 @@ def score_image(truth: np.ndarray, pred: np.ndarray) -> dict[str, float | int | 
 
 def metric_stats(table: pd.DataFrame) -> dict[str, float | int]:
     """Mean, median and std (NaN skipped) of each metric column of a per-image table, and counts:
-    the statistics :func:`busi.evaluation.summarize` reports per class.
+    the statistics :func:`busi.score_tables.summarize` reports per class.
 
     Args:
         table: one row per image with the columns of :func:`score_image`.
