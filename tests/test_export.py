@@ -275,7 +275,7 @@ def test_tflite_int8_keeps_the_named_layers_in_float(tiny, tmp_path):
 def test_float_layers_are_an_efficientnet_lite_encoder(tiny):
     """Only busi's EfficientNet-Lite U-Nets keep layers in float: their input normalisation and
     every encoder layer, no decoder layer; publish then defaults to int8 for them."""
-    from busi.publish import default_export
+    from busi.publish_exports import default_export
 
     assert bx.float_layers(tiny[0]) == []
     assert default_export(tiny[0]) == "tflite:dynamic"

@@ -42,7 +42,7 @@ _LAZY = {
     "plots": ("busi.plots", None),
     "notebook": ("busi.notebook", None),
     "publish_weights": ("busi.publish", "publish_weights"),
-    "publish_export": ("busi.publish", "publish_export"),
+    "publish_export": ("busi.publish_exports", "publish_export"),
 }
 
 __all__ = sorted(_LAZY)

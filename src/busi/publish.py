@@ -12,11 +12,12 @@ loaded. A published file travels, so it is checked before anything is written (t
 training recorded for it, that it loads safely as a busi model, its shapes), and the weights,
 sidecar, card and export are written as one unit: all of them, or nothing (:func:`publish`).
 
-The export for fast CPU inference is chosen per model (:func:`default_export`): TFLite
-dynamic-range int8 needs nothing but the weights and keeps the masks of from-scratch and ResNet
-U-Nets (per-image Dice 0.997 with the ``.h5``'s), but not those of an EfficientNet-Lite U-Net
-(0.947-0.985 mean, worst images 0.0-0.87). Those get TFLite int8 with their encoder in float32
-(0.998), calibrated on images of the run's training part (:func:`calibration_images`); see
+The export for fast CPU inference is chosen per model
+(:func:`busi.publish_exports.default_export`): TFLite dynamic-range int8 needs nothing but the
+weights and keeps the masks of from-scratch and ResNet U-Nets (per-image Dice 0.997 with the
+``.h5``'s), but not those of an EfficientNet-Lite U-Net (0.947-0.985 mean, worst images
+0.0-0.87). Those get TFLite int8 with their encoder in float32 (0.998), calibrated on images of
+the run's training part (:func:`busi.publish_exports.calibration_images`); see
 :mod:`busi.export` for why.
 """
 
@@ -29,20 +30,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from busi.atomic import atomic_write_text, read_json
-from busi.data.run_parts import run_parts
 from busi.evaluation_folders import summary_for
 from busi.models import architecture, model_details, weights_name
 from busi.postprocess import PostProcess
+from busi.publish_exports import calibration_images, default_export, publish_export
 from busi.runs import RunFolder
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_IMAGES = 64
-"""Training images an int8 export measures its activation ranges on (:func:`calibration_images`)."""
-
 
 def publish_weights(
     run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None,
@@ -80,11 +75,13 @@ def publish(
 
     Args:
         run_dir, dest_dir, name, model_path: as for :func:`publish_weights`.
-        export: also export for fast CPU inference (:func:`publish_export`):
-            ``"backend[:quantize]"``, e.g. "tflite:dynamic", "tflite:int8", "tflite", "onnx",
-            "onnx:bfloat16"; "auto" (default) for :func:`default_export` of the model; None or
+        export: also export for fast CPU inference
+            (:func:`busi.publish_exports.publish_export`): ``"backend[:quantize]"``, e.g.
+            "tflite:dynamic", "tflite:int8", "tflite", "onnx", "onnx:bfloat16"; "auto"
+            (default) for :func:`busi.publish_exports.default_export` of the model; None or
             "none" for none. Int8 exports (":int8") are calibrated on
-            :func:`calibration_images` of the run, so the run's dataset must be at hand.
+            :func:`busi.publish_exports.calibration_images` of the run, so the run's dataset
+            must be at hand.
 
     Returns:
         The written files: weights ``.h5``, sidecar ``.json``, card ``.md``, then the export.
@@ -183,46 +180,6 @@ def _files_of_old_record(sidecar: Path) -> list[str]:
     except DataError:
         return []
     return [name for name in record.files if Path(name).name == name]
-
-
-def default_export(model: Any) -> str:
-    """The export :func:`publish` makes unless told: ``"tflite:int8"`` for a model with layers
-    int8 cannot carry (:func:`busi.export.is_lite_unet`: an EfficientNet-Lite U-Net, whose
-    dynamic-range int8 export does not keep its masks), kept in float32 there; else
-    ``"tflite:dynamic"``, which needs no calibration images. An ensemble (``busi cv``: member
-    models nested in one) gets a float32 ``"tflite"``: int8 would need the float layers of
-    each nested member, which the int8 export cannot name."""
-    from busi.export import is_lite_unet
-
-    if any(hasattr(layer, "layers") for layer in model.layers):
-        return "tflite"
-    return "tflite:int8" if is_lite_unet(model) else "tflite:dynamic"
-
-
-def calibration_images(run: RunFolder, n: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """``n`` images of the run's training part (all of them if fewer), drawn with the run's
-    seed and resized as the model sees them (its image size and resize mode, gray replicated
-    to 3 channels, float32 in [0, 255]): what an int8 export measures activation ranges on.
-    Never validation or test images, which are what the export is checked on.
-
-    Raises:
-        DataError: the run's dataset is not where its config says (or was changed since).
-    """
-    from busi.data.masks import read_image
-    from busi.errors import DataError
-    from busi.inference import model_batch
-
-    config = run.load_config()
-    try:
-        train = run_parts(run, config)["train"]
-    except (DataError, FileNotFoundError) as error:
-        raise DataError(
-            f"an int8 export is calibrated on the training images of {run.root}, which are not "
-            f"available (export without them: --export tflite:dynamic, tflite or none): {error}"
-        ) from error
-    rows = train.sample(min(n, len(train)), random_state=config.seed)
-    images = [read_image(path) for path in rows["image_path"]]
-    return model_batch(images, config.image_size, config.resize)[0]
 
 
 def verify_checkpoint(run: RunFolder, source: Path) -> Any:
@@ -440,40 +397,3 @@ def _augmentation(config: dict[str, Any]) -> str:
     return "on (defaults but " + ", ".join(f"{k} {v}" for k, v in changed.items()) + ")"
 
 
-def publish_export(
-    weights: str | os.PathLike, backend: str = "tflite", quantize: str | None = "dynamic",
-    calibration: Any = None,
-) -> Path:
-    """Export published weights for fast CPU inference, next to them, under the same sidecar.
-
-    The default here, TFLite with dynamic-range int8 weights, was the fastest path that kept
-    the masks of the Keras model (``benchmarks/inference_speed.py``) for all but EfficientNet-Lite
-    U-Nets, for which :func:`busi.export.export` warns (:func:`publish` chooses per model with
-    :func:`default_export`; see :mod:`busi.export`). ``quantize="int8"`` needs
-    ``calibration`` images (:func:`calibration_images`). The exported file's digests are added
-    to the sidecar (the weights' model record), so :func:`busi.predict` applies the same
-    post-processing to it and refuses it if it changes.
-
-    Returns:
-        The exported file's path (``<name>.tflite`` or ``<name>.onnx``; int8 or bfloat16
-        variants get ``.int8``/``.bf16`` before the suffix).
-    """
-    from busi.bundle import ModelRecord
-    from busi.digests import FileDigest
-    from busi.export import export
-
-    weights = Path(weights)
-    sidecar_path = weights.with_suffix(".json")
-    record = ModelRecord.read(sidecar_path) if sidecar_path.is_file() else None
-    covered = None if record is None else record.covers(weights.name)
-    if covered is None or covered.differs(FileDigest.of(weights)):
-        raise FileNotFoundError(
-            f"{sidecar_path}: no sidecar for these weights; publish them first "
-            "(busi.publish_weights)"
-        )
-    tag = {"dynamic": ".int8", "int8": ".int8", "bfloat16": ".bf16", "float16": ".fp16"}
-    suffix = ".tflite" if backend == "tflite" else ".onnx"
-    out = weights.with_name(weights.stem + tag.get(quantize or "", "") + suffix)
-    export(weights, out, backend=backend, quantize=quantize, calibration=calibration)
-    record.with_file(out).write(sidecar_path)
-    return out
