@@ -8,7 +8,7 @@ import TensorFlow::
     root = busi.data.locate()               # or busi.data.download("data")
     table = busi.data.index(root)
     model = busi.build_model(encoder_weights=None)
-    run = busi.RunFolder("runs/my-run")     # a trained run: parts, masks, evaluations
+    run = busi.RunFolder("runs/my-run")     # a trained run's files, records and lock
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The notebooks (``notebooks/0*.ipynb``) run in Jupyter, in Colab and headless in 
 parameters. What differs between those places is handled here: where the dataset comes from,
 where runs and weights are written (the project's ``runs/`` and ``weights/``, or Google Drive in
 Colab so they outlive the session), and demo images for the prediction notebook. What a run
-holds (its parts, masks, evaluations) the notebooks read through :class:`busi.RunFolder`.
+holds the notebooks read with the functions of its stage, given a :class:`busi.RunFolder`: its
+parts (:mod:`busi.data.run_parts`), masks (:mod:`busi.run_inference`) and evaluations
+(:mod:`busi.evaluation_folders`).
 
 The Colab install cell itself cannot live here: it runs before busi is installed.
 """
