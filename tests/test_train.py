@@ -321,8 +321,10 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     other = tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8, init_weights=str(source))
     with pytest.raises(ValueError, match=f"{re.escape(str(source))}.*do not fit"):
         busi.train(other)
-    # a start with init_weights that crashed in its first epoch leaves its record; started
-    # again without init_weights (allowed: no epoch had finished), the record goes
+    assert not (tmp_path / "d" / "run").exists()  # refused before the run folder is written
+    # a start with init_weights killed in its first epoch (kill -9: no clean-up) leaves its
+    # record; started again without init_weights (allowed: no epoch had finished), it goes
+    (tmp_path / "d" / "run").mkdir(parents=True)
     (tmp_path / "d" / "run" / "init_weights.json").write_text(json.dumps(record))
     busi.train(tiny(busi_folder, tmp_path / "d", epochs=1, base_filters=8))
     assert not (tmp_path / "d" / "run" / "init_weights.json").exists()
