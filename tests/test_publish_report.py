@@ -376,3 +376,14 @@ def test_card_carries_the_results_on_other_datasets(evaluated_run, busbra_folder
     assert "### busbra (all of it; never trained on" in card
     assert f"| lesion | {other['splits']['all']['lesion']['n']} |" in card
     assert f"Trained on the {sidecar['trained_on']} images of the training part." in card
+
+
+def test_kept_epoch_of_a_run_that_keeps_its_last_weights(tmp_path):
+    from busi.config import TrainConfig
+    from busi.report import _kept_epoch
+    from busi.runs import RunFolder
+
+    run = RunFolder(tmp_path)
+    history = pd.DataFrame({"epoch": [1, 2, 3], "val_iou_score": [0.2, 0.6, 0.4]})
+    assert _kept_epoch(run, TrainConfig(), history, run.best) == 2  # the monitor's best
+    assert _kept_epoch(run, TrainConfig(keep="last"), history, run.best) == 3

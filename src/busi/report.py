@@ -198,9 +198,10 @@ def _training(run: RunFolder, config: Any, model_path: Path) -> tuple[str, str]:
 
 
 def _kept_epoch(run: RunFolder, config: Any, history: pd.DataFrame, model_path: Path) -> Any:
-    """The epoch whose weights these are: the monitor's best for ``best.h5``, the last for
-    ``last.h5``, unknown ("?") for other files."""
-    if model_path.name == run.last.name:
+    """The epoch whose weights these are: the monitor's best for ``best.h5`` (the last with
+    ``keep: last``), the last for ``last.h5``, unknown ("?") for other files."""
+    if model_path.name == run.last.name or (model_path.name == run.best.name
+                                            and config.keep == "last"):
         return int(history["epoch"].iloc[-1])
     if model_path.name != run.best.name or config.monitor not in history:
         return "?"
