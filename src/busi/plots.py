@@ -144,18 +144,19 @@ def overlays(table: pd.DataFrame, preds: Preds, ids: Sequence[str] | None = None
 
 
 def training_curves(history: pd.DataFrame | str | os.PathLike,
-                    path: str | os.PathLike | None = None) -> Figure:
+                    path: str | os.PathLike | None = None, kept: int | None = None) -> Figure:
     """Loss, IoU and F1 (Dice) per epoch, training vs validation, from ``history.csv``.
 
-    The dashed line marks the epoch with the best ``val_iou_score`` (the epoch of ``best.h5``).
+    The dashed line marks the epoch of ``best.h5``: ``kept`` if given (a run with ``keep:
+    last``), else the epoch with the best ``val_iou_score``.
     """
     frame = history if isinstance(history, pd.DataFrame) else pd.read_csv(history)
     metrics = [m for m in CURVE_METRICS if m in frame or f"val_{m}" in frame]
     if frame.empty or not metrics:
         raise ValueError(f"history has none of the columns {list(CURVE_METRICS)} (or no rows)")
     epochs = frame["epoch"] if "epoch" in frame else pd.Series(range(1, len(frame) + 1))
-    best = None
-    if "val_iou_score" in frame and frame["val_iou_score"].notna().any():
+    best = kept
+    if best is None and "val_iou_score" in frame and frame["val_iou_score"].notna().any():
         best = epochs.iloc[int(np.nanargmax(frame["val_iou_score"].to_numpy(float)))]
     figure = Figure(figsize=(4.2 * len(metrics), 3.4), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]

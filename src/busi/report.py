@@ -302,7 +302,10 @@ def write_report(
         summary = evaluate(run.root, split=split, data=data, model_path=model_path,
                            dataset=dataset)
     if run.history.is_file():  # a busi cv ensemble has none: its folds trained
-        plots.training_curves(run.history, path=out_dir / "curves.png")
+        history = run.read_history()
+        kept = _kept_epoch(run, config, history, model_path)
+        plots.training_curves(history, path=out_dir / "curves.png",
+                              kept=kept if isinstance(kept, int) else None)
     # the images and masks scored: the run's own (its first dataset's, in a joint run) or
     # another dataset's, post-processed as the summary says
     table, masks = run_predictions(run, split, model_path, data, dataset or config.datasets[0],
