@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=None, help="trained busi .h5 (default: random)")
     parser.add_argument("--encoder", default="resnet34", help="encoder of the random model")
-    parser.add_argument("--size", type=int, default=256, help="input side of the random model")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="input side of the random model")
     parser.add_argument("--data", default=None, help="BUSI folder (default: $BUSI_DATA)")
     parser.add_argument("--images", type=int, default=32, help="real images for agreement")
     parser.add_argument("--calibration", type=int, default=32, help="images for int8 ranges")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             model = busi.load_model(args.weights, compile=False)
             size = tuple(int(s) for s in model.input_shape[1:3])
         else:
-            size = (args.size, args.size)
+            size = (args.image_size, args.image_size)
             busi._keras.keras().utils.set_random_seed(args.seed)  # same random model each run
             model = busi.build_model(args.encoder, input_shape=(*size, 3), encoder_weights=None)
         images, truth, calibration = load_images(args, size)

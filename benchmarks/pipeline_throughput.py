@@ -9,7 +9,7 @@ the model waits for data. This measures, on the real BUSI lesion images (benign 
 
 Usage::
 
-    python benchmarks/pipeline_throughput.py [--data PATH] [--size 256] [--batch-size 8]
+    python benchmarks/pipeline_throughput.py [--data PATH] [--image-size 256] [--batch-size 8]
         [--epochs 3] [--mode letterbox]
 
 ``--data`` defaults to ``$BUSI_DATA`` (see ``busi.data.locate``).
@@ -29,7 +29,7 @@ from busi.data.geometry import MODES
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="BUSI folder (default: $BUSI_DATA)")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--mode", default="letterbox", choices=MODES)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
@@ -49,17 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"index: {len(table)} lesion images in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    arrays = load_arrays(table, size=args.size, mode=args.mode)
+    arrays = load_arrays(table, size=args.image_size, mode=args.mode)
     seconds = time.perf_counter() - start
     megabytes = (arrays[0].nbytes + arrays[1].nbytes) / 1e6
     print(
-        f"cache (decode + resize to {args.size}x{args.size}, {args.mode}): {seconds:.1f} s, "
+        f"cache (decode + resize to {args.image_size}x{args.image_size}, {args.mode}): "
+        f"{seconds:.1f} s, "
         f"{len(table) / seconds:.0f} img/s, {megabytes:.0f} MB"
     )
 
     dataset = make_dataset(
         table,
-        size=args.size,
+        size=args.image_size,
         mode=args.mode,
         batch_size=args.batch_size,
         training=True,

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--decoder-filters", type=int, nargs=5, default=[256, 128, 64, 32, 16],
                         metavar="F", help="filters of the U-Net's 5 decoder stages")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--policy", default="float32",
                         choices=["float32", "mixed_bfloat16", "mixed_float16"])
@@ -138,13 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     keras.mixed_precision.set_global_policy(args.policy)
     config = TrainConfig(
         architecture=args.architecture, encoder=args.encoder, encoder_weights=None,
-        base_filters=args.base_filters, depth=args.depth, image_size=args.size,
+        base_filters=args.base_filters, depth=args.depth, image_size=args.image_size,
         batch_size=args.batch_size, decoder_filters=args.decoder_filters,
     )
     model = models.build(config)
     compile_model(model, config)
     rng = np.random.default_rng(0)
-    shape = (args.batch_size, args.size, args.size)
+    shape = (args.batch_size, args.image_size, args.image_size)
     images = tf.constant(rng.uniform(0, 255, (*shape, 3)).astype(np.float32))
     masks = tf.constant((rng.random((*shape, 1)) > 0.9).astype(np.float32))
 
@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     infer = timed(lambda: predict_fn(images).numpy(), args.steps, args.rounds, args.batch_size)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
 
-    flops = forward_flops(model, args.size)
+    flops = forward_flops(model, args.image_size)
     peak, method = cpu_peak(args.flops_per_cycle)
-    pipeline = pipeline_rate(args.data, args.size, args.batch_size)
+    pipeline = pipeline_rate(args.data, args.image_size, args.batch_size)
 
     print(f"model: {model.name}, {model.count_params() / 1e6:.1f} M parameters, "
-          f"{args.size}x{args.size}, batch {args.batch_size}, policy {args.policy}")
+          f"{args.image_size}x{args.image_size}, batch {args.batch_size}, policy {args.policy}")
     threading = tf.config.threading
     print(f"TensorFlow {tf.__version__}, threads intra "
           f"{threading.get_intra_op_parallelism_threads()} inter "

@@ -205,7 +205,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     # raises when no image was segmented: the command then exits 2
     table = busi.predict(
-        args.weights, args.inputs, args.output, image_size=args.size, resize=args.resize,
+        args.weights, args.inputs, args.output, image_size=args.image_size, resize=args.resize,
         threshold=args.threshold, tta=args.tta, include_masks=args.include_masks, gate=args.gate,
     )
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
@@ -397,7 +397,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="probability threshold (default: the one chosen on validation when the "
                    "weights sit in an evaluated run folder, else 0.5)")
-    p.add_argument("--size", type=int, help="model input size (default: the model's)")
+    p.add_argument("--image-size", type=int,
+                   help="side of the square model input in pixels (default: the model's)")
     p.add_argument("--resize", choices=list(MODES),
                    help="default: the run's setting, else letterbox")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -240,7 +240,7 @@ def predict(
         image_size = model_input_size(model) or (settings and settings.image_size)
     if image_size is None:
         raise ValueError("the model has no fixed input size: give the side it was trained at "
-                         "(busi predict --size N; image_size=N in Python)")
+                         "(busi predict --image-size N; image_size=N in Python)")
     resize = resize if resize is not None else (settings.resize if settings else "letterbox")
     post = (settings.postprocess if settings else PostProcess()).override(
         threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,
