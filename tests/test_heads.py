@@ -68,9 +68,12 @@ def test_probability_table_names_the_class_and_conditional_malignancy():
 def _per_image():
     return pd.DataFrame({
         "id": list("abcde"), "label": ["benign", "malignant", "benign", "normal", "normal"],
-        "dice": [0.9, 0.8, 0.7, np.nan, np.nan], "iou": [0.8, 0.7, 0.6, np.nan, np.nan],
-        "precision": [0.9] * 3 + [0.0, np.nan], "recall": [0.9] * 3 + [np.nan] * 2,
-        "hd95": [3.0] * 3 + [np.nan] * 2, "pred_pixels": [10, 10, 10, 5, 0],
+        # d: a false positive on a normal image, e: a normal image left empty (score_image's
+        # conventions: Dice 0 and 1)
+        "dice": [0.9, 0.8, 0.7, 0.0, 1.0], "iou": [0.8, 0.7, 0.6, 0.0, 1.0],
+        "precision": [0.9] * 3 + [0.0, 1.0], "recall": [0.9] * 3 + [np.nan, 1.0],
+        "hd95": [3.0] * 3 + [np.nan, 0.0], "pred_pixels": [10, 10, 10, 5, 0],
+        "empty_truth": [False, False, False, True, True],
         "empty_pred": [False, False, False, False, True],
     })
 
@@ -81,6 +84,11 @@ def test_gate_empties_masks_below_it_and_the_curve_counts_the_cost():
     assert list(curve["normal_fp"]) == [1, 1, 0]
     np.testing.assert_allclose(curve["lesion_dice"], [0.8, 1.7 / 3, 1.7 / 3])  # c: Dice 0
     assert list(curve["lesions_gated"]) == [0, 1, 1]
+    after = classification.gated(per_image, p_lesion, 0.5).set_index("id")
+    # a gated lesion image is a missed lesion, a gated normal image a correct "nothing"
+    assert after.loc["c", "dice"] == 0 and after.loc["c", "empty_pred"]
+    assert after.loc["d", "dice"] == 1 and after.loc["d", "empty_pred"]
+    assert after.loc["a", "dice"] == 0.9  # above the gate: unchanged
     # the loss of Dice at 0.25 and 0.5 is beyond tolerance: no gate
     assert classification.choose_gate(curve) == 0.0
     assert classification.choose_gate(curve, tolerance=0.3) == 0.5
@@ -174,7 +182,8 @@ def test_head_on_both_architectures_saves_and_reloads(architecture, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, tmp_path):
+def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, tmp_path,
+                                                                   monkeypatch):
     """The whole path of a model with the head: training (and a resume), evaluation with the
     gate chosen on val, its curves and the classification scores, and busi predict writing
     classes.csv beside the masks (and refusing a gate for a model without the head)."""
@@ -198,7 +207,18 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     model = busi.load_model(run / "best.h5", compile=False)
     assert heads.has_image_head(model)
 
+    from busi import evaluation
+
+    calls = []
+
+    def recording(per_image, p_lesion, *args, **kwargs):
+        calls.append(set(per_image["id"]))
+        return classification.gate_curve(per_image, p_lesion, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "gate_curve", recording)
     summary = evaluate(run)
+    split = pd.read_csv(run / "split.csv")
+    assert calls[0] <= set(split.loc[split["split"] == "val", "id"])  # the choice: val only
     out = run / "evaluation"
     for name in ("gate_val.csv", "gate_test.csv", "gate.png", "roc.png"):
         assert (out / name).is_file(), name
@@ -225,11 +245,34 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     assert f"| {auc:.3f} (" in row
 
     masks = tmp_path / "masks"
-    table = busi.predict(run / "best.h5", busi_folder / "normal",
-                         masks, gate=1.0)
+    table = busi.predict(run / "best.h5", busi_folder / "benign", masks, threshold=0.0)
     classes = pd.read_csv(masks / "classes.csv")
     assert len(classes) == len(table) and set(classes["class"]) <= set(heads.CLASSES)
-    assert (table["lesion_pixels"] == 0).all()  # gate 1: no image passes
+    # threshold 0: every pixel is lesion unless the gate empties the image; a gate between the
+    # images' lesion probabilities empties those below it and only those
+    ordered = np.sort(table["p_lesion"].to_numpy())
+    middle = float(ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    gated = busi.predict(run / "best.h5", busi_folder / "benign", tmp_path / "gated",
+                         threshold=0.0, gate=middle)
+    below = gated["p_lesion"] < middle
+    assert below.any() and (~below).any()
+    assert (gated.loc[below, "lesion_pixels"] == 0).all()
+    assert (gated.loc[~below, "lesion_pixels"] > 0).all()
+
+    from busi.publish import publish
+
+    files = publish(run, tmp_path / "published", export="tflite")
+    card = next(path for path in files if path.suffix == ".md").read_text()
+    assert "Image-level head" in card and "benign vs malignant AUC" in card
+    exported = busi.predict(next(path for path in files if path.suffix == ".tflite"),
+                            busi_folder / "benign", tmp_path / "exported", threshold=0.0,
+                            gate=middle)
+    # the float32 export gives the same probabilities (other kernels: the bound and reason of
+    # test_weights.py) and so the same gate decisions wherever they are not within that bound
+    columns = [f"p_{name}" for name in heads.CLASSES]
+    np.testing.assert_allclose(exported[columns], gated[columns], atol=1e-3)
+    clear = (gated["p_lesion"] - middle).abs() > 1e-3
+    assert list((exported["lesion_pixels"] == 0)[clear]) == list(below[clear])
     with pytest.raises(busi.errors.DataError, match="no image-level head"):
         plain = busi.train(TrainConfig(**{**config.to_dict(), "image_head": False,
                                           "run_dir": str(tmp_path / "plain"), "epochs": 1}))

@@ -57,10 +57,11 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
 
     Keras prints no header when one ``fit`` call trains a single epoch (a run of one epoch, a
     frozen-encoder warm-up epoch, the last epoch of a resumed run) and counts a warm-up call's
-    epochs as if they were the run's, so training seemed to start silently.
+    epochs as if they were the run's: without this a run could start with no sign of which
+    epoch it is in.
     """
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int) -> None:
         super().__init__(count_mode="steps")
         self.total = epochs
 

@@ -27,6 +27,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from busi.data.splits import is_lesion
 from busi.heads import CLASSES, lesion_probability, malignancy_probability
+from busi.scoring import score_image
 
 GATE_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(20))
 """Lesion-probability thresholds tried on validation (0 = no gate)."""
@@ -39,22 +40,33 @@ BOOTSTRAP_DRAWS = 2000
 """Bootstrap resamples per interval: the 2.5% and 97.5% percentiles then move by < 0.005 AUC
 between seeds on BUSI's test part."""
 
-GATED_COLUMNS = {"dice": 0.0, "iou": 0.0, "precision": np.nan, "recall": 0.0, "hd95": np.nan,
-                 "pred_pixels": 0, "empty_pred": True}
-"""What a gated image's per-image scores become (those of an empty prediction,
-:func:`busi.scoring.score_image`); a normal image's empty prediction is no false positive."""
+_SCORED = ("dice", "iou", "precision", "recall", "hd95", "pred_pixels", "empty_pred")
+
+
+def _empty_prediction(truth_pixels: int) -> dict[str, Any]:
+    """The scores of an empty mask on an image with that many truth pixels, as
+    :func:`busi.scoring.score_image` gives them (one convention for gated and ungated masks)."""
+    truth = np.zeros((2, 2), np.uint8)
+    truth.flat[:truth_pixels] = 1
+    scores = score_image(truth, np.zeros_like(truth))
+    return {key: scores[key] for key in _SCORED}
 
 
 def gated(per_image: pd.DataFrame, p_lesion: Sequence[float], gate: float) -> pd.DataFrame:
     """``per_image`` scores (:func:`busi.score_tables.score_table`, ungated) as the gate at
-    ``gate`` leaves them. Lesion images keep NaN precision like any empty prediction."""
+    ``gate`` leaves them: a gated image scores as an empty prediction does, a missed lesion on
+    a lesion image and a correct "nothing" on an image without one."""
     below = np.asarray(p_lesion, dtype=float) < gate
     if len(below) != len(per_image):
         raise ValueError(f"{len(below)} lesion probabilities for {len(per_image)} images")
     frame = per_image.copy()
-    for column, value in GATED_COLUMNS.items():
-        if column in frame:
-            frame.loc[below, column] = value
+    empty_truth = frame["empty_truth"].astype(bool).to_numpy() if "empty_truth" in frame else \
+        (frame["label"] == "normal").to_numpy()
+    for rows, values in ((below & ~empty_truth, _empty_prediction(1)),
+                         (below & empty_truth, _empty_prediction(0))):
+        for column, value in values.items():
+            if column in frame:
+                frame.loc[rows, column] = value
     return frame
 
 
@@ -82,6 +94,8 @@ def choose_gate(curve: pd.DataFrame, tolerance: float = GATE_TOLERANCE) -> float
     lowest threshold (the least gating that reaches them)."""
     ungated = float(curve.loc[curve["gate"] == curve["gate"].min(), "lesion_dice"].iloc[0])
     allowed = curve[curve["lesion_dice"] >= ungated - tolerance]
+    if not np.isfinite(ungated) or allowed.empty:  # no lesion to weigh the cost on: no gate
+        return 0.0
     best = allowed[allowed["normal_fp"] == allowed["normal_fp"].min()]
     return float(best["gate"].min())
 

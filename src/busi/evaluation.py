@@ -168,6 +168,7 @@ def _evaluate(
     per_image = {} if val_table.empty else {
         "val": score_table(val_table, val_probs[post.tta], post, truths=val_truths,
                            labels=val_labels[post.tta])}
+    ungated = None
     if split != "val":
         probs, labels = predict_table(model, parts[split], size, mode, batch_size, post.tta,
                                       desc=split)
@@ -179,18 +180,20 @@ def _evaluate(
                                    truths=val_truths),
                 split: score_table(parts[split], probs, post.override(gate=0.0), truths=truths),
             }
-            _head_figures(evaluation_dir(run, model_path), per_image, ungated, split, post.gate)
 
     # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
     # the first goes to evaluation/, the others to evaluation-<name>/.
     records = {}
     for name in config.datasets:
-        frames = per_image
+        frames, plain = per_image, ungated
         if len(config.datasets) > 1:
-            frames = {part: frame[frame["id"].isin(_ids_of(parts[part], name))]
-                      .reset_index(drop=True) for part, frame in per_image.items()}
-        records[name] = _write_summary(evaluation_dir(run, model_path, name), frames, model_path,
-                                       sha1, post, size, mode, name)
+            frames, plain = ({part: frame[frame["id"].isin(_ids_of(parts[part], name))]
+                              .reset_index(drop=True) for part, frame in tables.items()}
+                             for tables in (per_image, ungated or {}))
+        out_dir = evaluation_dir(run, model_path, name)
+        records[name] = _write_summary(out_dir, frames, model_path, sha1, post, size, mode, name)
+        if ungated is not None:  # the head's figures, of this dataset's images
+            _head_figures(out_dir, frames, plain, split, post.gate)
     return records[dataset or config.datasets[0]]
 
 
@@ -198,7 +201,8 @@ def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
                   ungated: Mapping[str, pd.DataFrame], split: str, gate: float) -> None:
     """The gate's cost across thresholds (val, where it was chosen, and ``split`` for show) and
     the ROC curves of ``split``: ``gate_<part>.csv``, ``gate.png`` and ``roc.png`` beside the
-    summary. ``ungated``: the parts' per-image scores without the gate."""
+    summary. ``ungated``: the parts' per-image scores without the gate. In a joint run each
+    dataset gets its own; the gate itself was chosen on the val parts of all of them."""
     curves = {part: gate_curve(ungated[part], per_image[part]["p_lesion"])
               for part in dict.fromkeys(("val", split))}
     for part, curve in curves.items():

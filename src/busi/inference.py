@@ -110,7 +110,7 @@ def open_model(
 
 
 load = open_model
-"""The name :func:`open_model` had first; scripts and notebooks use both."""
+"""Another name of :func:`open_model`, the one scripts and notebooks of busi use."""
 
 
 def _open(path: Path, suffix: str, runtime: str | None, precision: str | None,

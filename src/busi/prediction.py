@@ -50,10 +50,10 @@ COLUMNS = ["input", "pred", "overlay", "height", "width", "lesion_pixels", "max_
            "error"]
 OVERLAY_BGR = (0, 0, 255)  # red
 RECORD_FILE = "predict.json"
+"""In an output folder: what made its masks (:func:`write_run_record`)."""
 CLASSES_FILE = "classes.csv"
 """In an output folder of a model with the image-level head: each image's class and
 probabilities."""
-"""In an output folder: what made its masks (:func:`write_run_record`)."""
 
 
 def list_inputs(inputs: str | os.PathLike, include_masks: bool = False) -> list[Path]:
@@ -245,6 +245,9 @@ def predict(
     post = (settings.postprocess if settings else PostProcess()).override(
         threshold=threshold, tta=tta, min_component_fraction=min_component_fraction,
         keep_largest=keep_largest, gate=gate)
+    if post.gate > 0 and getattr(model, "has_head", None) is False:
+        raise DataError(f"{getattr(model, 'path', 'the model')}: gate {post.gate} set, but the "
+                        "model has no image-level head; use --gate 0")
     created = not output_dir.exists()
     make_output_dir(output_dir)
 

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from busi import heads
 from busi.atomic import atomic_write_text, read_json
 from busi.evaluation_folders import summary_for
 from busi.models import architecture, model_details, weights_name
@@ -197,7 +198,9 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
     model = weights.load_for_inference(source, verify=False)  # checked just above
     config = run.load_config()
     size = model_input_size(model)
-    shapes = (model.input_shape, model.output_shape)
+    # the mask is the first output of a model with the image-level head
+    mask_shape = model.output_shape[0] if heads.has_image_head(model) else model.output_shape
+    shapes = (model.input_shape, mask_shape)
     if size not in (None, (config.image_size, config.image_size)) or \
             tuple(shapes[1][1:3]) != tuple(shapes[0][1:3]):
         raise DataError(
@@ -275,7 +278,7 @@ def _schedule(config: dict[str, Any]) -> str:
 
 def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     """A human-readable model card, written from the sidecar's facts (nothing typed by hand)."""
-    from busi.report import metrics_table
+    from busi.report import classification_table, metrics_table
 
     config = sidecar["config"]
     encoder = model_details(config)
@@ -297,7 +300,12 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         f"augmentation {_augmentation(config)}, seed {config['seed']}.",
         f"- Post-processing (chosen on {sidecar['chosen_on'] or 'nothing: defaults'}): "
         f"threshold {sidecar['threshold']}, flip TTA {sidecar['tta']}, min component fraction "
-        f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}.",
+        f"{sidecar['min_component_fraction']}, keep largest {sidecar['keep_largest']}"
+        + (f"; image-level gate {sidecar['gate']} (an image whose lesion probability is below "
+           "it gets an empty mask)." if sidecar.get("gate") else "."),
+        *(["- Image-level head: normal / benign / malignant from the pooled encoder features "
+           "(busi.heads); `busi predict` writes each image's class to classes.csv."]
+          if config.get("image_head") else []),
         f"- Weights SHA-1 {sidecar['model_sha1']} (run weights "
         f"{sidecar.get('run_weights', 'best.h5')}); code commit {sidecar.get('git_commit')}.",
         *_encoder_source(config),
@@ -317,6 +325,9 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         lines += ["Per image at the original resolution, on the held-out test split; lesion = "
                   "benign + malignant; normal images only as false-positive rate.", "",
                   metrics_table(summary, "test")]
+        classification = summary["splits"]["test"].get("classification")
+        if classification:
+            lines += [classification_table(classification)]
     else:
         lines += ["Not evaluated yet (run `busi evaluate` on the run folder, then publish again).",
                   ""]
