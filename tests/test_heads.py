@@ -333,3 +333,12 @@ def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, b
     trained = busi.train(config)
     history = pd.read_csv(trained / "history.csv")
     assert np.isfinite(history["label_loss"]).all()
+
+
+def test_the_gate_is_chosen_on_the_datasets_that_hold_normal_images():
+    from busi.evaluation import _with_normal_images
+
+    table = pd.DataFrame({"dataset": ["busi", "busi", "busbra", "busbra"],
+                          "label": ["normal", "benign", "benign", "malignant"]})
+    assert list(_with_normal_images(table)) == [True, True, False, False]
+    assert _with_normal_images(table.drop(columns="dataset")).all()

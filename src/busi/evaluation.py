@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from busi import heads, plots
@@ -149,9 +150,10 @@ def _evaluate(
         chosen = select_postprocess(grid)
         post = PostProcess.from_dict(chosen)
         if val_labels[post.tta] is not None:  # the image-level head: its gate, chosen on val
-            curve = gate_curve(score_table(val_table, val_probs[post.tta], post,
-                                           truths=val_truths),
-                               heads.lesion_probability(val_labels[post.tta]))
+            rows = _with_normal_images(val_table)
+            scored = score_table(val_table, val_probs[post.tta], post, truths=val_truths)
+            curve = gate_curve(scored[rows].reset_index(drop=True),
+                               heads.lesion_probability(val_labels[post.tta])[rows])
             post = post.override(gate=choose_gate(curve))
         saved = ModelRecord(
             model=model_path.name, files={model_path.name: digest}, image_size=size,
@@ -195,6 +197,17 @@ def _evaluate(
         if ungated is not None:  # the head's figures, of this dataset's images
             _head_figures(out_dir, frames, plain, split, post.gate)
     return records[dataset or config.datasets[0]]
+
+
+def _with_normal_images(table: pd.DataFrame) -> np.ndarray:
+    """The rows of datasets that hold normal images, where the gate is chosen: the head learns
+    P(normal) on those only (BUS-BRA rows train benign vs malignant), so on the others its
+    lesion probability means nothing and gating their lesions would count as a cost that no
+    gate can avoid."""
+    if "dataset" not in table:
+        return np.ones(len(table), bool)
+    with_normal = set(table.loc[table["label"] == "normal", "dataset"])
+    return table["dataset"].isin(with_normal).to_numpy()
 
 
 def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
