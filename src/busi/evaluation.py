@@ -195,7 +195,8 @@ def _evaluate(
         out_dir = evaluation_dir(run, model_path, name)
         records[name] = _write_summary(out_dir, frames, model_path, sha1, post, size, mode, name)
         if ungated is not None:  # the head's figures, of this dataset's images
-            _head_figures(out_dir, frames, plain, split, post.gate)
+            _head_figures(out_dir, frames, plain, split, post.gate,
+                          records[name]["splits"][split].get("classification", {}))
     return records[dataset or config.datasets[0]]
 
 
@@ -211,11 +212,14 @@ def _with_normal_images(table: pd.DataFrame) -> np.ndarray:
 
 
 def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
-                  ungated: Mapping[str, pd.DataFrame], split: str, gate: float) -> None:
+                  ungated: Mapping[str, pd.DataFrame], split: str, gate: float,
+                  classification: Mapping[str, Any]) -> None:
     """The gate's cost across thresholds (val, where it was chosen, and ``split`` for show) and
     the ROC curves of ``split``: ``gate_<part>.csv``, ``gate.png`` and ``roc.png`` beside the
-    summary. ``ungated``: the parts' per-image scores without the gate. In a joint run each
-    dataset gets its own; the gate itself was chosen on the val parts of all of them."""
+    summary. ``ungated``: the parts' per-image scores without the gate; ``classification``:
+    the summary's scores of ``split`` (:func:`busi.classification.classification_summary`),
+    whose AUCs title the ROC curves. In a joint run each dataset gets its own; the gate itself
+    was chosen on the val parts of the datasets that hold normal images."""
     curves = {part: gate_curve(ungated[part], per_image[part]["p_lesion"])
               for part in dict.fromkeys(("val", split))}
     for part, curve in curves.items():
@@ -225,8 +229,7 @@ def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
     known = frame["label"].isin(heads.CLASSES)
     probabilities = frame.loc[known, [f"p_{name}" for name in heads.CLASSES]].to_numpy()
     rocs = roc_points(frame.loc[known, "label"], probabilities)
-    summary = summarize(frame).get("classification", {})
-    plots.roc_curves(rocs, {name: summary.get(f"{name}_auc") for name in rocs},
+    plots.roc_curves(rocs, {name: classification.get(f"{name}_auc") for name in rocs},
                      out_dir / "roc.png")
 
 

@@ -273,6 +273,9 @@ def predict(
                                 "but the model has no image-level head; use --gate 0")
             lesion = [None] * len(readable) if labels is None else \
                 heads.lesion_probability(labels)
+            classes = [{}] * len(readable) if labels is None else heads.probability_table(
+                [file.name for file, _ in readable], labels).drop(columns="image").to_dict(
+                "records")
             for index, ((file, image), prob) in enumerate(zip(readable, probs, strict=True)):
                 mask = post.apply(prob, lesion[index])
                 pred_path, overlay_path = output_paths(file, output_dir)
@@ -282,10 +285,7 @@ def predict(
                     "input": str(file), "pred": str(pred_path), "overlay": str(overlay_path),
                     "height": image.shape[0], "width": image.shape[1],
                     "lesion_pixels": int(mask.sum()), "max_probability": float(prob.max()),
-                    "error": None,
-                    **({} if labels is None else heads.probability_table(
-                        [file.name], labels[index : index + 1]).drop(columns="image")
-                        .iloc[0].to_dict()),
+                    "error": None, **classes[index],
                 })
     order = {str(file): i for i, file in enumerate(files)}
     extra = [key for row in rows for key in row if key not in COLUMNS]
