@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from test_train import tiny as train_tiny
 
 import busi
 from busi.cli import main
@@ -20,13 +21,8 @@ from busi.errors import DataError
 
 
 def tiny(busi_folder, tmp_path, **changes) -> TrainConfig:
-    values = dict(
-        name="tiny", data=str(busi_folder), run_dir=str(tmp_path / "run"),
-        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
-        epochs=1, learning_rate=1e-2, augment=False, evaluate=False, seed=1,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    """test_train's tiny run, one epoch long."""
+    return train_tiny(busi_folder, tmp_path, **{"epochs": 1, **changes})
 
 
 def _expected(config: TrainConfig):

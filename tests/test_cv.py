@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_train import tiny as train_tiny
 
 import busi
 from busi import cv
@@ -41,13 +42,9 @@ FLOAT32_ATOL = 1e-4
 
 
 def tiny(busi_folder, tmp_path, **changes) -> TrainConfig:
-    values = dict(
-        name="tiny", data=str(busi_folder), run_dir=str(tmp_path / "tiny"),
-        architecture="classic_unet", base_filters=4, depth=2, image_size=32, batch_size=4,
-        epochs=1, learning_rate=1e-2, augment=False, evaluate=True, seed=1,
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    """test_train's tiny run, one epoch long, evaluated, in ``tmp_path/tiny``."""
+    return train_tiny(busi_folder, tmp_path, **{
+        "epochs": 1, "evaluate": True, "run_dir": str(tmp_path / "tiny"), **changes})
 
 
 def _with_duplicate(busi_folder, tmp_path):
