@@ -95,6 +95,13 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return config.replace(**changes) if changes else config
 
 
+def _config_options(p: argparse.ArgumentParser, set_help: str) -> None:
+    """``--config`` and ``--set``: how every command that makes a config (train, cache, cv)
+    takes one, read by :func:`_train_config`."""
+    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
 def _train(args: argparse.Namespace) -> None:
     from busi.evaluation_folders import summary_for
     from busi.report import summary_text
@@ -262,10 +269,8 @@ def parser() -> argparse.ArgumentParser:
         "continue), --set limit=8 (8 images per split part, for a quick try), --set "
         "learning_rate=3e-4, --set mixed_precision=mixed_bfloat16, --set lr_schedule=cosine.",
     )
-    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set max_minutes=30 or --set limit=8 "
-                   "(repeatable; see below)")
+    _config_options(p, "override a config key, e.g. --set max_minutes=30 or --set limit=8 "
+                    "(repeatable; see below)")
     p.add_argument("--name", help="run name: the run folder is runs/NAME (default: named after "
                    "the model, e.g. unet-resnet34, classic-unet, unet-efficientnet-lite0-scratch)")
     p.add_argument("--run-dir", help="run folder (instead of runs/NAME)")
@@ -304,9 +309,7 @@ def parser() -> argparse.ArgumentParser:
         "always lossless. The file holds no code: it is read with NumPy, pickles refused.",
     )
     p.add_argument("out", help="the cache file to write, e.g. data/joint-256.npz")
-    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable), as for busi train")
+    _config_options(p, "override a config key (repeatable), as for busi train")
     p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
     p.add_argument("--image-size", type=int, help="side of the square model input in pixels")
     codec = p.add_mutually_exclusive_group()
@@ -327,11 +330,9 @@ def parser() -> argparse.ArgumentParser:
         "k+1 test evaluations); --max-minutes (or --set max_minutes=...) is the budget of one "
         "call for all folds.",
     )
-    p.add_argument("--config", help="JSON or YAML config (keys of busi.TrainConfig)")
+    _config_options(p, "override a config key (repeatable), as for busi train")
     p.add_argument("--folds", type=int, default=5,
                    help="number of folds, 2 to 10 (default: %(default)s)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable), as for busi train")
     p.add_argument("--name", help="run name: folders go to runs/NAME-cv/ (default: the "
                    "config's)")
     p.add_argument("--data", help="dataset folder (default: $BUSI_DATA, data/raw, data)")
