@@ -1,7 +1,7 @@
 """How fast, and how faithfully, does each inference backend run the U-Net on CPU? (A script.)
 
 Keras float32 ``model.predict`` is the baseline. Every other candidate goes through
-:mod:`busi.export` and :func:`busi.inference.load`, so what is measured is what
+:mod:`busi.inference.export` and :func:`busi.inference.predictor.load`, so what is measured is what
 ``busi predict`` and the evaluation get. For each candidate it prints:
 
 - images/s on one fixed batch of real BUSI images (default 8 at 256x256), timed in interleaved
@@ -116,7 +116,7 @@ def calibrate_batchnorm(model: Any, images: np.ndarray) -> None:
     Why: untrained statistics (mean 0, variance 1) on 0-255 input give logits in the thousands,
     so every probability is exactly 0 or 1 and no comparison of probabilities means anything.
     """
-    from busi.batchnorm import recalibrate
+    from busi.training.batchnorm import recalibrate
 
     recalibrate(model, [images])
 
@@ -134,8 +134,8 @@ def predict_all(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, bat
 def make_candidate(name: str, h5: Path, folder: Path, calibration: np.ndarray,
                    threads: int | None) -> Result:
     """Export (timed) and open one candidate; failures are recorded, not raised."""
-    from busi import export as bx
-    from busi import inference
+    from busi.inference import export as bx
+    from busi.inference import predictor as inference
 
     backend, quantize, runtime = CANDIDATES[name]
     result = Result(name)

@@ -35,9 +35,10 @@ import tensorflow as tf
 from _common import print_header, usable_cores
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
-from busi import _keras, models
-from busi.config import TrainConfig
-from busi.training import compile_model
+from busi import _keras
+from busi.config.train_config import TrainConfig
+from busi.models import architectures as models
+from busi.training.trainer import compile_model
 
 FLOPS_PER_CYCLE = {("AuthenticAMD", 26): 64, ("AuthenticAMD", 25): 32}
 

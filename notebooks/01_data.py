@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 
 import busi
-import busi.notebook
 
 # %% [markdown]
 # ## Get the data

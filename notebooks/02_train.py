@@ -44,7 +44,6 @@ LIMIT = None  # images per split part, for quick runs; None: all
 # %matplotlib inline
 
 import busi
-import busi.notebook
 
 # %% [markdown]
 # ## The data

@@ -39,11 +39,10 @@ N_WORST = 6  # worst lesion images shown
 import pandas as pd
 
 import busi
-import busi.classification
-import busi.evaluation_folders
-import busi.notebook
-import busi.report
-import busi.run_inference
+import busi.evaluation.classification
+import busi.evaluation.report
+import busi.inference.run_models
+import busi.runs.evaluations
 
 # %% [markdown]
 # The run folder `02_train` wrote:
@@ -76,7 +75,7 @@ pd.DataFrame(summary["splits"][SPLIT]).T.round(3)
 # Per image (`evaluation/per_image_<split>.csv`):
 
 # %%
-per_image = busi.evaluation_folders.per_image(busi.RunFolder(run_dir), SPLIT)
+per_image = busi.runs.evaluations.per_image(busi.RunFolder(run_dir), SPLIT)
 per_image.head()
 
 # %% [markdown]
@@ -91,24 +90,25 @@ lesions.boxplot(column=["dice", "iou"], by="label", figsize=(8, 3.5));
 # %% [markdown]
 # ## Is there a lesion, is it malignant
 #
-# A model trained with the image-level head (`image_head: true`; `busi.heads`) also says whether
-# an image shows a lesion and whether it is malignant. Its lesion probability gates the mask: an
-# image below the threshold chosen on validation gets an empty mask. Shown here: the two AUCs,
-# accuracy and the confusion matrix with bootstrap 95% intervals, the ROC curves, and what the gate
-# costs in lesion Dice for what it saves on normal images, across thresholds.
+# A model trained with the image-level head (`image_head: true`; `busi.models.heads`) also says
+# whether an image shows a lesion and whether it is malignant. Its lesion probability gates the
+# mask: an image below the threshold chosen on validation gets an empty mask. Shown here: the two
+# AUCs, accuracy and the confusion matrix with bootstrap 95% intervals, the ROC curves, and what the
+# gate costs in lesion Dice for what it saves on normal images, across thresholds.
 
 # %%
 classification = summary["splits"][SPLIT].get("classification")
 if classification is None:
     print("this model has no image-level head (image_head: true in a config adds one)")
 else:
-    print(busi.report.classification_table(classification))
-    evaluation = busi.evaluation_folders.evaluation_dir(busi.RunFolder(run_dir))
+    print(busi.evaluation.report.classification_table(classification))
+    evaluation = busi.runs.evaluations.evaluation_dir(busi.RunFolder(run_dir))
     busi.plots.gate_curves({part: pd.read_csv(evaluation / f"gate_{part}.csv")
                             for part in dict.fromkeys(("val", SPLIT))},
                            summary["postprocess"].get("gate"))
     probabilities = per_image[["p_normal", "p_benign", "p_malignant"]].to_numpy()
-    busi.plots.roc_curves(busi.classification.roc_points(per_image["label"], probabilities))
+    points = busi.evaluation.classification.roc_points(per_image["label"], probabilities)
+    busi.plots.roc_curves(points)
 
 # %% [markdown]
 # ## Overlays
@@ -117,7 +117,7 @@ else:
 # green, prediction in red.
 
 # %%
-images, masks = busi.run_inference.run_predictions(busi.RunFolder(run_dir), SPLIT, data=DATA)
+images, masks = busi.inference.run_models.run_predictions(busi.RunFolder(run_dir), SPLIT, data=DATA)
 
 # %% [markdown]
 # The first `N_OVERLAYS` images of the part (the figure is saved in `figures/`):

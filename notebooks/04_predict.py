@@ -44,7 +44,6 @@ from pathlib import Path
 from IPython.display import display
 
 import busi
-import busi.notebook
 
 # %% [markdown]
 # The weights file and the run that made it:
@@ -64,7 +63,7 @@ weights
 # `busi.publish_weights` writes, or the run's `state.json`): a damaged or replaced file is refused.
 
 # %%
-model = busi.inference.open_model(weights)
+model = busi.inference.predictor.open_model(weights)
 model
 
 # %% [markdown]

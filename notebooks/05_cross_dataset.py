@@ -53,9 +53,8 @@ from pathlib import Path
 import pandas as pd
 
 import busi
-import busi.evaluation_folders
-import busi.notebook
-import busi.run_inference
+import busi.inference.run_models
+import busi.runs.evaluations
 
 # %% [markdown]
 # ## BUS-BRA at a glance
@@ -170,14 +169,14 @@ pd.DataFrame({
 # same images: ground truth green, prediction red.
 
 # %%
-busi_rows, busi_masks = busi.run_inference.run_predictions(
+busi_rows, busi_masks = busi.inference.run_models.run_predictions(
     busi.RunFolder(busi_run), PART, data=busbra_root, dataset="busbra")
-joint_rows, joint_masks = busi.run_inference.run_predictions(
+joint_rows, joint_masks = busi.inference.run_models.run_predictions(
     busi.RunFolder(joint_run), "test", dataset="busbra")
 per_image = {
-    "BUSI model": busi.evaluation_folders.per_image(busi.RunFolder(busi_run), PART,
+    "BUSI model": busi.runs.evaluations.per_image(busi.RunFolder(busi_run), PART,
                                                     dataset="busbra"),
-    "joint model": busi.evaluation_folders.per_image(busi.RunFolder(joint_run), "test",
+    "joint model": busi.runs.evaluations.per_image(busi.RunFolder(joint_run), "test",
                                                      dataset="busbra"),
 }
 common = per_image["BUSI model"][per_image["BUSI model"]["id"].isin(joint_rows["id"])]

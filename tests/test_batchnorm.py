@@ -6,7 +6,7 @@ import numpy as np
 
 import busi  # noqa: F401
 from busi import _keras
-from busi.batchnorm import batchnorm_layers, recalibrate
+from busi.training.batchnorm import batchnorm_layers, recalibrate
 
 
 def test_recalibrate_sets_the_average_of_the_batches():

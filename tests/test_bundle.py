@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 import busi
-from busi import bundle, inference, model_checks, weights
-from busi.bundle import ModelRecord
 from busi.cli import main
-from busi.digests import DigestMismatchError, FileDigest, file_digest, file_sha1
 from busi.errors import DataError
-from busi.paths import PROJ_ROOT
-from busi.postprocess import PostProcess
+from busi.inference import bundle, model_checks, weights
+from busi.inference import predictor as inference
+from busi.inference.bundle import ModelRecord
+from busi.inference.postprocess import PostProcess
+from busi.utils.digests import DigestMismatchError, FileDigest, file_digest, file_sha1
+from busi.utils.paths import PROJ_ROOT
 
 SIZE = 32
 SHIPPED_SIDECARS = sorted((PROJ_ROOT / "weights").glob("*.json"))
@@ -153,8 +154,8 @@ def test_an_export_is_checked_against_the_record_that_lists_it(tmp_path):
 
 def test_resume_refuses_a_last_h5_that_is_not_the_one_state_json_recorded(tmp_path,
                                                                          monkeypatch):
-    from busi.config import TrainConfig
-    from busi.runs import RunFolder
+    from busi.config.train_config import TrainConfig
+    from busi.runs.folder import RunFolder
 
     config = TrainConfig(name="r", run_dir=str(tmp_path / "run"), architecture="classic_unet",
                          base_filters=4, depth=2, image_size=SIZE, epochs=3)
@@ -284,8 +285,8 @@ def test_the_output_folder_records_the_model_settings_and_version(tmp_path, imag
 def trained_run(tmp_path):
     """A run folder as training leaves it (config, best.h5, last.h5, state.json with their
     SHA-256), with the gray model instead of a trained one."""
-    from busi.config import TrainConfig
-    from busi.runs import RunFolder
+    from busi.config.train_config import TrainConfig
+    from busi.runs.folder import RunFolder
 
     run = RunFolder(tmp_path / "run")
     run.root.mkdir()
@@ -304,7 +305,7 @@ def contents(folder: Path) -> dict[str, bytes | None]:
 
 def test_publish_leaves_the_destination_as_it_was_when_a_folder_is_in_the_way(trained_run,
                                                                               tmp_path):
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     dest = tmp_path / "dest"
     publish(trained_run.root, dest, "X", export="none")
@@ -328,7 +329,7 @@ def test_publish_leaves_the_destination_as_it_was_when_a_folder_is_in_the_way(tr
 def test_a_failed_move_puts_the_old_files_back(trained_run, tmp_path, monkeypatch):
     import os
 
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -361,7 +362,7 @@ def test_a_failed_move_puts_the_old_files_back(trained_run, tmp_path, monkeypatc
     ({"split_file": "/nonexistent/split.csv"}, r"split_file: /nonexistent/split\.csv not found"),
 ], ids=["image_size", "data", "init_weights", "split_file"])
 def test_settings_that_cannot_train_leave_no_run_folder(busi_folder, tmp_path, change, said):
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
 
     if change.get("init_weights") == "OTHER":
         other = busi.classic_unet(input_shape=(SIZE, SIZE, 3), base_filters=8, depth=2)
@@ -378,8 +379,8 @@ def test_settings_that_cannot_train_leave_no_run_folder(busi_folder, tmp_path, c
 def test_a_last_h5_not_yet_renamed_is_settled_before_resume_checks_it(tmp_path, recorded):
     """A kill between state.json and renaming last.pending.h5 must leave a run that resumes:
     last.h5 and the SHA-256 state.json holds agree after settling."""
-    from busi.callbacks import settle_pending
-    from busi.runs import RunFolder
+    from busi.runs.folder import RunFolder
+    from busi.training.callbacks import settle_pending
 
     run = RunFolder(tmp_path)
     run.last.write_bytes(b"epoch 3")

@@ -12,7 +12,7 @@ from test_train import tiny as train_tiny
 
 import busi
 from busi.cli import main
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.cache import FORMAT, open_cache, write_cache
 from busi.data.index import fingerprint
 from busi.data.parts import dataset_table, make_run_split
@@ -91,7 +91,7 @@ def test_training_from_the_cache_needs_no_data_and_matches_a_run_on_it(
 
     data.rename(tmp_path / "away")  # no dataset anywhere the config or the environment says
     monkeypatch.delenv("BUSI_DATA", raising=False)
-    with caplog.at_level("WARNING", logger="busi.training"):
+    with caplog.at_level("WARNING", logger="busi.training.trainer"):
         from_cache = busi.train(config, cache=path)
     assert (from_cache / "split.csv").read_bytes() == (on_data / "split.csv").read_bytes()
     env = json.loads((from_cache / "env.json").read_text())

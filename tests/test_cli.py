@@ -32,9 +32,9 @@ def test_every_option_of_train_is_explained(capsys):
 
 
 def test_train_and_predict_offer_the_registered_choices(capsys):
-    from busi import models
     from busi.data.geometry import MODES
-    from busi.encoders import ENCODERS
+    from busi.models import architectures as models
+    from busi.models.encoders import ENCODERS
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from busi.config import TrainConfig
-from busi.paths import PROJ_ROOT
+from busi.config.train_config import TrainConfig
+from busi.utils.paths import PROJ_ROOT
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -113,7 +113,7 @@ def test_augmentation_is_kept_in_one_form_so_a_saved_config_equals_itself(tmp_pa
 
 def test_importing_the_config_module_does_not_load_tensorflow():
     """`busi index` and classic U-Net configs must not pay TensorFlow's start-up."""
-    code = "import sys, busi.config; print('tensorflow' in sys.modules)"
+    code = "import sys, busi.config.train_config; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -193,9 +193,9 @@ def test_data_paths_given_as_paths_are_saved_as_strings(tmp_path):
 
 
 def test_checking_any_config_does_not_load_tensorflow():
-    """The encoder list is plain data (busi.encoders.ENCODERS): checking a U-Net config, the
+    """The encoder list is plain data (busi.models.encoders.ENCODERS): checking a U-Net config, the
     default, no longer imports segmentation-models and TensorFlow to learn the names."""
-    code = ("import sys\nfrom busi.config import TrainConfig\n"
+    code = ("import sys\nfrom busi.config.train_config import TrainConfig\n"
             "TrainConfig(encoder='efficientnetb3'); TrainConfig(encoder='efficientnet-lite0')\n"
             "print('tensorflow' in sys.modules, 'segmentation_models' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -203,10 +203,11 @@ def test_checking_any_config_does_not_load_tensorflow():
 
 
 def test_choices_come_from_the_registries():
-    from busi import losses, models
-    from busi.config import CHOICES, MONITORS
+    from busi.config.train_config import CHOICES, MONITORS
     from busi.data.geometry import MODES
-    from busi.encoders import ENCODERS
+    from busi.models import architectures as models
+    from busi.models import losses
+    from busi.models.encoders import ENCODERS
 
     assert CHOICES["architecture"] == tuple(models.ARCHITECTURES)
     assert CHOICES["resize"] == MODES == ("letterbox", "stretch")

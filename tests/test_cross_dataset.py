@@ -12,12 +12,12 @@ import pytest
 from test_evaluate import _set_lesion_masks, _write_masks, darkness_model, make_run
 
 import busi
-from busi import evaluation as ev
-from busi.config import TrainConfig
-from busi.cross_dataset import dataset_rows
-from busi.evaluation import evaluate_dataset
-from busi.inference import predict_probabilities
-from busi.postprocess import PostProcess
+from busi.config.train_config import TrainConfig
+from busi.data.cross_dataset import dataset_rows
+from busi.evaluation import evaluator as ev
+from busi.evaluation.evaluator import evaluate_dataset
+from busi.inference.postprocess import PostProcess
+from busi.inference.predictor import predict_probabilities
 
 
 def _busbra_copy(tmp_path: Path, busbra_folder: Path, threshold: float | None = None) -> Path:

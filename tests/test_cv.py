@@ -16,20 +16,20 @@ import yaml
 from test_train import tiny as train_tiny
 
 import busi
-from busi import cv
-from busi.bundle import ModelRecord
 from busi.cli import main
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.masks import load_truths
 from busi.data.parts import dataset_table, make_run_split
 from busi.data.run_parts import run_parts
 from busi.data.splits import load_split
-from busi.digests import file_digest
-from busi.evaluation_folders import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, summary_for
-from busi.inference import open_model, predict_table
-from busi.postprocess import postprocess_grid
-from busi.run_inference import open_run_model
-from busi.runs import RunFolder
+from busi.evaluation.postprocess_choice import postprocess_grid
+from busi.inference.bundle import ModelRecord
+from busi.inference.predictor import open_model, predict_table
+from busi.inference.run_models import open_run_model
+from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, summary_for
+from busi.runs.folder import RunFolder
+from busi.training import cv
+from busi.utils.digests import file_digest
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_a_config_with_its_own_split_is_refused(busi_folder, tmp_path):
 
 
 def test_a_fold_the_budget_stopped_stops_the_call(busi_folder, tmp_path, monkeypatch, capsys):
-    from busi import training
+    from busi.training import trainer as training
 
     calls = []
     monkeypatch.setattr(training, "train", lambda config: calls.append(config))  # no epoch
@@ -158,8 +158,8 @@ def test_pooled_grids_are_the_grid_of_all_the_images(busi_table):
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     """Two tiny U-Nets with different random weights, saved as .h5 (one with the head)."""
-    from busi import models
-    from busi.weights import save_model
+    from busi.inference.weights import save_model
+    from busi.models import architectures as models
 
     folder = tmp_path_factory.mktemp("members")
     keras = busi._keras.keras()
@@ -179,7 +179,7 @@ def _inputs(n: int = 3, size: int = 32) -> np.ndarray:
 
 
 def test_the_ensemble_gives_the_mean_of_its_members_masks(members, tmp_path):
-    from busi.weights import load_for_inference, save_model
+    from busi.inference.weights import load_for_inference, save_model
 
     x = _inputs()
     outputs = []
@@ -196,8 +196,8 @@ def test_the_ensemble_gives_the_mean_of_its_members_masks(members, tmp_path):
 
 
 def test_an_ensemble_needs_two_models_of_one_input_size(members, tmp_path):
-    from busi import models
-    from busi.weights import save_model
+    from busi.inference.weights import save_model
+    from busi.models import architectures as models
 
     with pytest.raises(ValueError, match="at least 2 models"):
         cv.ensemble_model(members[:1])
@@ -262,7 +262,7 @@ def test_the_ensembles_choice_is_made_on_out_of_fold_predictions(cv_run):
 
 
 def test_evaluate_reuses_the_out_of_fold_choice(cv_run, monkeypatch):
-    from busi import evaluation
+    from busi.evaluation import evaluator as evaluation
 
     ensemble = RunFolder(cv_run[1].ensemble)
     before = (ensemble.evaluation / POSTPROCESS_FILE).read_bytes()
@@ -281,7 +281,7 @@ def test_evaluate_reuses_the_out_of_fold_choice(cv_run, monkeypatch):
 
 
 def test_the_results_table_has_a_row_per_fold_and_one_for_the_ensemble(cv_run, tmp_path):
-    from busi.report import results_table, write_report
+    from busi.evaluation.report import results_table, write_report
 
     _, result = cv_run
     rows = results_table([*result.folds, result.ensemble]).splitlines()[2:]
@@ -294,7 +294,7 @@ def test_the_results_table_has_a_row_per_fold_and_one_for_the_ensemble(cv_run, t
 
 
 def test_the_ensemble_opens_predicts_publishes_and_exports(cv_run, busi_table, tmp_path):
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     ensemble = RunFolder(cv_run[1].ensemble)
     record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
@@ -315,7 +315,7 @@ def test_the_ensemble_opens_predicts_publishes_and_exports(cv_run, busi_table, t
 
 
 def test_a_resumed_cv_skips_finished_folds(cv_run, monkeypatch):
-    from busi import training
+    from busi.training import trainer as training
 
     config, result = cv_run
     watched = [RunFolder(fold).history for fold in result.folds] + \

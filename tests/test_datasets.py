@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data import add_groups, busbra, datasets, folder, make_split
 from busi.errors import DataError
 

@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
-from busi import models
 from busi._keras import keras as get_keras
-from busi.digests import file_digest
-from busi.encoders import efficientnet_lite as el
-from busi.encoders import imagenet
-from busi.encoders.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
+from busi.models import architectures as models
+from busi.models.encoders import efficientnet_lite as el
+from busi.models.encoders import imagenet
+from busi.models.encoders.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
+from busi.utils.digests import file_digest
 
 keras = get_keras()
 

@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 
 import busi
-from busi import evaluation as ev
-from busi import score_tables as st
-from busi.bundle import postprocess_for
 from busi.data.geometry import to_model
 from busi.data.masks import load_example, load_truths
-from busi.inference import predict_probabilities
-from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
+from busi.evaluation import evaluator as ev
+from busi.evaluation import score_tables as st
+from busi.evaluation.postprocess_choice import postprocess_grid, select_postprocess
+from busi.inference.bundle import postprocess_for
+from busi.inference.postprocess import PostProcess
+from busi.inference.predictor import predict_probabilities
 
 SIZE = 32
 
@@ -298,7 +299,7 @@ def _write_masks(table: pd.DataFrame, masks: list[np.ndarray]) -> None:
 
 def make_run(tmp_path: Path, busi_folder: Path) -> tuple[Path, Path]:
     """A run folder (config, split, best.h5 = the darkness model) on a copy of the dataset."""
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
 
     root = tmp_path / "data"
     shutil.copytree(busi_folder, root / busi_folder.name)
@@ -382,10 +383,10 @@ def test_evaluation_writes_the_record_of_the_weights_it_evaluated(
 ) -> None:
     """postprocess.json is the weights' model record (version 2, their digests): prediction
     takes its settings only for those very bytes, and the run's state.json guards the file."""
-    from busi.bundle import VERSION, ModelRecord
-    from busi.digests import DigestMismatchError, file_digest
-    from busi.inference import open_model
-    from busi.runs import RunFolder
+    from busi.inference.bundle import VERSION, ModelRecord
+    from busi.inference.predictor import open_model
+    from busi.runs.folder import RunFolder
+    from busi.utils.digests import DigestMismatchError, file_digest
 
     run, _ = make_run(tmp_path, busi_folder)
     RunFolder(run).write_record(run / "state.json",
@@ -412,9 +413,9 @@ def test_evaluation_writes_the_record_of_the_weights_it_evaluated(
 def test_the_runs_masks_are_the_masks_evaluation_scored(tmp_path: Path, busi_folder: Path) -> None:
     """run_predictions opens the run as evaluate does: same images, weights and
     post-processing, so figures show what was scored."""
-    from busi.evaluation_folders import per_image, summary_for
-    from busi.run_inference import run_predictions
-    from busi.runs import RunFolder
+    from busi.inference.run_models import run_predictions
+    from busi.runs.evaluations import per_image, summary_for
+    from busi.runs.folder import RunFolder
 
     run, data_root = make_run(tmp_path, busi_folder)
     _set_lesion_masks(run, data_root, "val", 0.7)
@@ -434,8 +435,8 @@ def test_masks_on_another_dataset_wait_for_the_runs_own_choice(
 ) -> None:
     """Another dataset is scored with the post-processing chosen on the run's validation data;
     before that choice exists, figures of it would show default masks, so they are refused."""
-    from busi.run_inference import run_predictions
-    from busi.runs import RunFolder
+    from busi.inference.run_models import run_predictions
+    from busi.runs.folder import RunFolder
 
     run, _ = make_run(tmp_path, busi_folder)
     with pytest.raises(ValueError, match="no post-processing chosen on validation yet"):

@@ -1,4 +1,4 @@
-"""busi.export: exported ONNX / TFLite files and the Predictor give Keras' probabilities.
+"""busi.inference.export: exported ONNX / TFLite files and the Predictor give Keras' probabilities.
 
 Tiny models only (a classic U-Net at 32x32, a ResNet18 U-Net at 64x64). Random weights with
 untrained BatchNorm statistics give huge logits (every pixel saturated at 0 or 1), which hides
@@ -26,16 +26,17 @@ import numpy as np
 import pytest
 
 import busi
-from busi import export as bx
-from busi import inference, runtimes
-from busi.runtimes import Predictor
+from busi.inference import export as bx
+from busi.inference import predictor as inference
+from busi.inference import runtimes
+from busi.inference.runtimes import Predictor
 
 FLOAT32_ATOL = 1e-4
 
 
 def _calibrate(model, images: np.ndarray):
     """Set BatchNorm moving statistics to the batch statistics of ``images`` (see module doc)."""
-    from busi.batchnorm import recalibrate
+    from busi.training.batchnorm import recalibrate
 
     recalibrate(model, [images])
     return model
@@ -275,7 +276,7 @@ def test_tflite_int8_keeps_the_named_layers_in_float(tiny, tmp_path):
 def test_float_layers_are_an_efficientnet_lite_encoder(tiny):
     """Only busi's EfficientNet-Lite U-Nets keep layers in float: their input normalisation and
     every encoder layer, no decoder layer; publish then defaults to int8 for them."""
-    from busi.publish_exports import default_export
+    from busi.inference.publish_exports import default_export
 
     assert bx.float_layers(tiny[0]) == []
     assert default_export(tiny[0]) == "tflite:dynamic"
@@ -397,19 +398,19 @@ def test_predict_rejects_wrong_shapes(tiny):
 
 
 def test_predictor_works_with_evaluation_code(tiny):
-    """busi.inference takes any callable with an input_shape: a Predictor is one."""
+    """busi.inference.predictor takes any callable with an input_shape: a Predictor is one."""
     predictor = inference.load(tiny[1])
     assert inference.model_input_size(predictor) == predictor.input_size
 
 
 def test_busi_import_stays_light():
-    """busi.export, busi.inference and busi.predict must not pull in TensorFlow or the optional
-    runtimes at import."""
+    """busi.inference.export, busi.inference.predictor and busi.predict must not pull in TensorFlow
+    or the optional runtimes at import."""
     import subprocess
     import sys
 
     code = (
-        "import sys, busi.export, busi.inference, busi.prediction\n"
+        "import sys, busi.inference.export, busi.inference.predictor, busi.inference.prediction\n"
         "heavy = [m for m in ('tensorflow', 'onnxruntime', 'tf2onnx', 'openvino', 'onnx') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -11,8 +11,10 @@ import pytest
 from test_weights import clean_env
 
 import busi
-from busi import classification, heads, models
-from busi.postprocess import PostProcess
+from busi.evaluation import classification
+from busi.inference.postprocess import PostProcess
+from busi.models import architectures as models
+from busi.models import heads
 
 # ------------------------------------------------------------------ targets and loss (no model)
 
@@ -159,7 +161,7 @@ def test_head_on_both_architectures_saves_and_reloads(architecture, tmp_path):
     assert mask.shape == (2, 64, 64, 1) and label.shape == (2, 3)
     np.testing.assert_allclose(label.sum(axis=1), 1.0, rtol=1e-5)
     path = tmp_path / "headed.h5"
-    busi.weights.save_model(headed, path, include_optimizer=False)
+    busi.inference.weights.save_model(headed, path, include_optimizer=False)
     keras = busi._keras.keras()
     reloaded = keras.models.load_model(path, compile=False)
     again = reloaded.predict(image, verbose=0)
@@ -189,8 +191,8 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     classes.csv beside the masks (and refusing a gate for a model without the head)."""
     import json
 
-    from busi.config import TrainConfig
-    from busi.evaluation import evaluate
+    from busi.config.train_config import TrainConfig
+    from busi.evaluation.evaluator import evaluate
 
     config = TrainConfig(
         name="head", data=str(busi_folder), run_dir=str(tmp_path / "run"),
@@ -207,7 +209,7 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     model = busi.load_model(run / "best.h5", compile=False)
     assert heads.has_image_head(model)
 
-    from busi import evaluation
+    from busi.evaluation import evaluator as evaluation
 
     calls = []
 
@@ -234,7 +236,7 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     gated = per_image["p_lesion"] < gate
     assert per_image.loc[gated, "empty_pred"].all()  # the gate emptied what it should
 
-    from busi.report import results_table, write_report
+    from busi.evaluation.report import results_table, write_report
 
     report = write_report(run, tmp_path / "report")
     assert (report / "roc.png").is_file() and (report / "gate.png").is_file()
@@ -259,7 +261,7 @@ def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, 
     assert (gated.loc[below, "lesion_pixels"] == 0).all()
     assert (gated.loc[~below, "lesion_pixels"] > 0).all()
 
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     files = publish(run, tmp_path / "published", export="tflite")
     card = next(path for path in files if path.suffix == ".md").read_text()
@@ -288,11 +290,11 @@ def test_exports_of_a_model_with_the_head_give_both_outputs(backend, quantize, t
     """Converters reorder outputs; the runtimes tell mask from labels by rank, so an exported
     head model predicts what its Keras model does."""
     pytest.importorskip("tf2onnx" if backend == "onnx" else "tensorflow")
-    from busi import export, runtimes
+    from busi.inference import export, runtimes
 
     model = heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2))
     out = export.export(model, tmp_path / f"m.{backend}", backend, quantize)
-    predictor = busi.inference.open_model(out, verify=False)
+    predictor = busi.inference.predictor.open_model(out, verify=False)
     assert predictor.has_head
     image = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     mask, label = predictor.predict_with_labels(image)
@@ -309,7 +311,7 @@ def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, b
                                                                    tmp_path):
     """The second stage of lite0_joint_head_ft_cpu.yaml: a mask-only model's weights start a
     joint BUSI + BUS-BRA run with the head (the head alone starts afresh)."""
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
 
     common = dict(data=str(busi_folder), architecture="classic_unet", base_filters=4, depth=2,
                   image_size=32, batch_size=4, epochs=1, learning_rate=1e-2, augment=False,
@@ -318,8 +320,8 @@ def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, b
     config = TrainConfig(name="joint", run_dir=str(tmp_path / "joint"),
                          datasets=("busi", "busbra"), data_paths={"busbra": str(busbra_folder)},
                          image_head=True, init_weights=str(first / "best.h5"), **common)
-    from busi import training
-    from busi.runs import RunFolder
+    from busi.runs.folder import RunFolder
+    from busi.training import trainer as training
 
     run = RunFolder(config.directory)
     run.root.mkdir(parents=True)
@@ -336,7 +338,7 @@ def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, b
 
 
 def test_the_gate_is_chosen_on_the_datasets_that_hold_normal_images():
-    from busi.evaluation import _with_normal_images
+    from busi.evaluation.evaluator import _with_normal_images
 
     table = pd.DataFrame({"dataset": ["busi", "busi", "busbra", "busbra"],
                           "label": ["normal", "benign", "benign", "malignant"]})

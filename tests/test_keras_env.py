@@ -103,12 +103,12 @@ from pathlib import Path
 import numpy as np
 
 import busi
-from busi import weights
+from busi.inference import weights
 from busi.data import datasets
 from busi.data.masks import read_image
 from busi.errors import DataError
-from busi.runs import environment
-from busi.runtimes import tflite_interpreter
+from busi.runs.folder import environment
+from busi.inference.runtimes import tflite_interpreter
 
 environment("0")  # imports segmentation-models
 model = busi.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)  # not compiled
@@ -130,7 +130,7 @@ def test_known_noise_is_dropped_and_busi_warnings_are_one_line_once(tmp_path, bu
     starts: segmentation-models' import notice, TensorFlow's metrics note when an uncompiled
     model is saved (every epoch of a mixed-precision run), LiteRT's XNNPACK notice, OpenCV's
     C++ errors for an unreadable image busi reports itself."""
-    from busi.paths import PROJ_ROOT
+    from busi.utils.paths import PROJ_ROOT
 
     folder = tmp_path / "no-normal"  # BUSI without its normal/ folder: busi warns
     for label in ("benign", "malignant"):

@@ -1,4 +1,4 @@
-"""busi.losses: names, values, and that compiled models reload from .h5 with no user help."""
+"""busi.models.losses: names, values, and that compiled models reload from .h5 with no user help."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from busi import losses, models, weights
 from busi._keras import keras as get_keras
+from busi.inference import weights
+from busi.models import architectures as models
+from busi.models import losses
 
 keras = get_keras()
 

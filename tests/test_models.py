@@ -1,15 +1,16 @@
-"""busi.models: input convention, normalisation, float32 output, freezing, registry, errors."""
+"""busi.models.architectures: input convention, normalisation, float32 output, freezing, registry,
+errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from busi import models
 from busi._keras import keras as get_keras
 from busi._keras import sm as get_sm
-from busi.config import TrainConfig
-from busi.encoders import sm_unet
+from busi.config.train_config import TrainConfig
+from busi.models import architectures as models
+from busi.models.encoders import sm_unet
 
 keras = get_keras()
 sm = get_sm()
@@ -226,7 +227,7 @@ def test_an_architecture_entry_names_real_config_fields_and_builder_arguments(na
 
 
 def test_every_encoder_family_has_a_builder():
-    from busi.encoders import ENCODERS, Family
+    from busi.models.encoders import ENCODERS, Family
 
     assert {spec.family for spec in ENCODERS.values()} == set(models.ENCODER_BUILDERS) == set(
         Family.__args__)

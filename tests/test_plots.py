@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from busi import plots
 from busi.data.masks import load_example
+from busi.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

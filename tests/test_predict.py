@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 import busi
-from busi.digests import file_sha1
-from busi.inference import predict_images
-from busi.postprocess import PostProcess
-from busi.prediction import list_inputs, predict
+from busi.inference.postprocess import PostProcess
+from busi.inference.prediction import list_inputs, predict
+from busi.inference.predictor import predict_images
+from busi.utils.digests import file_sha1
 
 SIZE = 32
 

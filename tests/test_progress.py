@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from busi import progress
+from busi.utils import progress
 
 
 class Terminal(io.StringIO):

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 import busi
-from busi.bundle import postprocess_for
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
+from busi.inference.bundle import postprocess_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +52,13 @@ def test_sidecar_carries_the_chosen_settings(evaluated_run, tmp_path):
     ({"augment": False, "augmentation": {"max_rotation_deg": 20}}, "off"),
 ])
 def test_model_card_names_the_augmentation_strengths(config, said):
-    from busi.publish import _augmentation
+    from busi.inference.publish import _augmentation
 
     assert _augmentation(config) == said
 
 
 def test_weights_their_sidecar_was_not_made_for_are_refused(evaluated_run, tmp_path):
-    from busi.digests import DigestMismatchError
+    from busi.utils.digests import DigestMismatchError
 
     weights = busi.publish_weights(evaluated_run, tmp_path / "w")
     sidecar = weights.with_suffix(".json")
@@ -91,7 +91,7 @@ def test_publish_needs_trained_weights(tmp_path):
 
 
 def test_report_has_figures_and_a_table_from_the_summary(evaluated_run, tmp_path):
-    from busi.report import write_report
+    from busi.evaluation.report import write_report
 
     out = write_report(evaluated_run, tmp_path / "report", n_overlays=4, n_worst=2)
     for name in ("curves.png", "overlays_test.png", "worst_test.png", "metrics.md"):
@@ -122,7 +122,7 @@ def test_exported_model_keeps_the_sidecar_settings(evaluated_run, busi_table, tm
 
 def test_results_table_reads_each_run_folder(evaluated_run, tmp_path):
     from busi.cli import main
-    from busi.report import _parameter_count, results_table
+    from busi.evaluation.report import _parameter_count, results_table
 
     summary = json.loads((evaluated_run / "evaluation" / "summary.json").read_text())
     lesion = summary["splits"]["test"]["lesion"]
@@ -173,7 +173,7 @@ def test_demo_images_of_published_weights_are_the_runs_test_images(evaluated_run
 
 def test_missing_weights_fall_back_to_the_shipped_model(tmp_path, capsys):
     from busi.notebook import weights_or_shipped
-    from busi.paths import SHIPPED_MODEL
+    from busi.utils.paths import SHIPPED_MODEL
 
     assert SHIPPED_MODEL.is_file(), "the shipped model is committed with the project"
     assert weights_or_shipped(tmp_path / "none.h5") == SHIPPED_MODEL
@@ -187,7 +187,7 @@ def test_missing_weights_fall_back_to_the_shipped_model(tmp_path, capsys):
 
 def test_other_weights_of_a_run_are_evaluated_reported_and_published(evaluated_run, tmp_path):
     from busi.cli import main
-    from busi.report import results_table
+    from busi.evaluation.report import results_table
 
     last = evaluated_run / "last.h5"  # saved with its optimizer
     summary = busi.evaluate(evaluated_run, model_path=last)
@@ -220,7 +220,7 @@ def test_an_int8_export_applies_the_threshold_of_its_sidecar(evaluated_run, busi
     """``X.int8.tflite`` takes its post-processing from ``X.json`` (its ``exports`` entry): with
     a sidecar threshold of 1.0 no pixel is lesion, with 0.0 some are; the default (0.5) cannot
     give both."""
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     written = publish(evaluated_run, tmp_path / "w", "model", export="tflite:dynamic")
     exported = tmp_path / "w" / "model.int8.tflite"
@@ -241,11 +241,12 @@ def test_an_int8_export_is_calibrated_on_the_runs_training_images(evaluated_run,
     """``tflite:int8`` measures its ranges on training images of the run, resized as the model
     input (the run's size and resize mode), never on the validation or test images that check
     it; the file is int8 and listed in the sidecar."""
-    from busi import export, inference
     from busi.data.masks import read_image
     from busi.data.run_parts import run_parts
-    from busi.publish import publish
-    from busi.runs import RunFolder
+    from busi.inference import export
+    from busi.inference import predictor as inference
+    from busi.inference.publish import publish
+    from busi.runs.folder import RunFolder
 
     seen = {}
     real = export.export
@@ -277,8 +278,8 @@ def test_an_int8_export_is_calibrated_on_the_runs_training_images(evaluated_run,
 def test_publish_exports_dynamic_int8_by_default_for_other_models(evaluated_run, tmp_path):
     """``--export auto`` (the default): a classic U-Net gets dynamic-range int8, which needs no
     calibration images."""
-    from busi import inference
     from busi.cli import main
+    from busi.inference import predictor as inference
 
     assert main(["publish", str(evaluated_run), "--dest", str(tmp_path), "--name", "m"]) == 0
     assert inference.load(tmp_path / "m.int8.tflite").precision == "dynamic-int8"
@@ -286,7 +287,7 @@ def test_publish_exports_dynamic_int8_by_default_for_other_models(evaluated_run,
 
 def test_an_int8_export_needs_the_runs_data(run_copy, tmp_path):
     from busi.errors import DataError
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     config = json.loads((run_copy / "config.json").read_text())
     (run_copy / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "gone")}))
@@ -298,7 +299,7 @@ def test_an_int8_export_needs_the_runs_data(run_copy, tmp_path):
 
 
 def test_training_records_each_checkpoints_sha256(evaluated_run):
-    from busi.digests import file_digest
+    from busi.utils.digests import file_digest
 
     state = json.loads((evaluated_run / "state.json").read_text())
     for name in ("best.h5", "last.h5"):
@@ -331,8 +332,8 @@ def test_a_truncated_checkpoint_is_not_published(run_copy, tmp_path, capsys):
 
 
 def test_a_failed_export_publishes_nothing(run_copy, tmp_path, monkeypatch):
-    from busi import export
-    from busi.publish import publish
+    from busi.inference import export
+    from busi.inference.publish import publish
 
     def broken(*args, **kwargs):
         raise RuntimeError("converter crashed")
@@ -349,8 +350,8 @@ def test_a_failed_export_publishes_nothing(run_copy, tmp_path, monkeypatch):
 def test_trained_on_names_the_classes_the_training_part_held(tmp_path):
     """A run asked for all three classes but given a dataset without normal images (BUS-BRA)
     was trained on lesion images; the results table must not claim normal ones."""
-    from busi.report import trained_on
-    from busi.runs import RunFolder
+    from busi.evaluation.report import trained_on
+    from busi.runs.folder import RunFolder
 
     run, config = RunFolder(tmp_path), TrainConfig(name="x")
     rows = {"label": ["benign", "malignant", "normal"], "split": ["train", "train", "test"]}
@@ -379,9 +380,9 @@ def test_card_carries_the_results_on_other_datasets(evaluated_run, busbra_folder
 
 
 def test_kept_epoch_of_a_run_that_keeps_its_last_weights(tmp_path):
-    from busi.config import TrainConfig
-    from busi.report import _kept_epoch
-    from busi.runs import RunFolder
+    from busi.config.train_config import TrainConfig
+    from busi.evaluation.report import _kept_epoch
+    from busi.runs.folder import RunFolder
 
     run = RunFolder(tmp_path)
     history = pd.DataFrame({"epoch": [1, 2, 3], "val_iou_score": [0.2, 0.6, 0.4]})

@@ -13,7 +13,7 @@ import pytest
 
 import busi
 from busi.cli import main
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.run_parts import run_parts
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def published(busi_folder, tmp_path_factory):
     """(run folder, published .h5) of a tiny run trained one epoch, evaluated and published."""
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     root = tmp_path_factory.mktemp("published")
     run = busi.train(TrainConfig(
@@ -128,7 +128,7 @@ def test_notebook_demo_images_of_a_published_model_are_its_test_images(published
 
 def test_a_joint_model_scores_each_of_its_datasets_as_its_run_did(busi_folder, busbra_folder,
                                                                  tmp_path, monkeypatch, capsys):
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     run = busi.train(TrainConfig(
         name="j", datasets=("busi", "busbra"), data=str(busi_folder),

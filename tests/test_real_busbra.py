@@ -12,7 +12,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data import add_groups, busbra, duplicate_pairs, make_split
 
 

@@ -15,12 +15,12 @@ import pytest
 
 import busi
 from busi.cli import main
-from busi.config import TrainConfig
-from busi.runlock import RunLockedError, run_lock
+from busi.config.train_config import TrainConfig
+from busi.runs.lock import RunLockedError, run_lock
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from busi.runlock import run_lock
+    from busi.runs.lock import run_lock
     with run_lock(sys.argv[1], "training"):
         print("held", flush=True)
         time.sleep(120)
@@ -61,11 +61,11 @@ def test_a_killed_writers_lock_is_taken_over_with_a_notice(holder, caplog):
     run, process = holder
     process.send_signal(signal.SIGKILL)
     process.wait()
-    with caplog.at_level(logging.WARNING, logger="busi.runlock"), run_lock(run, "evaluation"):
+    with caplog.at_level(logging.WARNING, logger="busi.runs.lock"), run_lock(run, "evaluation"):
         pass
     assert f"taking over the stale lock of PID {process.pid}" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="busi.runlock"), run_lock(run, "evaluation"):
+    with caplog.at_level(logging.WARNING, logger="busi.runs.lock"), run_lock(run, "evaluation"):
         pass  # released cleanly the last time: no notice
     assert "stale" not in caplog.text
 
@@ -86,7 +86,7 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_is_opened(tmp_pat
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     (tmp_path / "config.json").write_text("{}")  # a run folder (only those are cleaned)
-    with caplog.at_level(logging.WARNING, logger="busi.runlock"), run_lock(tmp_path, "training"):
+    with caplog.at_level(logging.WARNING, logger="busi.runs.lock"), run_lock(tmp_path, "training"):
         pass
     assert not any(path.exists() for path in leftovers)
     assert all(path.exists() for path in kept)
@@ -94,7 +94,7 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_run_is_opened(tmp_pat
 
 
 def test_temp_file_cleanup_leaves_dotfiles_and_hidden_folders_alone(tmp_path):
-    from busi.atomic import leftover_temp_file, remove_leftover_temp_files
+    from busi.utils.atomic import leftover_temp_file, remove_leftover_temp_files
 
     keep = [tmp_path / ".bashrc.original", tmp_path / ".git" / ".best.h5.abcd1234.h5"]
     gone = tmp_path / "evaluation" / ".summary.json.k2j3h4g5.json"
@@ -107,7 +107,7 @@ def test_temp_file_cleanup_leaves_dotfiles_and_hidden_folders_alone(tmp_path):
 
 
 def test_a_parent_of_runs_is_not_cleaned(tmp_path):
-    from busi.runlock import run_lock
+    from busi.runs.lock import run_lock
 
     (tmp_path / "other-run").mkdir()
     in_flight = tmp_path / "other-run" / ".last.h5.abcd1234.h5"  # another run's write

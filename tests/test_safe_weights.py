@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from busi import model_file, models, weights
 from busi._keras import keras as get_keras
 from busi.cli import main
 from busi.errors import DataError
+from busi.inference import model_file, weights
+from busi.models import architectures as models
 
 keras = get_keras()
 
@@ -68,7 +69,7 @@ def test_a_lambda_layer_is_refused_by_load_and_by_busi_predict(evil, images, tmp
 
 
 def test_every_loader_goes_through_the_check(evil, tmp_path):
-    from busi import inference
+    from busi.inference import predictor as inference
 
     path, marker = evil
     for load in (lambda: weights.load_for_inference(path), lambda: inference.load(path),
@@ -76,7 +77,7 @@ def test_every_loader_goes_through_the_check(evil, tmp_path):
         with pytest.raises(model_file.UnsafeModelError):
             load()
     with pytest.raises(model_file.UnsafeModelError):
-        from busi.export import export
+        from busi.inference.export import export
 
         export(path, tmp_path / "x.tflite", backend="tflite")
     assert not marker.exists()
@@ -132,7 +133,7 @@ def test_an_unrelated_keras_model_is_named_and_leaves_no_output(tmp_path, images
 
 
 def test_output_folder_problems_are_found_before_the_model_loads(tmp_path, images, monkeypatch):
-    from busi import prediction
+    from busi.inference import prediction
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
@@ -151,7 +152,7 @@ def test_output_folder_problems_are_found_before_the_model_loads(tmp_path, image
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root writes into read-only folders")
 def test_a_read_only_output_folder_is_named_before_inference(tmp_path, images):
-    from busi import prediction
+    from busi.inference import prediction
 
     def no_inference(batch):
         raise AssertionError("inference ran before the output folder was checked")
@@ -177,7 +178,7 @@ def test_a_file_this_process_saved_loads_but_not_in_another_process(tmp_path):
         keras.layers.Lambda(lambda x: x / 2, name="halve")(inputs)))
     path = weights.save_model(model, tmp_path / "own.h5", include_optimizer=False)
     weights.load_model(path, compile=False)
-    code = ("import sys, busi.weights as w\ntry:\n    w.load_model(sys.argv[1])\n"
+    code = ("import sys, busi.inference.weights as w\ntry:\n    w.load_model(sys.argv[1])\n"
             "except Exception as e:\n    print(type(e).__name__)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
                          text=True, timeout=300)

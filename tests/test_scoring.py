@@ -1,4 +1,5 @@
-"""busi.scoring against hand-computed tiny masks and independent brute-force references."""
+"""busi.evaluation.scoring against hand-computed tiny masks and independent brute-force
+references."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
 
-from busi import scoring
+from busi.evaluation import scoring
 
 NAN = float("nan")
 

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from busi import inference, scoring
-from busi.digests import file_sha1
-from busi.paths import PROJ_ROOT, SHIPPED_MODEL
+from busi.evaluation import scoring
+from busi.inference import predictor as inference
+from busi.utils.digests import file_sha1
+from busi.utils.paths import PROJ_ROOT, SHIPPED_MODEL
 
 SHIPPED = sorted((PROJ_ROOT / "weights").glob("*.h5"))
 
@@ -55,11 +56,11 @@ def test_a_shipped_export_keeps_the_masks_of_its_h5(weights, export, real_table)
     pixels. Per image it swings on tiny masks: on all 126 test lesions the classic U-Net's int8
     file has mean 0.986 (one image where the ``.h5`` marks 23 pixels and int8 none: 0.0),
     pooled 0.996; lite0-joint's 0.998 mean (``tools/predict_agrees.py``)."""
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
     from busi.data import add_groups
     from busi.data.masks import read_image
     from busi.data.parts import dataset_split
-    from busi.postprocess import PostProcess
+    from busi.inference.postprocess import PostProcess
 
     sidecar = json.loads(weights.with_suffix(".json").read_text())
     table = add_groups(real_table)

@@ -141,33 +141,76 @@ def test_the_allow_list_names_existing_modules() -> None:
     assert TOO_LONG_FOR_NOW <= set(modules())
 
 
+def _in(package: str, names: set[str]) -> set[str]:
+    return {name for name in names if name == package or name.startswith(package + ".")}
+
+
 def test_prediction_never_enters_evaluation() -> None:
-    """``busi predict`` must not depend on scoring code: the path that delivers masks needs
-    inference and post-processing only."""
+    """``busi predict`` must not depend on scoring or training code: the path that delivers masks
+    needs inference (model files, runtimes, post-processing) and data only."""
+    reached = reachable(import_graph(), "busi.inference.prediction")
+    assert not _in("busi.evaluation", reached)
+    assert not _in("busi.training", reached)
+
+
+def test_the_lower_stages_do_not_reach_up() -> None:
+    """The pipeline's order shows in the imports: what a model is (models) and how images are
+    read (data, but for the run-split module that needs a run folder) know nothing of training,
+    inference or evaluation; applying post-processing knows nothing of choosing it."""
     graph = import_graph()
-    assert "busi.evaluation" not in reachable(graph, "busi.prediction")
-    assert "busi.training" not in reachable(graph, "busi.prediction")
+    upper = {"busi.training", "busi.inference", "busi.evaluation", "busi.cli", "busi.notebook"}
+    lower = _in("busi.models", set(graph)) | _in("busi.data", set(graph))
+    for name in lower - {"busi.data.run_parts"}:
+        reached = reachable(graph, name)
+        assert not {m for package in upper for m in _in(package, reached)}, name
+    assert not _in("busi.evaluation", reachable(graph, "busi.inference.postprocess"))
 
 
 def test_the_run_folder_is_only_a_folder() -> None:
-    """``busi.runs`` names a run's files and keeps its records and lock; what a run is used for
-    (the images of its parts, its model and masks, its evaluations) lives with the stage that
+    """``busi.runs.folder`` names a run's files and keeps its records and lock; what a run is used
+    for (the images of its parts, its model and masks, its evaluations) lives with the stage that
     uses it. Naming a folder must not pull those stages in, nor may they become a circle
     through it. (It does reach data modules through the config's registries.)"""
     graph = import_graph()
-    direct = graph["busi.runs"]
-    assert not {name for name in direct if name == "busi.data" or name.startswith("busi.data.")}
-    stages = {"busi.inference", "busi.run_inference", "busi.runtimes", "busi.weights",
-              "busi.bundle", "busi.evaluation", "busi.evaluation_folders", "busi.score_tables",
-              "busi.data.parts", "busi.data.run_parts"}
+    direct = graph["busi.runs.folder"]
+    assert not _in("busi.data", direct)
+    stages = (_in("busi.inference", set(graph)) | _in("busi.evaluation", set(graph))
+              | _in("busi.training", set(graph))
+              | {"busi.runs.evaluations", "busi.data.parts", "busi.data.run_parts"})
     assert not direct & stages
-    assert not reachable(graph, "busi.runs") & stages
+    assert not reachable(graph, "busi.runs.folder") & stages
+
+
+MAX_TOP_LEVEL = 13
+"""Entries of ``src/busi``: seven stage packages (config, data, models, training, inference,
+evaluation, runs) and utils, the two front ends (cli, notebook), errors, the Keras guard that
+runs first (_keras) and ``__init__``. A new module goes into the package of its stage."""
+
+
+def test_the_top_level_holds_the_stages() -> None:
+    entries = sorted(path.name for path in PACKAGE.iterdir()
+                     if path.name != "__pycache__" and (path.suffix == ".py" or path.is_dir()))
+    assert len(entries) <= MAX_TOP_LEVEL, entries
+    packages = [path for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"]
+    assert all((path / "__init__.py").exists() for path in packages)
+
+
+def test_each_stage_package_names_a_surface_that_exists() -> None:
+    """``busi.inference.predict_images`` and the like: the names a package's ``__init__`` offers
+    are defined where it says (imported here, so this test loads TensorFlow)."""
+    import importlib
+
+    for package in ("config", "models", "training", "inference", "evaluation", "runs"):
+        module = importlib.import_module(f"busi.{package}")
+        assert module.__all__, package
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"busi.{package}.{name}"
 
 
 def test_the_checker_sees_function_level_imports() -> None:
     """evaluation scores predictions: it reaches inference, whose import sits where it sits."""
     graph = import_graph()
-    assert "busi.inference" in reachable(graph, "busi.evaluation")
+    assert "busi.inference.predictor" in reachable(graph, "busi.evaluation.evaluator")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import busi
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folde
                                                      capsys):
     """A published model scored from its sidecar alone gives what ``busi evaluate RUN --dataset``
     gives from the run folder: the same rows, weights and post-processing, so the same numbers."""
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
     expected = busi.evaluate(evaluated_run, split="all", dataset="busbra", data=busbra_folder)
@@ -111,7 +111,7 @@ def test_score_published_matches_evaluate_of_its_run(evaluated_run, busbra_folde
 
 
 def test_score_published_refuses_weights_without_their_sidecar(evaluated_run, tmp_path):
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     weights = publish(evaluated_run, tmp_path / "weights", export=None)[0]
     weights.with_suffix(".json").unlink()

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 
 import busi
-from busi import callbacks, training
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data import parts
 from busi.data.run_parts import run_parts
-from busi.publish import publish
-from busi.runs import RunFolder
-from busi.weights import load_for_inference
+from busi.inference.publish import publish
+from busi.inference.weights import load_for_inference
+from busi.runs.folder import RunFolder
+from busi.training import callbacks
+from busi.training import trainer as training
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_mirrored_strategy_on_two_logical_cpus(busi_folder, tmp_path):
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, "
         "[tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from busi.devices import distribution_strategy\n"
+        "from busi.training.devices import distribution_strategy\n"
         "assert distribution_strategy(['/cpu:0', '/cpu:1']).num_replicas_in_sync == 2\n"
         f"busi.train({str(path)!r})\n"
         "print('mirrored ok')\n"
@@ -276,9 +277,9 @@ def test_best_h5_written_but_not_yet_recorded_is_settled_on_resume(tmp_path, rec
     best.h5 whose hash the state does not know (publish would refuse it as replaced)."""
     import pandas as pd
 
-    from busi.callbacks import RunCheckpoint
-    from busi.digests import file_digest
-    from busi.runs import RunFolder
+    from busi.runs.folder import RunFolder
+    from busi.training.callbacks import RunCheckpoint
+    from busi.utils.digests import file_digest
 
     run = RunFolder(tmp_path)
     run.best.write_bytes(b"old best")
@@ -298,7 +299,7 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     file's digest, and a model of another architecture is refused naming the file."""
     import numpy as np
 
-    from busi.digests import file_digest, file_sha1
+    from busi.utils.digests import file_digest, file_sha1
 
     source = busi.train(tiny(busi_folder, tmp_path / "a", epochs=1)) / "best.h5"
     config = tiny(busi_folder, tmp_path / "b", epochs=1, init_weights=str(source))
@@ -342,7 +343,8 @@ def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path
     download is needed."""
     import numpy as np
 
-    from busi import _keras, models
+    from busi import _keras
+    from busi.models import architectures as models
 
     batchnorm = _keras.keras().layers.BatchNormalization
 

@@ -8,9 +8,9 @@ import json
 import pytest
 
 import busi
-from busi import training
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.run_parts import run_parts
+from busi.training import trainer as training
 
 
 def test_a_run_without_a_name_is_named_after_its_model():
@@ -32,7 +32,7 @@ def tiny(busi_folder, **changes) -> TrainConfig:
 @pytest.mark.slow
 def test_training_says_where_what_and_how_long_before_it_starts(busi_folder, tmp_path,
                                                                 monkeypatch, capsys):
-    monkeypatch.setattr(busi.paths, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(busi.utils.paths, "RUNS_DIR", tmp_path / "runs")
     run = busi.train(tiny(busi_folder, max_minutes=30))
     assert run == tmp_path / "runs" / "classic-unet"  # not runs/unet-resnet34
     assert json.loads((run / "config.json").read_text())["name"] == "classic-unet"
@@ -81,12 +81,12 @@ def test_a_failed_start_in_an_existing_folder_removes_only_what_it_wrote(busi_fo
 @pytest.mark.slow
 def test_a_run_with_a_finished_epoch_is_kept_when_a_later_step_fails(busi_folder, tmp_path,
                                                                      monkeypatch):
-    import busi.evaluation
+    import busi.evaluation.evaluator
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(busi.evaluation, "evaluate", broken)
+    monkeypatch.setattr(busi.evaluation.evaluator, "evaluate", broken)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="evaluation failed"):
         busi.train(tiny(busi_folder, run_dir=str(run), evaluate=True))

@@ -1,4 +1,5 @@
-"""busi.weights: .h5 round trips, clear errors, and loading by plain Keras 3 / tf.keras users."""
+"""busi.inference.weights: .h5 round trips, clear errors, and loading by plain Keras 3 / tf.keras
+users."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busi import losses, models, weights
 from busi._keras import keras as get_keras
 from busi.errors import DataError
+from busi.inference import weights
+from busi.models import architectures as models
+from busi.models import losses
 
 keras = get_keras()
 
@@ -282,7 +285,7 @@ def test_other_keras_users_load_the_h5(saved, external, user, version, atol):
 
 def test_with_policy_float32_undoes_mixed_precision():
     """A model saved from mixed-precision training must run in float32 when asked for it."""
-    from busi.devices import global_policy
+    from busi.training.devices import global_policy
 
     with global_policy("mixed_bfloat16"):
         mixed = models.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2)

@@ -19,11 +19,12 @@ import numpy as np
 import busi  # noqa: F401  (sets up Keras before TensorFlow is touched)
 from busi.data.masks import load_truths
 from busi.data.run_parts import run_parts
-from busi.inference import predict_probabilities
-from busi.postprocess import PostProcess, postprocess_grid, select_postprocess
-from busi.run_inference import open_run_model
-from busi.runs import RunFolder
-from busi.score_tables import score_table, summarize
+from busi.evaluation.postprocess_choice import postprocess_grid, select_postprocess
+from busi.evaluation.score_tables import score_table, summarize
+from busi.inference.postprocess import PostProcess
+from busi.inference.predictor import predict_probabilities
+from busi.inference.run_models import open_run_model
+from busi.runs.folder import RunFolder
 
 
 def _probabilities(model_path: Path, parts: dict) -> dict:

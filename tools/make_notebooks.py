@@ -28,7 +28,7 @@ from pathlib import Path
 import jupytext
 import nbformat
 
-from busi.atomic import atomic_write_text
+from busi.utils.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

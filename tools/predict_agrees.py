@@ -4,7 +4,7 @@ A user who predicts with published weights gets the PNG masks of ``busi predict`
 in-memory masks ``busi evaluate`` scores. This tool runs ``busi.predict`` on the test images of
 a run (through links in a temporary folder: the dataset is never touched), reads the written
 masks back, scores each against the merged ground truth at the original size with
-``busi.scoring``, and compares the mean lesion Dice with the run's ``summary.json``. With
+``busi.evaluation.scoring``, and compares the mean lesion Dice with the run's ``summary.json``. With
 ``--against`` it also predicts with a second model file (say the int8 TFLite export of the same
 weights) and reports the mean per-image Dice between the two models' masks::
 
@@ -26,12 +26,12 @@ import cv2
 import numpy as np
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
-from busi import scoring
 from busi.data.masks import merge_masks
 from busi.data.run_parts import run_parts
-from busi.digests import file_sha1
-from busi.evaluation_folders import SUMMARY_FILE, evaluation_dir
-from busi.runs import RunFolder
+from busi.evaluation import scoring
+from busi.runs.evaluations import SUMMARY_FILE, evaluation_dir
+from busi.runs.folder import RunFolder
+from busi.utils.digests import file_sha1
 
 
 def written_masks(weights: Path, run_dir: Path, split: str = "test"

@@ -1,10 +1,10 @@
 """Score a published model (``weights/NAME.h5`` with its sidecar) and keep the per-image scores.
 
 ``busi evaluate weights/NAME.h5`` prints the table; this script is the same scoring
-(:func:`busi.published.evaluate_published`: the split made again from the sidecar and confirmed,
-the sidecar's post-processing) with the per-image scores written to ``--out``, for a model whose
-run folder is gone or one downloaded from a release, on BUSI, BUS-BRA or a folder of one's own
-images and masks::
+(:func:`busi.evaluation.published.evaluate_published`: the split made again from the sidecar and
+confirmed, the sidecar's post-processing) with the per-image scores written to ``--out``, for a
+model whose run folder is gone or one downloaded from a release, on BUSI, BUS-BRA or a folder of
+one's own images and masks::
 
     python tools/score_published.py weights/NAME.h5 --dataset busi --part test --out scores.csv
     python tools/score_published.py weights/NAME.h5 --dataset busbra --part test
@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import busi  # noqa: F401  (Keras 2 before TensorFlow)
-from busi.atomic import atomic_write_text
 from busi.data import datasets
 from busi.errors import DataError
-from busi.published import evaluate_published
-from busi.report import summary_text
+from busi.evaluation.published import evaluate_published
+from busi.evaluation.report import summary_text
+from busi.utils.atomic import atomic_write_text
 
 
 def score(weights: Path, dataset: str | None = None, part: str = "test",

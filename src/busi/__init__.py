@@ -14,6 +14,7 @@ import TensorFlow::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from busi import _keras
@@ -25,24 +26,24 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "data": ("busi.data", None),
-    "build_model": ("busi.models", "build_model"),
-    "classic_unet": ("busi.models", "classic_unet"),
-    "losses": ("busi.losses", None),
-    "scoring": ("busi.scoring", None),
-    "load_model": ("busi.weights", "load_model"),
-    "save_model": ("busi.weights", "save_model"),
-    "TrainConfig": ("busi.config", "TrainConfig"),
-    "train": ("busi.training", "train"),
-    "evaluate": ("busi.evaluation", "evaluate"),
-    "RunFolder": ("busi.runs", "RunFolder"),
-    "PostProcess": ("busi.postprocess", "PostProcess"),
-    "postprocess_for": ("busi.bundle", "postprocess_for"),
+    "build_model": ("busi.models.architectures", "build_model"),
+    "classic_unet": ("busi.models.architectures", "classic_unet"),
+    "losses": ("busi.models.losses", None),
+    "scoring": ("busi.evaluation.scoring", None),
+    "load_model": ("busi.inference.weights", "load_model"),
+    "save_model": ("busi.inference.weights", "save_model"),
+    "TrainConfig": ("busi.config.train_config", "TrainConfig"),
+    "train": ("busi.training.trainer", "train"),
+    "evaluate": ("busi.evaluation.evaluator", "evaluate"),
+    "RunFolder": ("busi.runs.folder", "RunFolder"),
+    "PostProcess": ("busi.inference.postprocess", "PostProcess"),
+    "postprocess_for": ("busi.inference.bundle", "postprocess_for"),
     "inference": ("busi.inference", None),
-    "predict": ("busi.prediction", "predict"),
-    "plots": ("busi.plots", None),
+    "predict": ("busi.inference.prediction", "predict"),
+    "plots": ("busi.evaluation.plots", None),
     "notebook": ("busi.notebook", None),
-    "publish_weights": ("busi.publish", "publish_weights"),
-    "publish_export": ("busi.publish_exports", "publish_export"),
+    "publish_weights": ("busi.inference.publish", "publish_weights"),
+    "publish_export": ("busi.inference.publish_exports", "publish_export"),
 }
 
 __all__ = sorted(_LAZY)
@@ -50,7 +51,9 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
-        raise AttributeError(f"module 'busi' has no attribute {name!r}")
+        if importlib.util.find_spec(f"busi.{name}") is None:
+            raise AttributeError(f"module 'busi' has no attribute {name!r}")
+        return importlib.import_module(f"busi.{name}")  # a stage package: busi.inference.bundle
     module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import busi
-from busi import encoders, models
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.cache import DEFAULT_QUALITY
 from busi.data.download import DEFAULT_DEST
 from busi.data.geometry import MODES
 from busi.errors import DataError
-from busi.paths import PROJ_ROOT, WEIGHTS_DIR
+from busi.models import architectures as models
+from busi.models import encoders
+from busi.utils.paths import PROJ_ROOT, WEIGHTS_DIR
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -33,7 +34,7 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from busi.atomic import atomic_write_text
+    from busi.utils.atomic import atomic_write_text
 
     dataset = busi.data.datasets.get(args.dataset)
     root = dataset.locate(args.data)
@@ -103,9 +104,9 @@ def _config_options(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from busi.evaluation_folders import summary_for
-    from busi.report import summary_text
-    from busi.runs import RunFolder
+    from busi.evaluation.report import summary_text
+    from busi.runs.evaluations import summary_for
+    from busi.runs.folder import RunFolder
 
     config = _train_config(args)
     run = RunFolder(busi.train(config, resume=not args.restart, cache=args.cache))
@@ -132,8 +133,8 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _cv(args: argparse.Namespace) -> None:
-    from busi.cv import cross_validate
-    from busi.report import results_table
+    from busi.evaluation.report import results_table
+    from busi.training.cv import cross_validate
 
     result = cross_validate(_train_config(args), folds=args.folds)
     if result.ensemble is None:
@@ -146,9 +147,9 @@ def _cv(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from busi.evaluation_folders import evaluation_dir
-    from busi.report import summary_text
-    from busi.runs import RunFolder
+    from busi.evaluation.report import summary_text
+    from busi.runs.evaluations import evaluation_dir
+    from busi.runs.folder import RunFolder
 
     if Path(args.run).is_file():  # a published model: its sidecar stands in for the run folder
         _evaluate_published(args)
@@ -164,8 +165,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate_published(args: argparse.Namespace) -> None:
-    from busi.published import evaluate_published
-    from busi.report import summary_text
+    from busi.evaluation.published import evaluate_published
+    from busi.evaluation.report import summary_text
 
     if args.weights:
         raise ValueError(f"--weights is for a run folder; {args.run} is a model file already")
@@ -180,7 +181,7 @@ def _evaluate_published(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from busi.publish import publish
+    from busi.inference.publish import publish
 
     written = publish(args.run, args.dest, args.name, model_path=args.weights,
                       export=args.export)
@@ -190,7 +191,7 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from busi.report import write_report
+    from busi.evaluation.report import write_report
 
     name = Path(args.run).name + (f"-{args.dataset}" if args.dataset else "")
     out = write_report(args.run, args.out or PROJ_ROOT / "reports" / name, split=args.split,
@@ -200,8 +201,8 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from busi.atomic import atomic_write_text
-    from busi.report import results_table
+    from busi.evaluation.report import results_table
+    from busi.utils.atomic import atomic_write_text
 
     table = results_table(args.runs, split=args.split, dataset=args.dataset)
     if args.out:
@@ -218,7 +219,7 @@ def _predict(args: argparse.Namespace) -> None:
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
     print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
     if not args.include_masks and Path(args.inputs).is_dir():
-        from busi.prediction import list_inputs
+        from busi.inference.prediction import list_inputs
 
         masks = len(list_inputs(args.inputs, include_masks=True)) - len(table)
         if masks:
@@ -428,8 +429,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from busi.digests import skipping_digest_checks
-    from busi.model_file import unsafe_deserialization
+    from busi.inference.model_file import unsafe_deserialization
+    from busi.utils.digests import skipping_digest_checks
 
     unsafe = unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext()
     unchecked = (skipping_digest_checks() if getattr(args, "skip_digest_check", False)

@@ -5,8 +5,8 @@ parameters. What differs between those places is handled here: where the dataset
 where runs and weights are written (the project's ``runs/`` and ``weights/``, or Google Drive in
 Colab so they outlive the session), and demo images for the prediction notebook. What a run
 holds the notebooks read with the functions of its stage, given a :class:`busi.RunFolder`: its
-parts (:mod:`busi.data.run_parts`), masks (:mod:`busi.run_inference`) and evaluations
-(:mod:`busi.evaluation_folders`).
+parts (:mod:`busi.data.run_parts`), masks (:mod:`busi.inference.run_models`) and evaluations
+(:mod:`busi.runs.evaluations`).
 
 The Colab install cell itself cannot live here: it runs before busi is installed.
 """
@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from busi.atomic import atomic_path
 from busi.errors import DataError
+from busi.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def locations(
 
     A given ``run_dir`` / ``weights_dir`` wins; otherwise they are ``runs/<run_name>`` and
     ``weights/`` on Google Drive when ``use_drive`` (Colab; the run then survives a disconnect
-    and training resumes from it), else in the project (``busi.paths``, which honours
+    and training resumes from it), else in the project (``busi.utils.paths``, which honours
     ``$BUSI_RUNS`` and ``$BUSI_WEIGHTS``).
     """
-    from busi.paths import RUNS_DIR, WEIGHTS_DIR
+    from busi.utils.paths import RUNS_DIR, WEIGHTS_DIR
 
     runs, weights = RUNS_DIR, WEIGHTS_DIR
     if use_drive:
@@ -101,7 +101,7 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
 def weights_or_shipped(path: str | os.PathLike) -> Path:
     """``path`` if it exists, else the model shipped in ``weights/`` (with a notice), so the
     prediction notebook also runs on a fresh clone where nothing has been trained."""
-    from busi.paths import SHIPPED_MODEL
+    from busi.utils.paths import SHIPPED_MODEL
 
     path = Path(path)
     if path.is_file() or not SHIPPED_MODEL.is_file():
@@ -117,12 +117,12 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     Test images by default: the model has not seen them. ``run_dir`` is a run folder, or
     published weights (``.h5`` with its sidecar) whose run folder is not at hand (a fresh
     clone): their split is made again from the sidecar and confirmed to be the run's
-    (:func:`busi.published.published_parts`). The dataset is only read.
+    (:func:`busi.evaluation.published.published_parts`). The dataset is only read.
     """
     from busi.data.parts import stratified_head
     from busi.data.run_parts import run_parts, with_data
-    from busi.published import published_parts, sidecar_path
-    from busi.runs import RunFolder
+    from busi.evaluation.published import published_parts, sidecar_path
+    from busi.runs.folder import RunFolder
 
     source = Path(run_dir)
     run = RunFolder(source)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from busi.data.index import LABELS, index_pairs
 from busi.errors import DataError
-from busi.paths import DATA_DIR, existing_copy, search_roots
+from busi.utils.paths import DATA_DIR, existing_copy, search_roots
 
 NAME = "busbra"
 ENV_VAR = "BUSBRA_DATA"
@@ -128,7 +128,7 @@ def _fetch_and_extract(entry: dict, dest: Path) -> None:
     import hashlib
     import tempfile
 
-    from busi import progress
+    from busi.utils import progress
 
     target = dest / Path(entry["key"]).name
     partial = target.with_name(f".{target.name}.partial")

@@ -42,14 +42,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from busi.atomic import atomic_path
 from busi.data.geometry import placement_for
 from busi.data.index import fingerprint
 from busi.data.splits import DATASET_COLUMN, SPLIT_COLUMNS
 from busi.errors import DataError
+from busi.utils.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
 
 FORMAT = 1
 """Version of the layout below; raised whenever what a reader expects changes."""

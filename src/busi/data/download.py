@@ -16,7 +16,7 @@ from pathlib import Path
 
 from busi.data.index import LABELS
 from busi.errors import DataError
-from busi.paths import DATA_DIR, existing_copy, search_roots
+from busi.utils.paths import DATA_DIR, existing_copy, search_roots
 
 KAGGLE_HANDLE = "aryashah2k/breast-ultrasound-images-dataset"
 FOLDER_NAME = "Dataset_BUSI_with_GT"

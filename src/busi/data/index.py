@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from busi import progress
 from busi.data.duplicates import perceptual_hash
 from busi.data.masks import load_example
 from busi.errors import DataError
+from busi.utils import progress
 
 LABELS = ("benign", "malignant", "normal")
 UNLABELLED_LESION = "lesion"

@@ -18,7 +18,7 @@ from busi.data.splits import load_split, make_split, select
 from busi.errors import DataError
 
 if TYPE_CHECKING:
-    from busi.config import TrainConfig
+    from busi.config.train_config import TrainConfig
 
 
 def dataset_table(config: TrainConfig) -> pd.DataFrame:

@@ -5,9 +5,9 @@ is done once, up front, by :func:`load_arrays` (BUSI at 256x256 gray is about 50
 arrays are fed to tf.data from memory. Only the cheap, random part (augmentation) runs per epoch.
 
 Normalisation for the encoder (ImageNet mean/std or whatever the backbone wants) is *not* done
-here: the model's first layer does it (busi.models, "Input convention"), so a saved model is
-self-contained and this pipeline is the same for every encoder. Images leave the pipeline as
-float32 in [0, 255] with the gray channel replicated to 3, masks as float32 {0, 1}.
+here: the model's first layer does it (busi.models.architectures, "Input convention"), so a saved
+model is self-contained and this pipeline is the same for every encoder. Images leave the pipeline
+as float32 in [0, 255] with the gray channel replicated to 3, masks as float32 {0, 1}.
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def make_dataset(
         drop_remainder: leave out the last partial batch. For training under several replicas:
             a batch smaller than the replica count leaves a replica an empty batch, which
             BatchNorm rejects. Shuffled every epoch, every image is still seen.
-        labels: image-level targets, one row per table row (:func:`busi.heads.label_targets`),
+        labels: image-level targets, one row per table row
+        (:func:`busi.models.heads.label_targets`),
             for a model with the image head; they travel with their image through shuffling.
 
     Returns:

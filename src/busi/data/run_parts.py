@@ -3,8 +3,8 @@ checked against the fingerprint the run recorded, so that training, evaluation, 
 publishing and the notebooks all see the images the run was trained on.
 
 Apart from :mod:`busi.data.parts`, whose pure functions of a config and a table never touch a
-run folder, and from :mod:`busi.runs`, which only names the folder: this is where the data stage
-reads and writes a run's ``split.csv`` and ``env.json``.
+run folder, and from :mod:`busi.runs.folder`, which only names the folder: this is where the data
+stage reads and writes a run's ``split.csv`` and ``env.json``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from busi.config import TrainConfig
+from busi.config.train_config import TrainConfig
 from busi.data.index import fingerprint
 from busi.data.parts import dataset_table, make_run_split, split_parts
 from busi.data.splits import in_classes, load_split, save_split
 from busi.errors import DataError
-from busi.runs import RunFolder, environment
+from busi.runs.folder import RunFolder, environment
 
 if TYPE_CHECKING:
     from busi.data.cache import Cache

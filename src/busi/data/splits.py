@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from busi.atomic import atomic_write_text
 from busi.data.duplicates import add_groups
 from busi.data.index import KNOWN_LABELS, LABELS, UNLABELLED_LESION
 from busi.errors import DataError
+from busi.utils.atomic import atomic_write_text
 
 SPLIT_COLUMNS = ["id", "label", "group", "split"]
 #: Written after :data:`SPLIT_COLUMNS` when present: which dataset an image is from (runs trained
