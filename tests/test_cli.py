@@ -104,7 +104,7 @@ def test_train_evaluate_predict_end_to_end(busi_folder, busi_table, tmp_path, ca
     assert main(["train", "--config", str(config), "--data", str(busi_folder),
                  "--run-dir", str(run), "--set", "learning_rate=0.01"]) == 0
     assert (run / "best.h5").is_file() and (run / "evaluation" / "summary.json").is_file()
-    assert json.loads((run / "config.json").read_text())["learning_rate"] == 0.01
+    assert json.loads((run / "config.json").read_text())["optimisation"]["learning_rate"] == 0.01
     out = capsys.readouterr().out
     assert "best.h5 on the test images" in out and "| lesion |" in out  # a table, not JSON
     assert main(["evaluate", str(run), "--split", "val", "--json"]) == 0

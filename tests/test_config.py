@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from busi.config.train_config import TrainConfig
+from busi.config import sections
+from busi.config.train_config import CHOICES, TrainConfig
+from busi.training import schedules
 from busi.utils.paths import PROJ_ROOT
 
 
@@ -70,7 +75,8 @@ def test_shipped_configs_load_and_name_their_run_after_the_file(path):
 
 
 def test_warmup_needs_the_cosine_schedule_and_cosine_decays_downwards():
-    with pytest.raises(ValueError, match="cosine' only"):
+    with pytest.raises(ValueError, match="warmup_epochs applies to lr_schedule 'cosine', not "
+                       "lr_schedule 'plateau'"):
         TrainConfig(warmup_epochs=2)  # plateau schedule
     with pytest.raises(ValueError, match="must not exceed learning_rate"):
         TrainConfig(lr_schedule="cosine", learning_rate=1e-4, min_learning_rate=1e-3)
@@ -217,7 +223,9 @@ def test_choices_come_from_the_registries():
     with pytest.raises(ValueError, match="choose one of busi's and segmentation-models' "
                        "encoders: efficientnet-lite0, .*resnet34"):
         TrainConfig(encoder="resnet17")
-    assert TrainConfig(architecture="classic_unet", encoder="resnet17").encoder == "resnet17"
+    with pytest.raises(ValueError, match="encoder applies to architecture 'unet', not "
+                       "architecture 'classic_unet'"):
+        TrainConfig(architecture="classic_unet", encoder="resnet17")  # it has no encoder
     assert set(ENCODERS) >= {"efficientnet-lite0", "resnet34", "efficientnetb7"}
 
 
@@ -260,3 +268,79 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path, name, 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     (tmp_path / "c.yaml").write_text("augmentation:\n  <<: {speckle: false}\n  speckle: true\n")
     assert TrainConfig.load(tmp_path / "c.yaml").augment_config().speckle is True
+
+
+# --- settings by component: sections in files, options owned by registries ----------------------
+
+
+def test_a_config_file_is_written_in_sections_without_the_options_of_choices_not_made(tmp_path):
+    config = TrainConfig(architecture="classic_unet", lr_schedule="cosine", warmup_epochs=2,
+                         epochs=5, seed=3, data="somewhere")
+    written = json.loads(config.save(tmp_path / "config.json").read_text())
+    assert set(written) == {"name", "seed", "data", "model", "optimisation", "runtime"}
+    assert written["data"]["root"] == "somewhere" and written["seed"] == 3
+    assert written["optimisation"]["warmup_epochs"] == 2
+    # what only the unet architecture or the plateau schedule take is left out
+    assert not {"encoder", "encoder_weights", "decoder_filters"} & set(written["model"])
+    assert not {"reduce_lr_patience", "reduce_lr_factor"} & set(written["optimisation"])
+    assert "image_head_weight" not in written["model"]  # no head
+    assert TrainConfig.load(tmp_path / "config.json") == config
+    yaml_path = config.save(tmp_path / "config.yaml")
+    assert yaml.safe_load(yaml_path.read_text())["model"]["architecture"] == "classic_unet"
+    assert TrainConfig.load(yaml_path) == config
+
+
+def test_flat_configs_of_older_run_folders_and_sidecars_still_load():
+    """The shim: a flat mapping (every run folder and sidecar written before sections, and
+    ``--set``) gives the same config as its sectioned form."""
+    for name in ("classic-unet-cosine-cpu", "lite0-joint-cpu"):
+        flat = json.loads((PROJ_ROOT / "weights" / f"{name}.json").read_text())["config"]
+        assert "model" not in flat  # written flat, before sections
+        old = TrainConfig.from_dict({**flat, "data": None, "data_paths": {}})
+        assert TrainConfig.from_dict(old.to_sections()) == old
+        assert old.architecture == flat["architecture"] and old.epochs == flat["epochs"]
+    full = TrainConfig(encoder="efficientnet-lite0", image_head=True).to_dict()
+    assert TrainConfig.from_dict(full) == TrainConfig.from_dict(sections.nest(full))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"model": {"epochs": 3}}, "unknown model key 'epochs'; epochs belongs in optimisation"),
+    ({"runtime": {"seed": 1}}, "seed is a top-level key"),
+    ({"optimisation": {"epochs": 3}, "epochs": 4}, "optimisation.epochs is given twice"),
+    ({"model": ["unet"]}, "model must be a mapping"),
+    ({"data": {"root": "x"}, "bogus": 1}, "unknown config key"),
+])
+def test_a_misplaced_or_doubled_section_key_is_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"optimizer": "adam", "weight_decay": 1e-4},
+     "weight_decay applies to optimizer 'adamw', not optimizer 'adam'"),
+    ({"lr_schedule": "cosine", "reduce_lr_patience": 3},
+     "reduce_lr_patience applies to lr_schedule 'plateau', not lr_schedule 'cosine'"),
+    ({"architecture": "classic_unet", "decoder_filters": [8, 8, 8, 8, 8]},
+     "decoder_filters applies to architecture 'unet'"),
+    ({"architecture": "unet", "depth": 3}, "depth applies to architecture 'classic_unet'"),
+    ({"image_head_weight": 0.3}, "image_head_weight applies to image_head true, not "
+                                 "image_head false"),
+])
+def test_an_option_of_a_choice_not_made_is_refused(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_every_registry_option_is_a_config_field_in_a_section():
+    """A component's options are fields the sections place, or its settings could not be
+    written; adding a schedule, optimizer or architecture is its entry with its options."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(sections.fields()) == known
+    for _, choice, options in TrainConfig().components():
+        assert choice in options
+        assert set().union(*options.values()) <= known
+    assert set(schedules.SCHEDULES) == set(CHOICES["lr_schedule"])
+    rates = [schedules.schedule("cosine").make(
+        TrainConfig(lr_schedule="cosine", epochs=4, warmup_epochs=1, learning_rate=1.0,
+                    min_learning_rate=0.0), {}).rate(e) for e in range(4)]
+    assert rates[0] == 0.5 and rates[1] == 1.0 and rates[-1] == 0.0  # warm-up, peak, end

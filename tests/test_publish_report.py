@@ -290,7 +290,8 @@ def test_an_int8_export_needs_the_runs_data(run_copy, tmp_path):
     from busi.inference.publish import publish
 
     config = json.loads((run_copy / "config.json").read_text())
-    (run_copy / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "gone")}))
+    config["data"]["root"] = str(tmp_path / "gone")
+    (run_copy / "config.json").write_text(json.dumps(config))
     dest = tmp_path / "dest"
     with pytest.raises(DataError, match="calibrated on the training images.*tflite:dynamic"):
         publish(run_copy, dest, "model", export="tflite:int8")

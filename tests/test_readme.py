@@ -58,3 +58,16 @@ def test_loading_saved_weights_snippet_runs_on_a_fresh_clone(monkeypatch):
          namespace)
     assert Path(namespace["path"]).is_file()
     assert tuple(namespace["model"].input_shape[1:]) == (256, 256, 3)  # Keras 3's, the last
+
+
+def test_the_sectioned_config_example_is_a_valid_config():
+    import yaml
+
+    from busi.config.train_config import TrainConfig
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    assert blocks, "the README lost its config example"
+    config = TrainConfig.from_dict(yaml.safe_load(blocks[0]))
+    assert config.encoder == "efficientnet-lite0" and config.warmup_epochs == 1
+    assert config.augmentation == {"max_shift": 0.08} and config.max_minutes == 90

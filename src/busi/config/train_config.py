@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from busi.config import sections
 from busi.config.fields import check_fields
 from busi.config.files import legacy_extra, read_mapping
 from busi.data.augment_config import AugmentConfig
@@ -25,10 +26,11 @@ from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
 from busi.models import architectures as models
 from busi.models import encoders, losses
+from busi.training import schedules
 from busi.utils.atomic import atomic_write_text
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-LR_SCHEDULES = ("plateau", "cosine")
+LR_SCHEDULES = tuple(schedules.SCHEDULES)
 KEEP = ("best", "last")
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -68,6 +70,11 @@ def _augmentation_overrides(values: Any) -> dict[str, Any]:
         if value != defaults[name]:
             overrides[name] = list(value) if isinstance(value, tuple) else value
     return overrides
+
+
+def _word(choice: Any) -> str:
+    """A choice as a config file writes it (``true``, ``cosine``)."""
+    return str(choice).lower() if isinstance(choice, bool) else repr(choice)
 
 
 def _reject_unknown(values: Any, known: Any, what: str) -> None:
@@ -270,21 +277,49 @@ class TrainConfig:
                 f"{self.test_fraction}: validation is one of round((1 - test) / val) >= 2 "
                 "grouped folds of the rest"
             )
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} "
-                f"(epochs {self.epochs})"
-            )
-        if self.weight_decay is not None and self.optimizer != "adamw":
-            raise ValueError(f"weight_decay applies to optimizer 'adamw' only, not "
-                             f"{self.optimizer!r}")
-        if self.lr_schedule != "cosine" and self.warmup_epochs:
-            raise ValueError("warmup_epochs applies to lr_schedule 'cosine' only")
-        if self.lr_schedule == "cosine" and self.min_learning_rate > self.learning_rate:
-            raise ValueError(
-                f"min_learning_rate ({self.min_learning_rate}) must not exceed learning_rate "
-                f"({self.learning_rate}): the cosine schedule decays from one to the other"
-            )
+        self._check_component_options()
+        schedules.schedule(self.lr_schedule).check(self)
+
+    def components(self) -> list[tuple[str, Any, dict[Any, tuple[str, ...]]]]:
+        """``(field, choice, {each choice: the fields it takes})`` of every setting whose choices
+        take settings of their own, read from the registries that define them: architectures
+        (with their encoder's), optimizers, learning-rate schedules, and the image-level head."""
+        def architecture_options(spec: models.Architecture) -> tuple[str, ...]:
+            extra = ("freeze_encoder_epochs",) if spec.uses_encoder else ()
+            return spec.options + extra
+
+        return [
+            ("architecture", self.architecture,
+             {name: architecture_options(spec) for name, spec in models.ARCHITECTURES.items()}),
+            ("optimizer", self.optimizer,
+             {name: spec.options for name, spec in losses.OPTIMIZERS.items()}),
+            ("lr_schedule", self.lr_schedule,
+             {name: spec.options for name, spec in schedules.SCHEDULES.items()}),
+            ("image_head", self.image_head,
+             {True: ("image_head_weight", "image_head_balance"), False: ()}),
+        ]
+
+    def unused_fields(self) -> frozenset[str]:
+        """Fields that only other choices of :meth:`components` take: they do nothing here,
+        and a config file leaves them out."""
+        unused: set[str] = set()
+        for _, choice, options in self.components():
+            taken = set(options[choice])
+            unused.update(name for other in options.values() for name in other
+                          if name not in taken)
+        return frozenset(unused)
+
+    def _check_component_options(self) -> None:
+        """A field set for a choice the config does not make is refused: it would silently do
+        nothing (``weight_decay`` with Adam, ``warmup_epochs`` with the plateau schedule)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)
+                    if f.default is not dataclasses.MISSING}
+        for field_name, choice, options in self.components():
+            for name in sorted(set().union(*options.values()) - set(options[choice])):
+                if name in defaults and getattr(self, name) != defaults[name]:
+                    users = [_word(other) for other, taken in options.items() if name in taken]
+                    raise ValueError(f"{name} applies to {field_name} {' or '.join(users)}, "
+                                     f"not {field_name} {_word(choice)}; leave it out")
 
     def _check_datasets(self) -> None:
         from busi.data import datasets
@@ -341,15 +376,21 @@ class TrainConfig:
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON and YAML can hold them (tuples as lists)."""
+        """Every field, flat, as JSON and YAML can hold them (tuples as lists)."""
         data = dataclasses.asdict(self)
         return {name: list(value) if isinstance(value, tuple) else value
                 for name, value in data.items()}
 
+    def to_sections(self) -> dict[str, Any]:
+        """The settings grouped by component (:mod:`busi.config.sections`), without the fields
+        of choices not made (:meth:`unused_fields`): what config files and sidecars hold."""
+        return sections.nest(self.to_dict(), self.unused_fields())
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; an unknown key is an error that names it and the known ones."""
-        values = legacy_extra(values)
+        """Build from a sectioned or a flat mapping (older run folders and sidecars,
+        ``--set``); an unknown key is an error that names it and the known ones."""
+        values = legacy_extra(sections.flatten(values))
         _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "config")
         return cls(**values)
 
@@ -361,8 +402,8 @@ class TrainConfig:
         """Write as JSON, or YAML if the file name ends in .yaml/.yml (atomically)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+            return atomic_write_text(path, yaml.safe_dump(self.to_sections(), sort_keys=False))
+        return atomic_write_text(path, json.dumps(self.to_sections(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:

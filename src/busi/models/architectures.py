@@ -32,6 +32,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from busi import _keras
+from busi.config import sections
 from busi.errors import WeightsDownloadError
 from busi.models import encoders, heads
 from busi.models.encoders import sm_unet
@@ -293,7 +294,7 @@ def build(config: TrainConfig, freeze_encoder: bool = False) -> Any:
 
 
 def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
-    values = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    values = sections.flatten(config) if isinstance(config, Mapping) else config.to_dict()
     spec = architecture(values["architecture"])
     weights = values.get("encoder_weights") if spec.uses_encoder else None
     weights = weights or "from scratch"

@@ -24,6 +24,7 @@ anything.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from busi import _keras
@@ -63,14 +64,26 @@ plots and resumed runs rely on: keep them stable."""
 METRIC_NAMES = tuple(METRICS)
 """Names of :func:`get_metrics` as they appear in the training history (keep them stable)."""
 
-OPTIMIZERS: dict[str, Callable[..., Any]] = {
-    "adam": lambda keras, rate, **_: keras.optimizers.Adam(learning_rate=rate),
-    "adamw": lambda keras, rate, **options: keras.optimizers.AdamW(learning_rate=rate, **options),
-    "sgd": lambda keras, rate, **_: keras.optimizers.SGD(learning_rate=rate, momentum=0.9),
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer a config can name, and the config fields it takes beyond the rate."""
+
+    make: Callable[..., Any]
+    """``make(keras, rate, **options)``: a fresh optimizer."""
+    options: tuple[str, ...] = ()
+    """:class:`~busi.config.train_config.TrainConfig` fields passed to ``make`` by name (set
+    for another optimizer, they are refused when the config is made)."""
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adam": Optimizer(lambda keras, rate: keras.optimizers.Adam(learning_rate=rate)),
+    "adamw": Optimizer(
+        lambda keras, rate, weight_decay=None: keras.optimizers.AdamW(
+            learning_rate=rate, **({} if weight_decay is None else {"weight_decay": weight_decay})),
+        options=("weight_decay",)),
+    "sgd": Optimizer(lambda keras, rate: keras.optimizers.SGD(learning_rate=rate, momentum=0.9)),
 }
-"""Optimizer name (as a config writes it) -> factory taking the Keras module, the learning
-rate and the options set in the config (``weight_decay``; those an optimizer has no use for are
-refused when the config is made)."""
+"""Optimizer name (as a config writes it) -> :class:`Optimizer`."""
 
 
 def get_loss(name: str = DEFAULT_LOSS) -> Callable:
@@ -96,7 +109,7 @@ def get_optimizer(name: str, learning_rate: float, weight_decay: float | None = 
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
     options = {} if weight_decay is None else {"weight_decay": weight_decay}
-    return OPTIMIZERS[name](_keras.keras(), learning_rate, **options)
+    return OPTIMIZERS[name].make(_keras.keras(), learning_rate, **options)
 
 
 def get_metrics() -> list:

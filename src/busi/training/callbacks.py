@@ -23,7 +23,9 @@ from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.inference import weights
 from busi.runs.folder import RunFolder
+from busi.training import schedules
 from busi.training.batchnorm import PreciseValidation
+from busi.training.resumable import EarlyStopping
 from busi.utils.atomic import atomic_write_text
 from busi.utils.digests import file_digest
 
@@ -140,60 +142,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-class _Resumable:
-    """Mixin restoring a callback's counters (best, wait, ...) after a resume."""
-
-    def __init__(self, *args: Any, restore: dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._restore = restore or {}
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)
-        for name, value in self._restore.items():
-            setattr(self, name, value)
-
-    def counters(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ("best", "wait", "cooldown_counter")
-                if hasattr(self, name)}
-
-
-class EarlyStopping(_Resumable, keras.callbacks.EarlyStopping):
-    pass
-
-
-class ReduceLROnPlateau(_Resumable, keras.callbacks.ReduceLROnPlateau):
-    pass
-
-
-class CosineSchedule(keras.callbacks.Callback):
-    """Sets each epoch's learning rate from the epoch number alone: linear warm-up, then a
-    cosine decay from ``base`` that reaches ``minimum`` at the last epoch (a single epoch after
-    the warm-up runs at ``base``).
-
-    Being a function of the epoch, it needs no state to resume. A run on a fixed budget needs
-    its learning rate to reach a low value within the budget; halving on plateaus instead reacts
-    to validation scores that swung by 0.2 IoU between epochs in this project's CPU runs.
-    """
-
-    def __init__(self, base: float, minimum: float, epochs: int, warmup: int = 0):
-        super().__init__()
-        self.base, self.minimum, self.epochs, self.warmup = base, minimum, epochs, warmup
-
-    def rate(self, epoch: int) -> float:
-        """The learning rate of epoch ``epoch`` (counted from 0)."""
-        if epoch < self.warmup:
-            return self.base * (epoch + 1) / (self.warmup + 1)
-        span = max(self.epochs - 1 - self.warmup, 1)
-        progress = min((epoch - self.warmup) / span, 1.0)
-        return self.minimum + 0.5 * (self.base - self.minimum) * (1 + math.cos(math.pi * progress))
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
-
-    def counters(self) -> dict[str, Any]:
-        return {}
-
-
 def pending_path(checkpoint: Path) -> Path:
     """Where a checkpoint is written before ``state.json`` records it: ``<stem>.pending.h5``."""
     return checkpoint.with_name(f"{checkpoint.stem}.pending.h5")
@@ -294,16 +242,7 @@ def make_callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
         monitor=config.monitor, mode=mode, patience=config.early_stopping_patience,
         restore=restored[0],
     )
-    if config.lr_schedule == "cosine":
-        schedule: CosineSchedule | ReduceLROnPlateau = CosineSchedule(
-            config.learning_rate, config.min_learning_rate, config.epochs, config.warmup_epochs
-        )
-    else:
-        schedule = ReduceLROnPlateau(
-            monitor=config.monitor, mode=mode, factor=config.reduce_lr_factor,
-            patience=config.reduce_lr_patience, min_lr=config.min_learning_rate,
-            restore=restored[1],
-        )
+    schedule = schedules.schedule(config.lr_schedule).make(config, restored[1])
     # Rows past the last recorded epoch come from an epoch whose state was never written.
     history = run.read_history()
     if len(history):
