@@ -230,7 +230,7 @@ def check_keras() -> None:
 def keras() -> ModuleType:
     """The Keras 2 module that TensorFlow and segmentation-models use (``tf_keras``)."""
     check_keras()
-    import tf_keras
+    import tf_keras  # start-up: TensorFlow; `import busi` runs this module
 
     return tf_keras
 
@@ -241,7 +241,7 @@ def sm() -> ModuleType:
     # segmentation-models prints "using `tf.keras` framework" on import, in every command and
     # notebook; the framework is checked (and set) right below, so the notice is dropped.
     with contextlib.redirect_stdout(io.StringIO()):
-        import segmentation_models
+        import segmentation_models  # start-up: TensorFlow; `import busi` runs this module
 
     if segmentation_models.framework() != "tf.keras":
         segmentation_models.set_framework("tf.keras")

@@ -18,12 +18,21 @@ from typing import Any
 
 import busi
 from busi.config.train_config import TrainConfig
-from busi.data.cache import DEFAULT_QUALITY
+from busi.data.cache import DEFAULT_QUALITY, write_cache
 from busi.data.download import DEFAULT_DEST
 from busi.data.geometry import MODES
 from busi.errors import DataError
+from busi.evaluation.published import evaluate_published
+from busi.evaluation.report import results_table, summary_text, write_report
+from busi.inference.model_file import unsafe_deserialization
+from busi.inference.prediction import list_inputs
+from busi.inference.publish import publish
 from busi.models import architectures as models
 from busi.models import encoders
+from busi.runs.evaluations import evaluation_dir, summary_for
+from busi.runs.folder import RunFolder
+from busi.utils.atomic import atomic_write_text
+from busi.utils.digests import skipping_digest_checks
 from busi.utils.paths import PROJ_ROOT, WEIGHTS_DIR
 
 
@@ -34,8 +43,6 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from busi.utils.atomic import atomic_write_text
-
     dataset = busi.data.datasets.get(args.dataset)
     root = dataset.locate(args.data)
     table = busi.data.add_groups(dataset.index(root, strict=args.strict))
@@ -104,10 +111,6 @@ def _config_options(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from busi.evaluation.report import summary_text
-    from busi.runs.evaluations import summary_for
-    from busi.runs.folder import RunFolder
-
     config = _train_config(args)
     run = RunFolder(busi.train(config, resume=not args.restart, cache=args.cache))
     print(f"run folder: {run.root}")
@@ -118,8 +121,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from busi.data.cache import write_cache
-
     cache = write_cache(_train_config(args), args.out,
                         quality=None if args.lossless else args.quality)
     parts, error = cache.split["split"].value_counts(), cache.meta["image_error"]
@@ -133,8 +134,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _cv(args: argparse.Namespace) -> None:
-    from busi.evaluation.report import results_table
-    from busi.training.cv import cross_validate
+    from busi.training.cv import cross_validate  # start-up: TensorFlow, not for busi --help
 
     result = cross_validate(_train_config(args), folds=args.folds)
     if result.ensemble is None:
@@ -147,10 +147,6 @@ def _cv(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from busi.evaluation.report import summary_text
-    from busi.runs.evaluations import evaluation_dir
-    from busi.runs.folder import RunFolder
-
     if Path(args.run).is_file():  # a published model: its sidecar stands in for the run folder
         _evaluate_published(args)
         return
@@ -165,9 +161,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate_published(args: argparse.Namespace) -> None:
-    from busi.evaluation.published import evaluate_published
-    from busi.evaluation.report import summary_text
-
     if args.weights:
         raise ValueError(f"--weights is for a run folder; {args.run} is a model file already")
     _, summary = evaluate_published(args.run, split=args.split, dataset=args.dataset,
@@ -181,8 +174,6 @@ def _evaluate_published(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from busi.inference.publish import publish
-
     written = publish(args.run, args.dest, args.name, model_path=args.weights,
                       export=args.export)
     weights, others = written[0], written[1:]
@@ -191,8 +182,6 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from busi.evaluation.report import write_report
-
     name = Path(args.run).name + (f"-{args.dataset}" if args.dataset else "")
     out = write_report(args.run, args.out or PROJ_ROOT / "reports" / name, split=args.split,
                        data=args.data, model_path=args.weights, dataset=args.dataset)
@@ -201,9 +190,6 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from busi.evaluation.report import results_table
-    from busi.utils.atomic import atomic_write_text
-
     table = results_table(args.runs, split=args.split, dataset=args.dataset)
     if args.out:
         atomic_write_text(Path(args.out), table)
@@ -219,8 +205,6 @@ def _predict(args: argparse.Namespace) -> None:
     failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
     print(f"wrote masks and overlays of {len(table) - len(failed)} image(s) to {args.output}")
     if not args.include_masks and Path(args.inputs).is_dir():
-        from busi.inference.prediction import list_inputs
-
         masks = len(list_inputs(args.inputs, include_masks=True)) - len(table)
         if masks:
             print(f"left out {masks} ground-truth mask file(s) (X_mask*.png next to X); "
@@ -429,8 +413,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from busi.inference.model_file import unsafe_deserialization
-    from busi.utils.digests import skipping_digest_checks
 
     unsafe = unsafe_deserialization() if getattr(args, "unsafe_weights", False) else nullcontext()
     unchecked = (skipping_digest_checks() if getattr(args, "skip_digest_check", False)

@@ -18,8 +18,15 @@ import os
 import sys
 from pathlib import Path
 
+from busi.data.download import DEFAULT_DEST, locate
+from busi.data.download import download as fetch
+from busi.data.parts import stratified_head
+from busi.data.run_parts import run_parts, with_data
 from busi.errors import DataError
+from busi.evaluation.published import published_parts, sidecar_path
+from busi.runs.folder import RunFolder
 from busi.utils.atomic import atomic_path
+from busi.utils.paths import RUNS_DIR, SHIPPED_MODEL, WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ def drive_folder(folder: Path = DRIVE_FOLDER) -> Path:
             "USE_DRIVE = True needs Google Colab; elsewhere set RUN_DIR / WEIGHTS_DIR to any "
             "folder instead"
         )
-    from google.colab import drive  # type: ignore[import-not-found]
+    from google.colab import drive  # type: ignore[import-not-found]  # optional: Colab only
 
     drive.mount(str(DRIVE_MOUNT))
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,8 +74,6 @@ def locations(
     and training resumes from it), else in the project (``busi.utils.paths``, which honours
     ``$BUSI_RUNS`` and ``$BUSI_WEIGHTS``).
     """
-    from busi.utils.paths import RUNS_DIR, WEIGHTS_DIR
-
     runs, weights = RUNS_DIR, WEIGHTS_DIR
     if use_drive:
         base = drive_folder()
@@ -86,9 +91,6 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
         download: fetch it from Kaggle if it is not found; with False a missing dataset is an
             error that says where to put it.
     """
-    from busi.data.download import DEFAULT_DEST, locate
-    from busi.data.download import download as fetch
-
     try:
         return locate(path)
     except DataError:
@@ -101,8 +103,6 @@ def get_data(path: str | os.PathLike | None = None, download: bool = True) -> Pa
 def weights_or_shipped(path: str | os.PathLike) -> Path:
     """``path`` if it exists, else the model shipped in ``weights/`` (with a notice), so the
     prediction notebook also runs on a fresh clone where nothing has been trained."""
-    from busi.utils.paths import SHIPPED_MODEL
-
     path = Path(path)
     if path.is_file() or not SHIPPED_MODEL.is_file():
         return path
@@ -119,11 +119,6 @@ def demo_inputs(run_dir: str | os.PathLike, dest: str | os.PathLike, n: int = 6,
     clone): their split is made again from the sidecar and confirmed to be the run's
     (:func:`busi.evaluation.published.published_parts`). The dataset is only read.
     """
-    from busi.data.parts import stratified_head
-    from busi.data.run_parts import run_parts, with_data
-    from busi.evaluation.published import published_parts, sidecar_path
-    from busi.runs.folder import RunFolder
-
     source = Path(run_dir)
     run = RunFolder(source)
     if run.config.is_file():

@@ -17,10 +17,12 @@ keeps a patient's views, and their near duplicates, in one part of any split.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -30,7 +32,9 @@ from pathlib import Path
 import pandas as pd
 
 from busi.data.index import LABELS, index_pairs
+from busi.data.splits import _prepare, split_around_test
 from busi.errors import DataError
+from busi.utils import progress
 from busi.utils.paths import DATA_DIR, existing_copy, search_roots
 
 NAME = "busbra"
@@ -125,11 +129,6 @@ def _fetch_and_extract(entry: dict, dest: Path) -> None:
     """Download one archive of the record (progress bar, Zenodo's MD5 checked), then extract it
     into a hidden folder and move its contents into ``dest``: an interrupted download or
     extraction never leaves a partial ``Images/`` that :func:`locate` would accept."""
-    import hashlib
-    import tempfile
-
-    from busi.utils import progress
-
     target = dest / Path(entry["key"]).name
     partial = target.with_name(f".{target.name}.partial")
     digest = hashlib.md5()
@@ -255,8 +254,6 @@ def authors_split(
     Returns:
         DataFrame with ``id``, ``label``, ``group``, ``split``, like :func:`busi.data.make_split`.
     """
-    from busi.data.splits import _prepare, split_around_test
-
     path = Path(root) / f"{n_folds}-fold-cv.csv"
     if not 1 <= fold <= n_folds:
         raise ValueError(f"fold must be in 1..{n_folds}, got {fold}")

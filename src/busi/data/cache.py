@@ -42,8 +42,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from busi import __version__
 from busi.data.geometry import placement_for
 from busi.data.index import fingerprint
+from busi.data.parts import dataset_table, make_run_split, split_parts
 from busi.data.splits import DATASET_COLUMN, SPLIT_COLUMNS
 from busi.errors import DataError
 from busi.utils.atomic import atomic_path
@@ -186,7 +188,7 @@ class Cache:
 
 
 def _workers() -> int:
-    from busi.data.pipeline import _workers as pipeline_workers
+    from busi.data.pipeline import _workers as pipeline_workers  # start-up: TensorFlow
 
     return pipeline_workers()
 
@@ -239,9 +241,7 @@ def write_cache(config: TrainConfig, path: str | os.PathLike,
     Returns:
         The cache as :func:`open_cache` reads it back.
     """
-    from busi import __version__
-    from busi.data.parts import dataset_table, make_run_split, split_parts
-    from busi.data.pipeline import load_arrays
+    from busi.data.pipeline import load_arrays  # start-up: TensorFlow; cli imports cache
 
     if quality is not None and not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"quality must be an integer in 1..100 (or None: lossless), got "

@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from busi.data import datasets
+from busi.data.parts import dataset_split, single_dataset_table, stratified_head
+from busi.data.splits import in_classes, select
+
 if TYPE_CHECKING:
     from busi.config.train_config import TrainConfig
 
@@ -28,8 +32,6 @@ def dataset_config(config: TrainConfig, dataset: str, data: str | os.PathLike | 
                    ) -> TrainConfig:
     """The run's config with ``dataset`` as its only dataset (at ``data``, else where its
     adapter looks): the split settings of the run applied to another dataset."""
-    from busi.data import datasets
-
     fold = config.authors_fold if datasets.get(dataset).authors_split is not None else None
     return config.replace(datasets=[dataset], data=None if data is None else str(data),
                           data_paths={}, authors_fold=fold, split_file=None)
@@ -51,9 +53,6 @@ def dataset_rows(
         ValueError: the run was trained on ``dataset`` (its own split must be used), or an
             unknown part.
     """
-    from busi.data.parts import dataset_split, single_dataset_table, stratified_head
-    from busi.data.splits import in_classes, select
-
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     if dataset in config.datasets:

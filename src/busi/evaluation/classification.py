@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from busi.data.splits import is_lesion
 from busi.evaluation.scoring import score_image
@@ -173,8 +173,6 @@ def classification_summary(labels: Sequence[str], probabilities: np.ndarray,
 def roc_points(labels: Sequence[str], probabilities: np.ndarray) -> dict[str, pd.DataFrame]:
     """ROC curves of the two questions: ``{"lesion_vs_normal": ..., "benign_vs_malignant":
     ...}``, each a table of false- and true-positive rates (for the plots)."""
-    from sklearn.metrics import roc_curve
-
     labels = np.asarray(labels, dtype=str)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     lesion = labels != "normal"

@@ -23,15 +23,24 @@ from typing import Any
 import pandas as pd
 
 from busi.config.train_config import TrainConfig
+from busi.data import datasets
+from busi.data.cross_dataset import dataset_rows
+from busi.data.index import fingerprint
+from busi.data.parts import dataset_table, make_run_split, split_parts
+from busi.data.splits import in_classes, is_lesion
 from busi.errors import DataError
+from busi.evaluation.score_tables import evaluate_model, summary_record
+from busi.inference import predictor as inference
+from busi.inference.bundle import postprocess_for, published_record, record_candidates
+from busi.inference.postprocess import PostProcess
+from busi.utils.atomic import json_ready
+from busi.utils.digests import file_sha1
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
     """The sidecar of a published model file: the model record beside it that lists it by name
     (:func:`busi.inference.bundle.published_record`: ``X.json`` for ``X.h5`` and its exports); where
     there is none, ``X.json``, the path an error names."""
-    from busi.inference.bundle import published_record, record_candidates
-
     found = published_record(model_path)
     return found[0] if found is not None else record_candidates(Path(model_path))[-1]
 
@@ -43,8 +52,6 @@ def read_sidecar(model_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         FileNotFoundError: no model file at ``model_path``.
         DataError: no sidecar beside it, or one without a training config.
     """
-    from busi.inference.bundle import published_record
-
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model file not found")
@@ -85,10 +92,6 @@ def published_parts(model_path: str | os.PathLike, data: str | os.PathLike | Non
         DataError: the data here are not the images the model was split on, or the split made
             here is not the run's.
     """
-    from busi.data.index import fingerprint
-    from busi.data.parts import dataset_table, make_run_split, split_parts
-    from busi.data.splits import in_classes
-
     path, sidecar = read_sidecar(model_path)
     config = published_config(sidecar, data, dataset)
     table = dataset_table(config)
@@ -110,8 +113,6 @@ def published_parts(model_path: str | os.PathLike, data: str | os.PathLike | Non
 
 
 def _env_var(dataset: str) -> str:
-    from busi.data import datasets
-
     return datasets.get(dataset).env_var
 
 
@@ -119,8 +120,6 @@ def _check_part_sizes(path: Path, sidecar: dict[str, Any], config: TrainConfig,
                       parts: dict[str, pd.DataFrame]) -> None:
     """Refuse a split whose val or test part holds other numbers of lesion and normal images
     than the sidecar's metrics counted (those of the run's first dataset)."""
-    from busi.data.splits import is_lesion
-
     metrics = sidecar.get("metrics") or {}
     for part in ("val", "test"):
         recorded = metrics.get(part)
@@ -171,14 +170,6 @@ def evaluate_published(
         ``summary.json`` (:func:`busi.evaluation.score_tables.summary_record`), ``splits[split]``
         the figures.
     """
-    from busi.data.index import fingerprint
-    from busi.evaluation.score_tables import evaluate_model, summary_record
-    from busi.inference import predictor as inference
-    from busi.inference.bundle import postprocess_for
-    from busi.inference.postprocess import PostProcess
-    from busi.utils.atomic import json_ready
-    from busi.utils.digests import file_sha1
-
     model_path = Path(model_path)
     path, sidecar = read_sidecar(model_path)
     config = published_config(sidecar, data, dataset)
@@ -190,8 +181,6 @@ def evaluate_published(
                              "dataset)")
         rows = _of_dataset(published_parts(model_path, data, dataset)[split], name)
     else:
-        from busi.data.cross_dataset import dataset_rows
-
         rows = dataset_rows(config, name, split, data)
     chosen = postprocess_for(model_path)
     if chosen is None:

@@ -12,8 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import pandas as pd
 
+from busi.inference.postprocess import PostProcess
+from busi.inference.run_models import run_predictions
 from busi.models.architectures import model_label
 from busi.runs.evaluations import (
     SUMMARY_FILE,
@@ -183,7 +187,7 @@ def _training(run: RunFolder, config: Any, model_path: Path) -> tuple[str, str]:
     """The model and "epochs (kept), wall time" cells of a row: the run's own, or for a
     ``busi cv`` ensemble (:func:`busi.training.cv.ensemble_members`), which has no history of its
     own, its folds' epochs and time together."""
-    from busi.training.cv import ensemble_members
+    from busi.training.cv import ensemble_members  # start-up: TensorFlow; cli imports report
 
     members = ensemble_members(run)
     if members is None:
@@ -213,8 +217,6 @@ def _kept_epoch(run: RunFolder, config: Any, history: pd.DataFrame, model_path: 
 def _ci(per_image_csv: Path, resamples: int = 2000, seed: int = 0) -> str:
     """Bootstrap 95% interval of the mean Dice over the lesion images (images resampled with
     replacement, fixed seed): how far apart two rows must be before the gap means anything."""
-    import numpy as np
-
     if not per_image_csv.is_file():
         return "n/a"
     table = pd.read_csv(per_image_csv)
@@ -235,9 +237,6 @@ def _label(run: RunFolder, model_path: Path) -> str:
 def _parameter_count(h5_path: Path) -> int:
     """Number of weights in a Keras ``.h5`` (BatchNorm statistics included), read without
     building the model."""
-    import h5py
-    import numpy as np
-
     sizes: list[int] = []
     with h5py.File(h5_path, "r") as handle:
         group = handle["model_weights"] if "model_weights" in handle else handle
@@ -289,10 +288,8 @@ def write_report(
     The figures show the masks that were scored: the images of the part, post-processed as the
     summary records (:func:`busi.inference.run_models.run_predictions`).
     """
-    from busi.evaluation import plots
-    from busi.evaluation.evaluator import evaluate
-    from busi.inference.postprocess import PostProcess
-    from busi.inference.run_models import run_predictions
+    from busi.evaluation import plots  # start-up: matplotlib; cli imports report
+    from busi.evaluation.evaluator import evaluate  # start-up: matplotlib; cli imports report
 
     run, out_dir = RunFolder(run_dir), Path(out_dir)
     model_path = run.weights(model_path)

@@ -55,7 +55,8 @@ from typing import Any
 import numpy as np
 
 from busi.inference.runtimes import PRECISION_KEY, model_input_size, require, tflite_interpreter
-from busi.inference.weights import with_policy
+from busi.inference.weights import load_model, with_policy
+from busi.models.architectures import encoder_layers
 from busi.utils.atomic import atomic_path
 
 BACKENDS: dict[str, tuple[str | None, ...]] = {
@@ -75,8 +76,6 @@ def _as_model(model_or_h5_path: Any) -> Any:
     checked against its record first (:func:`busi.inference.weights.load_model`): an export of a
     damaged or replaced file would carry the damage on under a new digest."""
     if isinstance(model_or_h5_path, (str, os.PathLike)):
-        from busi.inference.weights import load_model
-
         return load_model(model_or_h5_path, compile=False)
     if not hasattr(model_or_h5_path, "input_shape"):
         raise TypeError(
@@ -114,7 +113,6 @@ def float_layers(model: Any) -> list[str]:
     head = [name for name in names if name.startswith("label")]
     if not is_lite_unet(model):
         return head
-    from busi.models.architectures import encoder_layers
 
     return ["preprocess", *(layer.name for layer in encoder_layers(model)), *head]
 
@@ -217,7 +215,7 @@ def _export_onnx(
     """tf2onnx conversion with a dynamic batch axis, then optional int8, then metadata."""
     onnx = require("onnx", "onnx", "exporting to ONNX")
     tf2onnx = require("tf2onnx", "tf2onnx", "exporting to ONNX")
-    import tensorflow as tf
+    import tensorflow as tf  # start-up: TensorFlow (test_busi_import_stays_light)
 
     spec = (tf.TensorSpec((None, *hw, 3), tf.float32, name="image"),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=ONNX_OPSET)
@@ -241,7 +239,7 @@ def _quantize_onnx_int8(proto: Any, calibration: np.ndarray) -> Any:
     quantization = require(
         "onnxruntime.quantization", "onnxruntime", "int8 quantisation of ONNX models"
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # optional: busi[fast]
 
     input_name = proto.graph.input[0].name
 
@@ -271,7 +269,7 @@ def _export_tflite(
     model: Any, out: Path, quantize: str | None, calibration: Any, keep_float: tuple[str, ...]
 ) -> None:
     """TFLiteConverter from the Keras model; the batch axis stays resizable at run time."""
-    import tensorflow as tf
+    import tensorflow as tf  # start-up: TensorFlow (test_busi_import_stays_light)
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize is not None:
@@ -306,7 +304,7 @@ def _int8_keeping_float(converter: Any, representative: Any, keep_float: tuple[s
     operations' output tensors). A TFLite tensor name joins the Keras op paths fused into it
     (``model/block3_project_bn/FusedBatchNormV3;model/block3_project_conv/Conv2D``); an operation
     is kept in float when one of those paths passes through a layer of ``keep_float``."""
-    import tensorflow as tf
+    import tensorflow as tf  # start-up: TensorFlow (test_busi_import_stays_light)
 
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative)

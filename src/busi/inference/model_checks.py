@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from busi.errors import DataError
+from busi.inference.runtimes import available
 
 TFLITE_IDENTIFIER = b"TFL3"
 """The flatbuffer file identifier of TFLite models (bytes 4 to 8)."""
@@ -95,12 +96,10 @@ def check_onnx(path: str | os.PathLike) -> None:
     """Raise DataError unless ``path`` parses as an ONNX model with a graph (skipped when the
     ``onnx`` package is not installed: the runtime's own error is then wrapped by the
     caller)."""
-    from busi.inference.runtimes import available
-
     path = Path(path)
     if not available("onnx"):
         return
-    import onnx
+    import onnx  # optional: busi[fast]
 
     try:
         proto = onnx.load(str(path), load_external_data=False)

@@ -20,7 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from busi.errors import DataError
+from busi.utils.digests import file_digest
 
 #: Layer classes of busi's models (classic U-Net, segmentation-models U-Nets with the encoders
 #: busi builds, EfficientNet-Lite encoders), checked against the builders in the tests. None of
@@ -92,15 +95,12 @@ def remember_if_unsafe(model: Any, path: str | os.PathLike) -> None:
     try:
         check_model_config(json.loads(model.to_json()), path)
     except UnsafeModelError:
-        from busi.utils.digests import file_digest
-
         _written_here.add(file_digest(path))
 
 
 def _written_by_this_process(path: Path) -> bool:
     if not _written_here:
         return False
-    from busi.utils.digests import file_digest
 
     return file_digest(path) in _written_here
 
@@ -118,8 +118,6 @@ def check_file(path: str | os.PathLike, config: dict[str, Any]) -> None:
 def open_h5(path: Path) -> Any:
     """``h5py.File(path, "r")``, with a damaged file (a truncated download or copy) reported as
     a DataError naming the file instead of h5py's "Unable to synchronously open file"."""
-    import h5py
-
     try:
         return h5py.File(path, "r")
     except OSError as error:

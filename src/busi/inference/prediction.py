@@ -23,6 +23,7 @@ import datetime
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+import busi
 from busi.data.index import IMAGE_SUFFIXES, mask_of
 from busi.data.masks import read_image
 from busi.errors import DataError
@@ -133,8 +135,6 @@ def check_output_dir(output_dir: Path) -> None:
 def make_output_dir(output_dir: Path) -> None:
     """Create ``output_dir`` and prove it takes a file (a read-only file system passes
     :func:`check_output_dir`'s permission test), so no inference runs for nothing."""
-    import tempfile
-
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
@@ -315,8 +315,6 @@ def write_run_record(path: Path, model: Any, settings: ModelSettings | None, inp
     """``predict.json``: what made the masks in the folder, so they can be traced to the very
     model file (its digests and what vouched for it), the settings used after the caller's
     overrides, and the busi version."""
-    import busi
-
     model_path = getattr(model, "path", None)
     values = {
         "busi_version": busi.__version__,

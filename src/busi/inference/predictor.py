@@ -26,7 +26,7 @@ import pandas as pd
 from busi.data.geometry import Mode, to_model, to_original
 from busi.data.masks import read_image
 from busi.errors import DataError
-from busi.inference import runtimes
+from busi.inference import bundle, model_checks, runtimes
 from busi.inference.runtimes import model_input_size
 from busi.utils import progress
 
@@ -83,8 +83,6 @@ def open_model(
             model or was saved by Keras 3, or one with layers that could run code (in safe
             mode); the message names the file.
     """
-    from busi.inference import bundle
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -119,8 +117,6 @@ def _open(path: Path, suffix: str, runtime: str | None, precision: str | None,
           threads: int | None, safe_mode: bool | None, vouched: bool) -> runtimes.Predictor:
     """The predictor of a file whose digest was checked; ``vouched``: a record matched it, so
     its bytes are those checked at export and need no damage check."""
-    from busi.inference import model_checks
-
     if suffix in (".h5", ".hdf5"):
         return runtimes.KerasPredictor(path, precision or "float32", safe_mode=safe_mode,
                                        verify=False)  # checked by open_model

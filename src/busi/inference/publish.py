@@ -30,13 +30,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from busi.data import datasets
+from busi.errors import DataError
+from busi.evaluation.report import classification_table, metrics_table, trained_on
+from busi.inference import weights
+from busi.inference.bundle import ModelRecord, settings_for
 from busi.inference.postprocess import PostProcess
+from busi.inference.predictor import model_input_size
 from busi.inference.publish_exports import calibration_images, default_export, publish_export
 from busi.models import heads
 from busi.models.architectures import architecture, model_details, weights_name
+from busi.models.encoders import imagenet
 from busi.runs.evaluations import summary_for
 from busi.runs.folder import RunFolder
 from busi.utils.atomic import atomic_write_text, read_json
+from busi.utils.digests import FileDigest
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +137,6 @@ def move_into_place(staged: list[Path], dest: Path) -> list[Path]:
     Returns:
         The paths written in ``dest``.
     """
-    from busi.errors import DataError
-
     targets = [dest / path.name for path in staged]
     old_files = _files_of_old_record(dest / next(p.name for p in staged if p.suffix == ".json"))
     replaced = [t for t in dict.fromkeys([*targets, *(dest / n for n in old_files)])
@@ -171,9 +177,6 @@ def move_into_place(staged: list[Path], dest: Path) -> list[Path]:
 def _files_of_old_record(sidecar: Path) -> list[str]:
     """The files the model record already at ``sidecar`` covers, besides itself (none if there
     is no record there, or it cannot be read: then only same-named files are replaced)."""
-    from busi.errors import DataError
-    from busi.inference.bundle import ModelRecord
-
     if not sidecar.is_file():
         return []
     try:
@@ -187,10 +190,6 @@ def verify_checkpoint(run: RunFolder, source: Path) -> Any:
     """The model in ``source``, loaded for inference after checking that the file is the one
     training wrote (its SHA-256 in ``state.json``), loads safely as a busi segmentation model,
     and takes the run's image size. Raises DataError naming the file otherwise."""
-    from busi.errors import DataError
-    from busi.inference import weights
-    from busi.inference.predictor import model_input_size
-
     run.verify_checkpoint(source)
     if run.recorded_sha256(source) is None:
         log.warning("%s: no SHA-256 recorded by training (run made before busi recorded them, "
@@ -216,12 +215,7 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
     if source.resolve() == run.best.resolve():
         shutil.copyfile(source, target)
     else:
-        from busi.inference import weights
-
         weights.save_model(model, target, include_optimizer=False)
-    from busi.evaluation.report import trained_on
-    from busi.inference.bundle import ModelRecord, settings_for
-    from busi.utils.digests import FileDigest
 
     chosen = settings_for(source).record  # None: not evaluated (or for earlier weights)
     summary = summary_for(run, source)  # None for metrics of earlier weights
@@ -256,8 +250,6 @@ def _other_datasets(run: RunFolder, source: Path, config: Any) -> dict[str, Any]
     """The test results of these weights on every dataset but the run's first (the other test
     parts of a joint run, and external datasets it was evaluated on), so the card travels with
     them: the run's evaluation folders do not."""
-    from busi.data import datasets
-
     found = {}
     for name in datasets.names():
         summary = None if name == config.datasets[0] else summary_for(run, source, name)
@@ -278,8 +270,6 @@ def _schedule(config: dict[str, Any]) -> str:
 
 def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     """A human-readable model card, written from the sidecar's facts (nothing typed by hand)."""
-    from busi.evaluation.report import classification_table, metrics_table
-
     config = sidecar["config"]
     encoder = model_details(config)
     classes = sidecar.get("trained_on") or ", ".join(config.get("train_classes")
@@ -357,8 +347,6 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
 
 def _dataset_lines(config: dict[str, Any]) -> list[str]:
     """The datasets a model was trained on, from the config (BUSI alone for older runs)."""
-    from busi.data import datasets
-
     lines = []
     for name in config.get("datasets", ("busi",)):
         if name == "busi":
@@ -377,7 +365,6 @@ def _encoder_source(config: dict[str, Any]) -> list[str]:
     uses_encoder = architecture(config["architecture"]).uses_encoder
     if not uses_encoder or config.get("encoder_weights") is None:
         return []
-    from busi.models.encoders import imagenet
 
     if config["encoder"] in imagenet.SOURCES:
         source = imagenet.SOURCES[config["encoder"]]

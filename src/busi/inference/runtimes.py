@@ -21,6 +21,7 @@ import numpy as np
 
 from busi import _keras
 from busi.errors import DataError
+from busi.inference.weights import load_for_inference, with_policy
 from busi.models import heads
 
 if TYPE_CHECKING:
@@ -154,9 +155,7 @@ class KerasPredictor(Predictor):
 
     def __init__(self, path: Path, precision: str = "float32", safe_mode: bool | None = None,
                  verify: bool | None = None) -> None:
-        import tensorflow as tf
-
-        from busi.inference.weights import load_for_inference, with_policy
+        import tensorflow as tf  # start-up: TensorFlow; predictor imports runtimes
 
         policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
         if precision not in policies:
@@ -249,9 +248,9 @@ def tflite_interpreter(**options: Any) -> Any:
     """A TFLite interpreter (``model_path=`` or ``model_content=``, ``num_threads=``): LiteRT's
     (``ai-edge-litert``) if installed, else ``tf.lite``'s, which is deprecated in its favour."""
     if available("ai_edge_litert"):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # optional: busi[fast]
     else:
-        import tensorflow as tf
+        import tensorflow as tf  # start-up: TensorFlow; predictor imports runtimes
 
         Interpreter = tf.lite.Interpreter  # noqa: N806
     with warnings.catch_warnings():
@@ -335,7 +334,7 @@ def onnx_precision(path: Path) -> str:
     """The precision recorded at export; files from elsewhere count as float32."""
     if not available("onnx"):
         return "float32"
-    import onnx
+    import onnx  # optional: busi[fast]
 
     proto = onnx.load(str(path), load_external_data=False)
     props = {entry.key: entry.value for entry in proto.metadata_props}

@@ -20,19 +20,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from busi import _keras
 from busi.errors import DataError
 from busi.inference import model_file
-from busi.models import heads
+from busi.inference.bundle import verify_file
+from busi.models import architectures as models
+from busi.models import heads, losses
 from busi.utils.atomic import atomic_path
 
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _custom_objects() -> dict[str, Any]:
-    from busi.models import architectures as models
-    from busi.models import losses
-
     return {**models.custom_objects(), **losses.CUSTOM_OBJECTS, **heads.CUSTOM_OBJECTS}
 
 
@@ -63,8 +64,6 @@ def _drop_keras2_only_keys(path: Path) -> None:
     """Remove from the saved architecture the keys only tf-keras knows, at their default
     values, so the ``.h5`` of a model with ``DepthwiseConv2D`` (EfficientNet-Lite) also loads in
     Keras 3."""
-    import h5py
-
     with h5py.File(path, "r+") as handle:
         raw = handle.attrs.get("model_config")
         if raw is None:
@@ -81,8 +80,6 @@ def _drop_keras2_only_keys(path: Path) -> None:
 
 
 def _check_h5(path: Path) -> None:
-    import h5py
-
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
     if not path.is_file() or not h5py.is_hdf5(path):
@@ -128,8 +125,6 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
     path = Path(path)
     _check_h5(path)
     if verify is not False:
-        from busi.inference.bundle import verify_file
-
         verify_file(path, verify)
     config = model_file.read_model_config(path)
     if config is None:
@@ -272,7 +267,6 @@ def with_policy(model: Any, policy: str) -> Any:
     for layer in config["layers"]:
         if layer["name"] in wanted and "dtype" in layer["config"]:
             layer["config"]["dtype"] = wanted[layer["name"]]
-    from busi.models import architectures as models
 
     try:
         custom = models.custom_objects()

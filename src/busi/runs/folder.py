@@ -28,12 +28,13 @@ from typing import Any
 
 import pandas as pd
 
-from busi.utils.atomic import atomic_write_text
+from busi._keras import sm
 from busi.config.train_config import TrainConfig
-from busi.utils.digests import FileDigest, report_mismatch, verify_default
 from busi.errors import DataError
-from busi.utils.paths import PROJ_ROOT
 from busi.runs.lock import run_lock
+from busi.utils.atomic import atomic_write_text
+from busi.utils.digests import FileDigest, report_mismatch, verify_default
+from busi.utils.paths import PROJ_ROOT
 
 EVALUATION = "evaluation"
 """Folder of a run's results on its (first) dataset; ``evaluation-<name>`` for another one
@@ -182,10 +183,8 @@ def _command() -> str:
 
 def environment(fingerprint: str) -> dict[str, Any]:
     """Versions, devices and code version of this run, for its env.json."""
-    import tensorflow as tf
-    import tf_keras
-
-    from busi._keras import sm
+    import tensorflow as tf  # start-up: TensorFlow; cli and bundle import this
+    import tf_keras  # start-up: TensorFlow; cli and bundle import this
 
     segmentation_models = sm()  # imported without its "using tf.keras framework" notice
 

@@ -43,11 +43,11 @@ class RunLockedError(RuntimeError):
 def _try_lock(handle: IO[str]) -> bool:
     try:
         if os.name == "nt":
-            import msvcrt
+            import msvcrt  # optional: Windows only
 
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         else:
-            import fcntl
+            import fcntl  # optional: POSIX only
 
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -48,12 +48,16 @@ from busi.config.train_config import TrainConfig
 from busi.data.parts import dataset_table
 from busi.data.run_parts import run_parts
 from busi.data.splits import cross_validation_splits, load_split, save_split
+from busi.errors import DataError
+from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
 from busi.inference import weights
+from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
 from busi.models import heads
 from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, summary_for
 from busi.runs.folder import RunFolder, check_same_config
+from busi.training.trainer import train
 from busi.utils.atomic import atomic_write_text, write_json
 from busi.utils.digests import FileDigest, file_digest
 
@@ -201,9 +205,6 @@ def cross_validate(config: TrainConfig, folds: int = 5) -> CrossValidation:
         ValueError: ``folds`` out of range, a config with ``split_file`` or ``authors_fold``,
             or a cross-validation folder made with other settings.
     """
-    from busi.evaluation.evaluator import evaluate
-    from busi.training.trainer import train
-
     configs = prepare(config, folds)
     root = cv_root(config)
     deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
@@ -263,8 +264,6 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     the test part with that choice. Members whose ``best.h5`` changed since (a fold trained
     further) make a new ensemble.
     """
-    from busi.evaluation.evaluator import evaluate
-
     ensemble = ensemble_config(config)
     run = RunFolder(ensemble.directory)
     members = [RunFolder(path) for path in fold_runs]
@@ -304,8 +303,6 @@ def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None =
     try:
         listed = json.loads(path.read_text())["members"]
     except (ValueError, KeyError, TypeError) as error:
-        from busi.errors import DataError
-
         raise DataError(f"{path}: not an ensemble record written by busi cv ({error}); delete "
                         "the folder and run busi cv again") from error
     if expected is not None and listed != list(expected):
@@ -353,8 +350,6 @@ def out_of_fold_grid(fold_runs: Sequence[RunFolder]) -> pd.DataFrame:
     (evaluating its validation part first if there is none) and only if it gives that choice
     again: a table of other weights would score another model.
     """
-    from busi.evaluation.evaluator import chosen_postprocess
-
     grids, paths = [], []
     for run in fold_runs:
         chosen = PostProcess.from_dict(chosen_postprocess(run.root))
@@ -377,8 +372,6 @@ def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainCo
     """Write the ensemble's out-of-fold choice of post-processing (:func:`out_of_fold_grid`)
     as the record of its ``best.h5`` (``evaluation/postprocess.json``, which evaluation then
     reuses) and the pooled table beside it."""
-    from busi.inference.bundle import ModelRecord
-
     grid = out_of_fold_grid(fold_runs)
     chosen = select_postprocess(grid)
     out_dir = evaluation_dir(run)

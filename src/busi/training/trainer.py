@@ -26,11 +26,14 @@ import tensorflow as tf
 
 from busi import _keras
 from busi.config.train_config import TrainConfig
+from busi.data import datasets
 from busi.data.augment import AugmentConfig
 from busi.data.cache import Cache, open_cache
 from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.run_parts import run_parts
-from busi.data.splits import in_classes
+from busi.data.splits import in_classes, load_split
+from busi.errors import DataError
+from busi.evaluation.evaluator import evaluate
 from busi.inference import weights
 from busi.models import architectures as models
 from busi.models import heads, losses
@@ -312,9 +315,6 @@ def check_settings(config: TrainConfig, cache: Cache | None = None) -> None:
     Raises:
         FileNotFoundError, busi.errors.DataError, ValueError: the message names the problem.
     """
-    from busi.data import datasets
-    from busi.data.splits import load_split
-
     for name in config.datasets if cache is None else ():
         datasets.get(name).locate(config.data_path(name))
     if config.split_file and cache is None:
@@ -369,8 +369,6 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
         if not finished:
             log.warning(time_budget_message(config, run, done))
     if config.evaluate and finished and run.best.is_file():
-        from busi.evaluation.evaluator import evaluate
-
         missing = [] if cache is None else _missing_datasets(config)
         if missing:
             log.warning("run %s: trained from the cache %s; evaluation skipped, since it scores "
@@ -383,9 +381,6 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
 
 def _missing_datasets(config: TrainConfig) -> list[str]:
     """Why each of the config's datasets cannot be found, if it cannot."""
-    from busi.data import datasets
-    from busi.errors import DataError
-
     missing = []
     for name in config.datasets:
         try:

@@ -49,7 +49,7 @@ def bar(iterable: Iterable | None = None, total: int | None = None, desc: str | 
     """A tqdm bar, disabled (drawing nothing) where :func:`enabled` says so."""
     kind = tqdm
     if in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm as kind
+        from tqdm.notebook import tqdm as kind  # optional: ipywidgets, in notebooks only
     return kind(iterable, total=total, desc=desc, unit=unit, disable=not enabled(),
                 dynamic_ncols=True, **kwargs)
 

