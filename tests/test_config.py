@@ -12,7 +12,7 @@ import yaml
 
 from busi.config import sections
 from busi.config.train_config import CHOICES, TrainConfig
-from busi.training import schedules
+from busi.models import schedules
 from busi.utils.paths import PROJ_ROOT
 
 

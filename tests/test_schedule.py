@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from busi.training.callbacks import CosineSchedule
+from busi.models.lr_callbacks import CosineSchedule
 
 
 @pytest.mark.parametrize("epochs, warmup", [(10, 0), (10, 3), (2, 1), (1, 0), (120, 3)])

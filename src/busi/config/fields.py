@@ -15,6 +15,7 @@ on; the checks below are the few lines the hints need.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import types
@@ -136,8 +137,6 @@ def check_fields(config: Any) -> None:
     Raises:
         ValueError: naming the first bad field, its value and what is allowed.
     """
-    import dataclasses
-
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = check_value(field.name, hints[field.name], getattr(config, field.name))

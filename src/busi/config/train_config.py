@@ -21,13 +21,14 @@ import yaml
 from busi.config import sections
 from busi.config.fields import check_fields
 from busi.config.files import legacy_extra, read_mapping
+from busi.data import datasets
 from busi.data.augment_config import AugmentConfig
 from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
 from busi.models import architectures as models
-from busi.models import encoders, losses
-from busi.training import schedules
+from busi.models import encoders, losses, schedules
 from busi.utils.atomic import atomic_write_text
+from busi.utils.paths import RUNS_DIR
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = tuple(schedules.SCHEDULES)
@@ -322,8 +323,6 @@ class TrainConfig:
                                      f"not {field_name} {_word(choice)}; leave it out")
 
     def _check_datasets(self) -> None:
-        from busi.data import datasets
-
         self.datasets = datasets.check_names(self.datasets)
         if not isinstance(self.data_paths, dict):
             raise ValueError(f"data_paths must map dataset names to folders, got "
@@ -354,8 +353,6 @@ class TrainConfig:
     @property
     def directory(self) -> Path:
         """The run folder."""
-        from busi.utils.paths import RUNS_DIR
-
         return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.run_name
 
     @property

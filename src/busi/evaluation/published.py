@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from busi.config import sections
 from busi.config.train_config import TrainConfig
 from busi.data import datasets
 from busi.data.cross_dataset import dataset_rows
@@ -75,7 +76,8 @@ def published_config(sidecar: dict[str, Any], data: str | os.PathLike | None = N
     """The training config of a sidecar, with the datasets looked for here (``data`` for
     ``dataset``, default the first; the others where their adapters look), not at the paths of
     the machine the model was trained on."""
-    config = TrainConfig.from_dict({**sidecar["config"], "data": None, "data_paths": {}})
+    flat = sections.flatten(sidecar["config"])  # sectioned, or flat in older sidecars
+    config = TrainConfig.from_dict({**flat, "data": None, "data_paths": {}})
     name = dataset or config.datasets[0]
     if data is not None and name in config.datasets:
         config = config.replace(data_paths={name: str(data)})

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from busi.config import sections
 from busi.errors import DataError
 from busi.inference.postprocess import PostProcess
 from busi.runs.evaluations import POSTPROCESS_FILE, evaluation_dir
@@ -156,7 +157,7 @@ class ModelRecord:
             raise DataError(f"{source}: post-processing: {error}") from error
         classes = values.get("classes")
         if classes is None and isinstance(values.get("config"), Mapping):
-            classes = values["config"].get("classes")
+            classes = sections.flatten(values["config"]).get("classes")
         if classes is not None and (not isinstance(classes, (list, tuple))
                                     or not all(isinstance(c, str) for c in classes)):
             raise DataError(f"{source}: 'classes' must be a list of class names")

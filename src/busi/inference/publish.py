@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from busi.config import sections
 from busi.data import datasets
 from busi.errors import DataError
 from busi.evaluation.report import classification_table, metrics_table, trained_on
@@ -38,7 +39,7 @@ from busi.inference.bundle import ModelRecord, settings_for
 from busi.inference.postprocess import PostProcess
 from busi.inference.predictor import model_input_size
 from busi.inference.publish_exports import calibration_images, default_export, publish_export
-from busi.models import heads
+from busi.models import heads, schedules
 from busi.models.architectures import architecture, model_details, weights_name
 from busi.models.encoders import imagenet
 from busi.runs.evaluations import summary_for
@@ -230,7 +231,7 @@ def _stage(run: RunFolder, source: Path, model: Any, target: Path) -> Path:
         classes=tuple(config.classes),
         provenance={
             "run_weights": f"{run.root.name}/{source.name}",
-            "config": config.to_dict(),
+            "config": config.to_sections(),
             "metrics": None if summary is None else summary.get("splits"),
             "metrics_other_datasets": _other_datasets(run, source, config),
             "trained_on": trained_on(run, config),
@@ -262,15 +263,12 @@ def _other_datasets(run: RunFolder, source: Path, config: Any) -> dict[str, Any]
 
 
 def _schedule(config: dict[str, Any]) -> str:
-    if config.get("lr_schedule") == "cosine":
-        return (f"cosine decay to {config['min_learning_rate']} after "
-                f"{config.get('warmup_epochs', 0)} warm-up epochs")
-    return f"halved after {config['reduce_lr_patience']} epochs without improvement"
+    return schedules.schedule(config.get("lr_schedule", "plateau")).card(config)
 
 
 def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
     """A human-readable model card, written from the sidecar's facts (nothing typed by hand)."""
-    config = sidecar["config"]
+    config = sections.flatten(sidecar["config"])  # sectioned, or flat in older sidecars
     encoder = model_details(config)
     classes = sidecar.get("trained_on") or ", ".join(config.get("train_classes")
                                                       or config["classes"])

@@ -331,7 +331,7 @@ def custom_objects() -> dict[str, Any]:
     them.
     """
     keras = _keras.keras()
-    import efficientnet.model as efficientnet
+    import efficientnet.model as efficientnet  # start-up: sm's efficientnet loads TF
 
     modules = {
         "backend": keras.backend, "layers": keras.layers, "models": keras.models,

@@ -22,10 +22,10 @@ import pandas as pd
 from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.inference import weights
+from busi.models import schedules
+from busi.models.lr_callbacks import Resumable
 from busi.runs.folder import RunFolder
-from busi.training import schedules
 from busi.training.batchnorm import PreciseValidation
-from busi.training.resumable import EarlyStopping
 from busi.utils.atomic import atomic_write_text
 from busi.utils.digests import file_digest
 
@@ -140,6 +140,10 @@ class TimeLimit(keras.callbacks.Callback):
 def format_duration(seconds: float) -> str:
     """A duration as people say it: "45 s", "6.2 min" (time-budget messages)."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class EarlyStopping(Resumable, keras.callbacks.EarlyStopping):
+    pass
 
 
 def pending_path(checkpoint: Path) -> Path:

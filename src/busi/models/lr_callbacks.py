@@ -1,7 +1,7 @@
-"""Keras callbacks whose state survives a resume: early stopping and the learning-rate
-schedules of :mod:`busi.training.schedules`. Apart from the run-folder callbacks
-(:mod:`busi.training.callbacks`) because the schedule registry, which config checking reads,
-makes them: they need Keras and nothing of a run.
+"""The Keras callbacks of the learning-rate schedules (:mod:`busi.models.schedules`), whose
+state survives a resume. Apart from the run-folder callbacks (:mod:`busi.training.callbacks`)
+because the schedule registry, which config checking reads, makes them: they need Keras and
+nothing of a run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from busi import _keras
 keras = _keras.keras()
 
 
-class _Resumable:
+class Resumable:
     """Mixin restoring a callback's counters (best, wait, ...) after a resume."""
 
     def __init__(self, *args: Any, restore: dict[str, Any] | None = None, **kwargs: Any):
@@ -31,11 +31,7 @@ class _Resumable:
                 if hasattr(self, name)}
 
 
-class EarlyStopping(_Resumable, keras.callbacks.EarlyStopping):
-    pass
-
-
-class ReduceLROnPlateau(_Resumable, keras.callbacks.ReduceLROnPlateau):
+class ReduceLROnPlateau(Resumable, keras.callbacks.ReduceLROnPlateau):
     pass
 
 
@@ -68,4 +64,4 @@ class CosineSchedule(keras.callbacks.Callback):
         return {}
 
 
-__all__ = ["CosineSchedule", "EarlyStopping", "ReduceLROnPlateau"]
+__all__ = ["CosineSchedule", "ReduceLROnPlateau", "Resumable"]

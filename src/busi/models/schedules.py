@@ -4,7 +4,7 @@ A schedule is one entry of :data:`SCHEDULES`: the config fields it takes (``opti
 another schedule they are refused, since they would silently do nothing), a check of their
 values, and the Keras callback it becomes. Config checking reads this module, so it loads no
 TensorFlow; the callbacks are made only when a run starts. A new schedule is a callback class
-(:mod:`busi.training.resumable`) and one entry here.
+(:mod:`busi.models.lr_callbacks`) and one entry here.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Schedule:
 
 
 def _plateau(config: TrainConfig, restored: dict[str, Any]) -> Any:
-    from busi.training.resumable import ReduceLROnPlateau  # start-up: loads TensorFlow
+    from busi.models.lr_callbacks import ReduceLROnPlateau  # start-up: loads TensorFlow
 
     return ReduceLROnPlateau(
         monitor=config.monitor, mode=config.monitor_mode, factor=config.reduce_lr_factor,
@@ -49,7 +49,7 @@ def _plateau(config: TrainConfig, restored: dict[str, Any]) -> Any:
 
 
 def _cosine(config: TrainConfig, restored: dict[str, Any]) -> Any:
-    from busi.training.resumable import CosineSchedule  # start-up: loads TensorFlow
+    from busi.models.lr_callbacks import CosineSchedule  # start-up: loads TensorFlow
 
     return CosineSchedule(config.learning_rate, config.min_learning_rate, config.epochs,
                           config.warmup_epochs)

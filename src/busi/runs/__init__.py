@@ -1,0 +1,15 @@
+"""A run folder: its file names and records (:mod:`.folder`) and the lock that keeps two
+processes from writing it at once (:mod:`.lock`), and where its evaluations are kept
+(:mod:`.evaluations`).
+
+The names below are the package's public surface, imported on first use."""
+
+from __future__ import annotations
+
+from busi.utils import lazy_surface
+
+__getattr__, __dir__, __all__ = lazy_surface(__name__, {
+    "RunFolder": "busi.runs.folder",
+    "run_lock": "busi.runs.lock",
+    "RunLockedError": "busi.runs.lock",
+})
