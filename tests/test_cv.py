@@ -121,10 +121,8 @@ def test_a_config_with_its_own_split_is_refused(busi_folder, tmp_path):
 
 
 def test_a_fold_the_budget_stopped_stops_the_call(busi_folder, tmp_path, monkeypatch, capsys):
-    from busi.training import trainer as training
-
     calls = []
-    monkeypatch.setattr(training, "train", lambda config: calls.append(config))  # no epoch
+    monkeypatch.setattr(cv, "train", lambda config: calls.append(config))  # no epoch
     config = tmp_path / "tiny.yaml"
     tiny(busi_folder, tmp_path).save(config)
     assert main(["cv", "--config", str(config), "--folds", "2", "--max-minutes", "5"]) == 0
@@ -315,7 +313,6 @@ def test_the_ensemble_opens_predicts_publishes_and_exports(cv_run, busi_table, t
 
 
 def test_a_resumed_cv_skips_finished_folds(cv_run, monkeypatch):
-    from busi.training import trainer as training
 
     config, result = cv_run
     watched = [RunFolder(fold).history for fold in result.folds] + \
@@ -326,7 +323,7 @@ def test_a_resumed_cv_skips_finished_folds(cv_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(training, "train", no_training)
+    monkeypatch.setattr(cv, "train", no_training)
     again = cv.cross_validate(config, folds=2)
     assert again == result
     assert [path.stat().st_mtime_ns for path in watched] == before

@@ -32,6 +32,9 @@ def tiny(busi_folder, tmp_path, **changes) -> TrainConfig:
         epochs=2, learning_rate=1e-2, augment=False, evaluate=False, seed=1,
     )
     values.update(changes)
+    if values["architecture"] != "classic_unet":  # its settings would be refused on another
+        for name in {"base_filters", "depth"} - set(changes):
+            del values[name]
     return TrainConfig(**values)
 
 

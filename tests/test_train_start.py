@@ -86,7 +86,7 @@ def test_a_run_with_a_finished_epoch_is_kept_when_a_later_step_fails(busi_folder
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(busi.evaluation.evaluator, "evaluate", broken)
+    monkeypatch.setattr(training, "evaluate", broken)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="evaluation failed"):
         busi.train(tiny(busi_folder, run_dir=str(run), evaluate=True))

@@ -27,8 +27,8 @@ from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
 from busi.models import architectures as models
 from busi.models import encoders, losses, schedules
+from busi.utils import paths
 from busi.utils.atomic import atomic_write_text
-from busi.utils.paths import RUNS_DIR
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = tuple(schedules.SCHEDULES)
@@ -312,15 +312,22 @@ class TrainConfig:
 
     def _check_component_options(self) -> None:
         """A field set for a choice the config does not make is refused: it would silently do
-        nothing (``weight_decay`` with Adam, ``warmup_epochs`` with the plateau schedule)."""
+        nothing (``weight_decay`` with Adam, ``warmup_epochs`` with the plateau schedule). None
+        means "not set" and is taken (``encoder_weights: none`` for a classic U-Net, which has no
+        encoder); such fields then hold their defaults, so a config equals itself after a save
+        and load, which leaves them out."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)
                     if f.default is not dataclasses.MISSING}
-        for field_name, choice, options in self.components():
-            for name in sorted(set().union(*options.values()) - set(options[choice])):
-                if name in defaults and getattr(self, name) != defaults[name]:
-                    users = [_word(other) for other, taken in options.items() if name in taken]
-                    raise ValueError(f"{name} applies to {field_name} {' or '.join(users)}, "
-                                     f"not {field_name} {_word(choice)}; leave it out")
+        for name in sorted(self.unused_fields() & set(defaults)):
+            value = getattr(self, name)
+            if value is not None and value != defaults[name]:
+                field_name, choice, options = next(
+                    component for component in self.components()
+                    if any(name in taken for taken in component[2].values()))
+                users = [_word(other) for other, taken in options.items() if name in taken]
+                raise ValueError(f"{name} applies to {field_name} {' or '.join(users)}, not "
+                                 f"{field_name} {_word(choice)}; leave it out")
+            setattr(self, name, defaults[name])
 
     def _check_datasets(self) -> None:
         self.datasets = datasets.check_names(self.datasets)
@@ -353,7 +360,7 @@ class TrainConfig:
     @property
     def directory(self) -> Path:
         """The run folder."""
-        return Path(self.run_dir) if self.run_dir else RUNS_DIR / self.run_name
+        return Path(self.run_dir) if self.run_dir else paths.RUNS_DIR / self.run_name
 
     @property
     def run_name(self) -> str:
