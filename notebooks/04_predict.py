@@ -5,7 +5,7 @@
 # mask and one overlay per image, at the image's own size.
 #
 # **Inputs.** Weights from `02_train` (`weights/<RUN_NAME>.h5`, or any busi `.h5`; on a fresh
-# clone with nothing trained, the small model shipped in `weights/`), and an image or a folder of
+# clone with nothing trained, the model shipped in `weights/`), and an image or a folder of
 # images (PNG, JPEG, BMP; gray or colour). Without `INPUTS`, a few test images of the model's split
 # are copied to a demo folder (this needs the dataset, see `01_data`).
 #
