@@ -26,6 +26,9 @@ from busi.utils.paths import PROJ_ROOT
 
 SIZE = 32
 SHIPPED_SIDECARS = sorted((PROJ_ROOT / "weights").glob("*.json"))
+#: Sidecars written before records had versions (SHA-1 only, flat config): still read.
+VERSION_1_SIDECARS = [path for path in SHIPPED_SIDECARS
+                      if "version" not in json.loads(path.read_text())]
 CLASSIC = PROJ_ROOT / "weights" / "classic-unet-cosine-cpu"
 
 
@@ -69,10 +72,26 @@ def images(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------- the record
 
 
-@pytest.mark.parametrize("sidecar", SHIPPED_SIDECARS, ids=[p.stem for p in SHIPPED_SIDECARS])
+@pytest.mark.parametrize("sidecar", sorted(set(SHIPPED_SIDECARS) - set(VERSION_1_SIDECARS)),
+                         ids=lambda p: p.stem)
+def test_a_shipped_version_2_sidecar_names_its_files_and_its_sectioned_config(sidecar):
+    from busi.config.train_config import TrainConfig
+
+    values = json.loads(sidecar.read_text())
+    record = ModelRecord.read(sidecar)
+    assert record.version == bundle.VERSION and record.classes == ("benign", "malignant", "normal")
+    assert {"data", "model", "optimisation", "runtime"} <= set(values["config"])
+    config = TrainConfig.from_dict({**values["config"], "data": {**values["config"]["data"],
+                                                                  "root": None}})
+    assert config.image_head and config.image_size == record.image_size
+    weights_file = sidecar.with_name(values["model"])
+    assert record.covers(values["model"]) == FileDigest.of(weights_file)
+
+
+@pytest.mark.parametrize("sidecar", VERSION_1_SIDECARS, ids=[p.stem for p in VERSION_1_SIDECARS])
 def test_a_version_1_sidecar_reads_and_round_trips_as_version_2(sidecar):
     values = json.loads(sidecar.read_text())
-    assert "version" not in values  # the shipped sidecars are version 1
+    assert "version" not in values
     record = ModelRecord.read(sidecar)
     assert record.version == 1 and record.model == values["model"]
     assert record.covers(values["model"]) == FileDigest(sha1=values["model_sha1"])

@@ -21,6 +21,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from busi.utils.paths import SHIPPED_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 ORDER = ("01_data", "02_train", "03_evaluate", "04_predict", "05_cross_dataset")
@@ -343,5 +345,5 @@ def test_predict_notebook_runs_on_a_fresh_clone_with_the_shipped_model(tmp_path,
     client.execute()
     printed = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                       for output in cell.outputs)
-    assert "using the shipped classic-unet-cosine-cpu.h5" in printed
+    assert f"using the shipped {SHIPPED_MODEL.name}" in printed
     assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 2

@@ -10,6 +10,7 @@ import pytest
 
 from busi.evaluation import scoring
 from busi.inference import predictor as inference
+from busi.models import heads
 from busi.utils.digests import file_sha1
 from busi.utils.paths import PROJ_ROOT, SHIPPED_MODEL
 
@@ -70,10 +71,11 @@ def test_a_shipped_export_keeps_the_masks_of_its_h5(weights, export, real_table)
     images = [read_image(path) for path in rows["image_path"].iloc[:32]]
     post = PostProcess.from_dict(sidecar)
     masks = {}
-    for path in (weights, export):
-        probs = inference.predict_images(inference.load(path), images, sidecar["image_size"],
-                                         sidecar["resize"], tta=post.tta)
-        masks[path] = [post.apply(prob) > 0 for prob in probs]
+    for path in (weights, export):  # the gate, if any, on each file's own image-level answer
+        probs, labels = inference.predict_images_and_labels(
+            inference.load(path), images, sidecar["image_size"], sidecar["resize"], tta=post.tta)
+        lesion = [None] * len(probs) if labels is None else heads.lesion_probability(labels)
+        masks[path] = [post.apply(prob, p) > 0 for prob, p in zip(probs, lesion, strict=True)]
     pooled = {path: np.concatenate([mask.ravel() for mask in found])
               for path, found in masks.items()}
     assert len(masks[export]) == 32 and pooled[weights].any()  # not two empty sets of masks
