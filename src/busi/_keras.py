@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from busi.models import backend
+
 ENV = {"TF_USE_LEGACY_KERAS": "1", "SM_FRAMEWORK": "tf.keras"}
 
 KERAS3_MESSAGE = (
@@ -217,7 +219,12 @@ def tf_keras_version() -> str | None:
             return None
         return str(object.__getattribute__(bound, "_tfll_keras_version"))
     name = getattr(bound, "__name__", "")
-    return "tf_keras" if name.startswith("tf_keras") else "keras_3"
+    # `import tensorflow.keras` after tf.keras was resolved (efficientnet's
+    # inject_tfkeras_modules, run on every model load; or a user's own import) re-imports
+    # tf_keras' module under the name "tensorflow.keras": its file tells which Keras it is.
+    path = str(getattr(bound, "__file__", "") or "")
+    is_tf_keras = name.startswith("tf_keras") or f"{os.sep}tf_keras{os.sep}" in path
+    return "tf_keras" if is_tf_keras else "keras_3"
 
 
 def check_keras() -> None:
@@ -228,7 +235,10 @@ def check_keras() -> None:
 
 
 def keras() -> ModuleType:
-    """The Keras 2 module that TensorFlow and segmentation-models use (``tf_keras``)."""
+    """The Keras of busi's backend (:mod:`busi.models.backend`): ``tf_keras`` (Keras 2, what
+    segmentation-models uses) by default, Keras 3 on the tensorflow, jax and torch backends."""
+    if backend.is_keras3():
+        return backend.keras3()
     check_keras()
     import tf_keras  # start-up: TensorFlow; `import busi` runs this module
 
@@ -236,7 +246,10 @@ def keras() -> ModuleType:
 
 
 def sm() -> ModuleType:
-    """segmentation_models, imported with the tf.keras framework."""
+    """segmentation_models, imported with the tf.keras framework (tf-keras backend only)."""
+    if backend.is_keras3():
+        raise backend.BackendError(
+            f"segmentation-models needs the tf-keras backend, not {backend.name()!r}")
     check_keras()
     # segmentation-models prints "using `tf.keras` framework" on import, in every command and
     # notebook; the framework is checked (and set) right below, so the notice is dropped.

