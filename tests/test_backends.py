@@ -11,10 +11,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from busi.config.train_config import TrainConfig
-from busi.models import backend, encoders
+from busi.models import backend, encoders, losses, ops_losses
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -80,3 +81,32 @@ def test_tf_keras_stays_recognised_after_tensorflow_keras_is_imported_again():
                   "print(_keras.keras().__name__)\n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("tf_keras")
+
+
+def _loss_inputs() -> tuple:
+    rng = np.random.default_rng(0)
+    gt = (rng.random((3, 32, 32, 1)) > 0.7).astype(np.float32)
+    gt[1] = 0  # an empty mask, as normal images have
+    pr = rng.random((3, 32, 32, 1)).astype(np.float32)
+    pr[2, :4] = 1.0  # saturated predictions, where clipping matters
+    pr[2, 4:8] = 0.0
+    return gt, pr
+
+
+@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+def test_ops_losses_match_segmentation_models(name):
+    """The Keras 3 losses are sm's formulas: compared on tf-keras, where both run (BCE differs in
+    the last digits: tf-keras' own clipping)."""
+    gt, pr = _loss_inputs()
+    ours = ops_losses.LOSSES[name]()
+    theirs = losses.get_loss(name)
+    assert ours.__name__ == theirs.__name__
+    np.testing.assert_allclose(float(ours(gt, pr)), float(theirs(gt, pr)), rtol=1e-5)
+
+
+def test_ops_metrics_match_segmentation_models():
+    gt, pr = _loss_inputs()
+    for ours, theirs in zip([make() for make in ops_losses.METRICS.values()],
+                            losses.get_metrics(), strict=True):
+        assert ours.__name__ == theirs.__name__
+        np.testing.assert_allclose(float(ours(gt, pr)), float(theirs(gt, pr)), rtol=1e-6)

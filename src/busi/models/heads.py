@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from busi import _keras
+from busi.models import backend, ops_losses
 
 CLASSES = ("normal", "benign", "malignant")
 """The head's classes, in the order of its outputs."""
@@ -70,7 +71,7 @@ def add_image_head(model: Any, dropout: float = 0.2) -> Any:
         x = keras.layers.Dropout(dropout, name="label_dropout")(x)
     x = keras.layers.Dense(len(CLASSES), name=LOGITS_LAYER)(x)
     label = keras.layers.Activation("softmax", dtype="float32", name=LABEL_LAYER)(x)
-    return keras.Model(model.inputs, [model.outputs[0], label], name=model.name)
+    return keras.Model(_input(model), [model.outputs[0], label], name=model.name)
 
 
 def has_image_head(model: Any) -> bool:
@@ -83,7 +84,13 @@ def mask_only(model: Any) -> Any:
     if not has_image_head(model):
         return model
     keras = _keras.keras()
-    return keras.Model(model.inputs, model.outputs[0], name=model.name)
+    return keras.Model(_input(model), model.outputs[0], name=model.name)
+
+
+def _input(model: Any) -> Any:
+    """The input a derived model takes: Keras 3 wants the one tensor (given the list, it expects
+    a list at every call and warns); tf-keras keeps the list its saved configs were made with."""
+    return model.inputs[0] if backend.is_keras3() else model.inputs
 
 
 def class_weights(table: pd.DataFrame, balance: bool) -> dict[str, float]:
@@ -119,21 +126,12 @@ def label_targets(table: pd.DataFrame, weights: Mapping[str, float] | None = Non
 
 def image_label_loss(y_true: Any, y_pred: Any) -> Any:
     """Weighted cross-entropy of the head; flagged rows count benign vs malignant only."""
-    import tensorflow as tf  # training only: the head's numpy helpers need no TensorFlow
-    y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), _EPS, 1.0)
-    onehot, lesion_only = y_true[..., :-1], y_true[..., -1]
-    weight = tf.reduce_sum(onehot, axis=-1)
-    chosen = tf.reduce_sum(onehot * y_pred, axis=-1) / tf.maximum(weight, _EPS)
-    among_lesions = y_pred[..., 1] + y_pred[..., 2]
-    probability = tf.where(lesion_only > 0.5, chosen / among_lesions, chosen)
-    return -weight * tf.math.log(tf.clip_by_value(probability, _EPS, 1.0))
+    return ops_losses.image_label_loss(y_true, y_pred)
 
 
 def class_accuracy(y_true: Any, y_pred: Any) -> Any:
     """Share of images whose most probable class is their class (a training metric)."""
-    import tensorflow as tf  # training only: the head's numpy helpers need no TensorFlow
-    hit = tf.equal(tf.argmax(y_true[..., :-1], axis=-1), tf.argmax(y_pred, axis=-1))
-    return tf.cast(hit, tf.float32)
+    return ops_losses.class_accuracy(y_true, y_pred)
 
 
 def lesion_probability(probabilities: np.ndarray) -> np.ndarray:

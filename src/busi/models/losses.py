@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from busi import _keras
+from busi.models import backend, ops_losses
 
 DEFAULT_LOSS = "dice_focal"
 THRESHOLD = 0.5
@@ -101,6 +102,8 @@ def get_loss(name: str = DEFAULT_LOSS) -> Callable:
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if backend.is_keras3():  # sm needs tf-keras: the same formulas in keras.ops, same names
+        return ops_losses.LOSSES[name]()
     return LOSSES[name](_keras.sm())
 
 
@@ -118,6 +121,8 @@ def get_metrics() -> list:
     Their names, ``iou_score`` and ``f1-score``, are the keys of the training history
     (``val_iou_score`` ...), which the plots and checkpoint monitors rely on.
     """
+    if backend.is_keras3():
+        return [make() for make in ops_losses.METRICS.values()]
     sm = _keras.sm()
     return [make(sm) for make in METRICS.values()]
 
@@ -133,8 +138,8 @@ def _custom_objects() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    # CUSTOM_OBJECTS needs segmentation-models (hence TensorFlow): built on first use so that
-    # importing this module stays cheap.
+    # CUSTOM_OBJECTS needs the backend's Keras (on tf-keras segmentation-models, hence
+    # TensorFlow): built on first use so that importing this module stays cheap.
     if name == "CUSTOM_OBJECTS":
         value = _custom_objects()
         globals()[name] = value
