@@ -43,6 +43,8 @@ import numpy as np
 import pandas as pd
 
 from busi import __version__
+from busi.data.arrays import _workers as pipeline_workers
+from busi.data.arrays import load_arrays
 from busi.data.geometry import placement_for
 from busi.data.index import fingerprint
 from busi.data.parts import dataset_table, make_run_split, split_parts
@@ -188,7 +190,6 @@ class Cache:
 
 
 def _workers() -> int:
-    from busi.data.pipeline import _workers as pipeline_workers  # start-up: TensorFlow
 
     return pipeline_workers()
 
@@ -241,7 +242,6 @@ def write_cache(config: TrainConfig, path: str | os.PathLike,
     Returns:
         The cache as :func:`open_cache` reads it back.
     """
-    from busi.data.pipeline import load_arrays  # start-up: TensorFlow; cli imports cache
 
     if quality is not None and not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"quality must be an integer in 1..100 (or None: lossless), got "
