@@ -24,16 +24,18 @@ import h5py
 
 from busi import _keras
 from busi.errors import DataError
-from busi.inference import model_file
+from busi.inference import h5_compat, model_file
 from busi.inference.bundle import verify_file
 from busi.models import architectures as models
-from busi.models import heads, losses
+from busi.models import backend, heads, losses
 from busi.utils.atomic import atomic_path
 
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _custom_objects() -> dict[str, Any]:
+    if backend.is_keras3():  # no segmentation-models/efficientnet objects: they need tf-keras
+        return {**losses.CUSTOM_OBJECTS, **heads.CUSTOM_OBJECTS}
     return {**models.custom_objects(), **losses.CUSTOM_OBJECTS, **heads.CUSTOM_OBJECTS}
 
 
@@ -42,6 +44,11 @@ def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = Tr
 
     The optimizer state is kept by default so that training can resume from a checkpoint;
     pass ``include_optimizer=False`` for a smaller file meant for prediction only.
+
+    On Keras 3 such a prediction file (``best.h5``, published weights) is rewritten in tf-keras'
+    dialect (:func:`busi.inference.h5_compat.make_portable`), so it loads in busi and plain
+    tf.keras as well as in Keras 3 on any backend; a file with the optimizer (``last.h5``)
+    stays Keras 3's, since its optimizer state belongs to that Keras.
     """
     path = Path(path)
     if path.suffix.lower() not in H5_SUFFIXES:
@@ -49,8 +56,12 @@ def save_model(model: Any, path: str | os.PathLike, include_optimizer: bool = Tr
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # .h5 is chosen on purpose (readable by tf-keras and Keras 3): silence "legacy format".
         warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
-        model.save(tmp, include_optimizer=include_optimizer, save_format="h5")
+        # Keras 3 takes the format from the suffix (and warns about save_format)
+        options = {} if backend.is_keras3() else {"save_format": "h5"}
+        model.save(tmp, include_optimizer=include_optimizer, **options)
         _drop_keras2_only_keys(tmp)
+        if backend.is_keras3() and not include_optimizer:
+            h5_compat.make_portable(tmp)
     model_file.remember_if_unsafe(model, path)  # an encoder's own Lambda layers: see there
     return path
 
@@ -151,14 +162,20 @@ def load_model(path: str | os.PathLike, compile: bool = True, safe_mode: bool | 
     except (TypeError, ValueError, AttributeError) as error:
         # An architecture tf-keras cannot rebuild (an unknown activation or layer option, a
         # layer config of another Keras version): the cause, with the file named.
-        raise DataError(f"{path}: tf-keras cannot rebuild the model stored in it: "
+        reader = "Keras 3" if backend.is_keras3() else "tf-keras"
+        raise DataError(f"{path}: {reader} cannot rebuild the model stored in it: "
                         f"{type(error).__name__}: {error}") from error
 
 
 def _check_saved_by_tf_keras(path: Path) -> None:
     """Refuse a ``.h5`` written by Keras 3, whose layer configs tf-keras does not read (it
-    fails with "Unrecognized keyword arguments: ['batch_shape']", naming no file)."""
+    fails with "Unrecognized keyword arguments: ['batch_shape']", naming no file). Keras 3
+    reads both dialects; files busi made portable are in tf-keras'."""
+    if backend.is_keras3():
+        return
     with model_file.open_h5(path) as handle:
+        if "busi_converted_from" in handle.attrs:  # busi.inference.h5_compat.make_portable
+            return
         version = handle.attrs.get("keras_version")
     if isinstance(version, bytes):
         version = version.decode("utf8", "replace")
@@ -268,8 +285,8 @@ def with_policy(model: Any, policy: str) -> Any:
         if layer["name"] in wanted and "dtype" in layer["config"]:
             layer["config"]["dtype"] = wanted[layer["name"]]
 
-    try:
-        custom = models.custom_objects()
+    try:  # segmentation-models' objects: tf-keras only (efficientnet imports TensorFlow)
+        custom = {} if backend.is_keras3() else models.custom_objects()
     except ImportError:  # efficientnet (only some encoders need it) is not installed
         custom = {}
     rebuilt = keras.Model.from_config(config, custom_objects=custom)
