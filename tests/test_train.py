@@ -14,7 +14,7 @@ import pytest
 
 import busi
 from busi.config.train_config import TrainConfig
-from busi.data import parts
+from busi.data import parts, pipeline
 from busi.data.run_parts import run_parts
 from busi.inference.publish import publish
 from busi.inference.weights import load_for_inference
@@ -241,14 +241,14 @@ def test_checkpoint_monitor_counts_the_trained_classes_only(busi_folder, tmp_pat
 
 def test_training_data_is_augmented_as_the_config_says(busi_folder, tmp_path, monkeypatch):
     seen = []
-    real = training.make_dataset
+    real = pipeline.make_dataset  # the trainer imports it when it trains on tf-keras
 
     def spy(*args, **kwargs):
         if kwargs.get("training"):
             seen.append(kwargs["augment_config"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "make_dataset", spy)
+    monkeypatch.setattr(pipeline, "make_dataset", spy)
     config = tiny(busi_folder, tmp_path, augment=True, epochs=1,
                   augmentation={"max_rotation_deg": 25, "gamma_range": [0.6, 1.6]})
     busi.train(config)

@@ -59,9 +59,10 @@ def set_environment() -> None:
         os.environ[name] = value
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", default_log_level())
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")  # read when OpenCV first logs
-    tf_logger = logging.getLogger("tensorflow")  # the logger TensorFlow's Python code uses
-    if not any(isinstance(f, _KnownLogNoise) for f in tf_logger.filters):
-        tf_logger.addFilter(_KnownLogNoise())
+    # TensorFlow's Python code logs to "tensorflow", Keras 3 to absl's logger
+    for logger in (logging.getLogger("tensorflow"), logging.getLogger("absl")):
+        if not any(isinstance(f, _KnownLogNoise) for f in logger.filters):
+            logger.addFilter(_KnownLogNoise())
     _quiet_busi_warnings()
     if "tensorflow" not in sys.modules and not any(
         isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path
@@ -72,7 +73,9 @@ def set_environment() -> None:
 class _KnownLogNoise(logging.Filter):
     """Drops log records that say nothing is wrong when nothing is (see the module docstring)."""
 
-    MESSAGES = ("Compiled the loaded model, but the compiled metrics have yet to be built",)
+    MESSAGES = ("Compiled the loaded model, but the compiled metrics have yet to be built",
+                # Keras 3 on every .h5 save: busi chooses .h5 on purpose (both Kerases read it)
+                "You are saving your model as an HDF5 file via `model.save()`")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.MESSAGES)
@@ -242,6 +245,7 @@ def keras() -> ModuleType:
     check_keras()
     import tf_keras  # start-up: TensorFlow; `import busi` runs this module
 
+    backend.handed_out(backend.DEFAULT)
     return tf_keras
 
 

@@ -35,6 +35,8 @@ PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
 """Backend -> (module it imports, pip requirement that provides it) for each package it needs."""
 
 _chosen: str | None = None
+_handed_out: str | None = None
+"""The backend whose Keras busi has given out in this process (modules hold on to it)."""
 
 
 class BackendError(ValueError):
@@ -78,14 +80,22 @@ def use(name: str) -> str:
             raise BackendError(f"backend {name!r} asked for, but Keras 3 was already imported "
                                f"with backend {loaded!r} in this process; start a new Python "
                                f"process, or set {ENV}={name} before anything imports keras")
-    if _chosen is not None and _chosen != name:
-        raise BackendError(f"busi already runs on backend {_chosen!r} in this process; start a "
+    current = _chosen or _handed_out
+    if current is not None and current != name:
+        raise BackendError(f"busi already runs on backend {current!r} in this process; start a "
                            f"new Python process for backend {name!r}")
     _chosen = name
     os.environ[ENV] = name
     if name != "tf-keras":
         os.environ["KERAS_BACKEND"] = name
     return name
+
+
+def handed_out(chosen: str) -> None:
+    """Note that busi's modules now hold ``chosen``'s Keras: a later :func:`use` of another
+    backend is refused rather than leaving them on the wrong Keras."""
+    global _handed_out
+    _handed_out = chosen
 
 
 def name() -> str:
@@ -113,6 +123,7 @@ def keras3() -> ModuleType:
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = chosen
     module = importlib.import_module("keras")
+    handed_out(chosen)
     loaded = module.backend.backend()
     if loaded != chosen:
         raise BackendError(f"busi backend {chosen!r}, but Keras 3 runs on {loaded!r}: keras was "
@@ -164,6 +175,21 @@ def set_value(variable: Any, value: float) -> None:
     import tf_keras  # tf-keras only: jax/torch must not import TensorFlow
 
     tf_keras.backend.set_value(variable, value)
+
+
+def gpu_names() -> list[str]:
+    """The GPUs the backend sees, set up nothing."""
+    if uses_tensorflow():
+        import tensorflow as tf  # TensorFlow backends only
+
+        return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+    if name() == "jax":
+        import jax  # jax backend only
+
+        return [str(device) for device in jax.devices() if device.platform == "gpu"]
+    import torch  # torch backend only
+
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
 
 
 def versions() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from busi import _keras
+from busi.models import backend
 
 keras = _keras.keras()
 
@@ -58,7 +59,7 @@ class CosineSchedule(keras.callbacks.Callback):
         return self.minimum + 0.5 * (self.base - self.minimum) * (1 + math.cos(math.pi * progress))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
+        backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
 
     def counters(self) -> dict[str, Any]:
         return {}

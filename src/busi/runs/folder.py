@@ -31,6 +31,7 @@ import pandas as pd
 from busi._keras import sm
 from busi.config.train_config import TrainConfig
 from busi.errors import DataError
+from busi.models import backend
 from busi.runs.lock import run_lock
 from busi.utils.atomic import atomic_write_text
 from busi.utils.digests import FileDigest, report_mismatch, verify_default
@@ -182,21 +183,30 @@ def _command() -> str:
 
 
 def environment(fingerprint: str) -> dict[str, Any]:
-    """Versions, devices and code version of this run, for its env.json."""
-    import tensorflow as tf  # start-up: TensorFlow; cli and bundle import this
-    import tf_keras  # start-up: TensorFlow; cli and bundle import this
+    """Versions, devices and code version of this run, for its env.json: on tf-keras
+    TensorFlow's, tf-keras' and segmentation-models'; on Keras 3 its version, the backend and
+    the jax or torch version (nothing of TensorFlow is imported on jax/torch)."""
+    versions: dict[str, Any] = {"backend": backend.name()}
+    if backend.uses_tensorflow():
+        import tensorflow as tf  # start-up: TensorFlow; cli and bundle import this
 
-    segmentation_models = sm()  # imported without its "using tf.keras framework" notice
+        versions["tensorflow"] = tf.__version__
+        versions["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    else:
+        versions["gpus"] = backend.gpu_names()
+    if backend.is_keras3():
+        versions.update(backend.versions())
+    else:
+        import tf_keras  # start-up: TensorFlow; cli and bundle import this
 
+        versions["tf_keras"] = tf_keras.__version__
+        versions["segmentation_models"] = sm().__version__  # imported without its notice
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
-        "tensorflow": tf.__version__,
-        "tf_keras": tf_keras.__version__,
-        "segmentation_models": segmentation_models.__version__,
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        **versions,
         # what made the run, for the results table (the first session's: resumes keep it)
         "command": _command(),
         "git_commit": _git("rev-parse", "HEAD") or None,
@@ -218,6 +228,12 @@ def check_same_config(run: RunFolder, config: TrainConfig) -> None:
         return
     old = TrainConfig.load(run.config).to_dict()
     new = config.to_dict()
+    if old.get("backend") != new["backend"]:  # last.h5's optimizer state is one Keras'
+        raise ValueError(
+            f"{run.config}: this run trains on backend {old.get('backend')}, not "
+            f"{new['backend']}: its last.h5 holds that Keras' optimizer state, which another "
+            f"backend cannot continue. Resume with --backend {old.get('backend')}, or choose "
+            "another run name (--set init_weights=RUN/best.h5 starts from its weights).")
     free = {"name", "epochs", "evaluate", "data", "data_paths", "run_dir", "max_minutes"}
     differs = sorted(k for k in new if k not in free and old.get(k) != new[k])
     if differs:

@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import tensorflow as tf
-
 from busi import _keras
+from busi.data.batches import take
 
 
 def batchnorm_layers(model: Any) -> list:
@@ -79,7 +78,9 @@ class PreciseValidation(_keras.keras().callbacks.Callback):
     precision, ``best.h5`` is then saved in float32).
     """
 
-    def __init__(self, calibration: tf.data.Dataset, validation: tf.data.Dataset, batches: int):
+    def __init__(self, calibration: Any, validation: Any, batches: int):
+        """``calibration`` and ``validation``: tf.data datasets (tf-keras) or
+        :mod:`busi.data.batches` (Keras 3)."""
         super().__init__()
         self.calibration = calibration
         self.validation = validation
@@ -87,7 +88,7 @@ class PreciseValidation(_keras.keras().callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.batches > 0:
-            recalibrate(self.model, self.calibration.take(self.batches))
+            recalibrate(self.model, take(self.calibration, self.batches))
         results = self.model.evaluate(self.validation, verbose=0, return_dict=True)
         if logs is not None:
             logs.update({f"val_{name}": float(value) for name, value in results.items()})

@@ -22,10 +22,11 @@ import pandas as pd
 from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.inference import weights
-from busi.models import schedules
+from busi.models import backend, schedules
 from busi.models.lr_callbacks import Resumable
 from busi.runs.folder import RunFolder
 from busi.training.batchnorm import PreciseValidation
+from busi.training.messages import format_duration
 from busi.utils.atomic import atomic_write_text
 from busi.utils.digests import file_digest
 
@@ -51,7 +52,7 @@ class _EpochInfo(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
             _unprefix_mask_metrics(logs)
-            logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+            logs["lr"] = backend.get_value(self.model.optimizer.learning_rate)
             logs["seconds"] = round(time.perf_counter() - self._start, 2)
 
 
@@ -65,7 +66,10 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
     """
 
     def __init__(self, epochs: int) -> None:
-        super().__init__(count_mode="steps")
+        if backend.is_keras3():  # Keras 3 counts steps always and takes no count_mode
+            super().__init__()
+        else:
+            super().__init__(count_mode="steps")
         self.total = epochs
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -135,11 +139,6 @@ class TimeLimit(keras.callbacks.Callback):
         last = epochs is not None and epoch + 1 >= epochs
         if not last and not self.next_epoch_fits():
             self.stopped = self.model.stop_training = True
-
-
-def format_duration(seconds: float) -> str:
-    """A duration as people say it: "45 s", "6.2 min" (time-budget messages)."""
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 class EarlyStopping(Resumable, keras.callbacks.EarlyStopping):
@@ -254,10 +253,12 @@ def make_callbacks(config: TrainConfig, run: RunFolder, state: dict[str, Any],
     checkpoint = RunCheckpoint(run, config, history, state.get("best"), [early, schedule])
     recorded = history["seconds"].dropna().tolist() if "seconds" in history else []
     time_limit = TimeLimit(deadline, recorded)
+    # TensorBoard writes with tf.summary: on jax/torch history.csv is the record
+    board = ([keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0,
+                                          write_graph=False)] if backend.uses_tensorflow() else [])
     return Callbacks(early, time_limit, [
         validation, _EpochInfo(), keras.callbacks.TerminateOnNaN(), early, schedule, checkpoint,
-        time_limit,
-        keras.callbacks.TensorBoard(log_dir=str(run.logs), profile_batch=0, write_graph=False),
+        time_limit, *board,
         EpochProgress(config.epochs),  # last: it prints the epoch's logs as the others left them
     ])
 

@@ -11,7 +11,6 @@ from busi.data import datasets
 from busi.data.cache import Cache
 from busi.models import architectures as models
 from busi.runs.folder import RunFolder
-from busi.training.callbacks import format_duration
 
 
 def start_message(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataFrame],
@@ -71,3 +70,8 @@ def time_budget_message(config: TrainConfig, run: RunFolder, done_before: int) -
 
 
 __all__ = ["start_message", "time_budget_message"]
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people say it: "45 s", "6.2 min" (time-budget messages)."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

@@ -20,31 +20,31 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import tensorflow as tf
 
 from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.data import datasets
-from busi.data.augment import AugmentConfig
+from busi.data.arrays import load_arrays
+from busi.data.augment_config import AugmentConfig
+from busi.data.batches import make_batches
 from busi.data.cache import Cache, open_cache
-from busi.data.pipeline import load_arrays, make_dataset
 from busi.data.run_parts import run_parts
 from busi.data.splits import in_classes, load_split
 from busi.errors import DataError
 from busi.evaluation.evaluator import evaluate
-from busi.inference import weights
+from busi.inference import h5_compat, weights
 from busi.models import architectures as models
 from busi.models import backend, heads, losses
 from busi.runs.folder import RunFolder, check_same_config
 from busi.runs.lock import LOCK_NAME
-from busi.training.batchnorm import PreciseValidation
-from busi.training.callbacks import make_callbacks, settle_pending
 from busi.training.devices import (
     configure_devices,
     distribution_strategy,
     global_policy,
+    make_deterministic,
     precision_policy,
 )
 from busi.training.messages import start_message, time_budget_message
@@ -52,13 +52,12 @@ from busi.utils import progress
 from busi.utils.digests import file_digest, file_sha1
 from busi.utils.paths import PROJ_ROOT
 
-keras = _keras.keras()
 log = logging.getLogger(__name__)
 
 NO_AUGMENTATION = AugmentConfig(flip_horizontal=False, affine=False, intensity=False, speckle=False)
 
 
-def compile_model(model: keras.Model, config: TrainConfig) -> None:
+def compile_model(model: Any, config: TrainConfig) -> None:
     """Compile ``model`` with the config's loss, metrics and a fresh optimizer (also after the
     encoder is unfrozen: Keras reads the trainable flags when compiling)."""
     loss, metrics = losses.get_loss(config.loss), losses.get_metrics()
@@ -68,8 +67,16 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
         extra["loss_weights"] = [1.0, config.image_head_weight]
     model.compile(
         optimizer=losses.get_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
-        loss=loss, metrics=metrics, jit_compile=config.jit_compile, **extra,
+        loss=loss, metrics=metrics, jit_compile=_jit(config), **extra,
     )
+
+
+def _jit(config: TrainConfig) -> bool | str:
+    """tf-keras: XLA only when asked. Keras 3: "auto" unless asked (jit on jax, where running
+    without it is several times slower; torch does not compile)."""
+    if backend.is_keras3() and not config.jit_compile:
+        return "auto"
+    return config.jit_compile
 
 
 def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int,
@@ -92,19 +99,34 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int,
         balance = heads.class_weights(parts["train"], config.image_head_balance)
         train_labels = heads.label_targets(parts["train"], balance)
         val_labels = heads.label_targets(monitored)
-    train_data = make_dataset(
-        parts["train"], training=True, seed=config.seed + 1000 * done, cache_arrays=arrays,
-        drop_remainder=len(parts["train"]) > config.batch_size, labels=train_labels,
-        augment_config=config.augment_config() if config.augment else NO_AUGMENTATION, **common,
-    )
-    if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
-        train_data = train_data.repeat()
-    calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
-                               cache_arrays=arrays, **common)
+    train_options = {
+        "training": True, "labels": train_labels,
+        "drop_remainder": len(parts["train"]) > config.batch_size,
+        "augment_config": config.augment_config() if config.augment else NO_AUGMENTATION}
     val_arrays = None if cache is None else cache.arrays(monitored)
-    validation = PreciseValidation(calibration, make_dataset(monitored, labels=val_labels,
-                                                             cache_arrays=val_arrays, **common),
-                                   config.precise_bn_batches)
+    if backend.is_keras3():  # no tf.data: NumPy/OpenCV batches (and no TensorFlow on jax/torch)
+        if val_arrays is None:
+            val_arrays = load_arrays(monitored, size=config.image_size, mode=config.resize)
+        size = {"batch_size": config.batch_size}
+        # the epoch moves the draws on, so a resumed run does not replay its first epochs'
+        train_data = make_batches(*arrays[:2], seed=config.seed, epoch=done, **train_options,
+                                  **size)
+        calibration = make_batches(*arrays[:2], shuffle=True, seed=config.seed, **size)
+        monitored_data = make_batches(*val_arrays[:2], labels=val_labels, **size)
+    else:
+        from busi.data.pipeline import make_dataset  # tf-keras only: imports TensorFlow
+
+        train_data = make_dataset(parts["train"], seed=config.seed + 1000 * done,
+                                  cache_arrays=arrays, **train_options, **common)
+        if config.steps_per_epoch:  # epochs shorter than the data: keep drawing across epochs
+            train_data = train_data.repeat()
+        calibration = make_dataset(parts["train"], shuffle=True, seed=config.seed,
+                                   cache_arrays=arrays, **common)
+        monitored_data = make_dataset(monitored, labels=val_labels, cache_arrays=val_arrays,
+                                      **common)
+    from busi.training.batchnorm import PreciseValidation  # a Keras class: after backend.use()
+
+    validation = PreciseValidation(calibration, monitored_data, config.precise_bn_batches)
     return train_data, validation
 
 
@@ -128,6 +150,8 @@ def _fit(model, config, run, train_data, validation, initial_epoch, epochs, dead
     No epoch starts that the time budget predicts not to fit
     (:class:`busi.training.callbacks.TimeLimit`), not even the first of this call.
     """
+    from busi.training.callbacks import make_callbacks  # Keras classes: after backend.use()
+
     callbacks = make_callbacks(config, run, run.read_state(), deadline, validation)
     if not callbacks.time_limit.next_epoch_fits():
         return "time"
@@ -141,7 +165,7 @@ def _fit(model, config, run, train_data, validation, initial_epoch, epochs, dead
     return "time" if callbacks.time_limit.stopped else ""
 
 
-def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) -> keras.Model:
+def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) -> Any:
     """The model a new run starts from: built from the config, with ``init_weights`` loaded
     into it when set (then the ImageNet weights are not read, since they would be
     overwritten). The file's digests go into the run folder (``init_weights.json``), so the run
@@ -194,7 +218,7 @@ def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
         warmup = min(config.freeze_encoder_epochs, config.epochs)
     with strategy.scope():
         if done:
-            model = weights.load_model(run.last, compile=True)
+            model = _resumed_model(config, run)
         else:
             model = _initial_model(config, run, freeze_encoder=done < warmup)
             compile_model(model, config)
@@ -213,8 +237,24 @@ def _train_epochs(config: TrainConfig, run: RunFolder, parts: dict[str, pd.DataF
     final = run.read_state()
     final["stopped_early"] = stopped == "early"
     run.write_record(run.state, final)
-    keras.backend.clear_session()
+    _keras.keras().backend.clear_session()
     return stopped
+
+
+def _resumed_model(config: TrainConfig, run: RunFolder) -> Any:
+    """The model and optimizer state of ``last.h5``. Keras 3.15 loses the optimizer state of an
+    ``.h5`` it compiles itself (it builds the optimizer on no variables, and the next ``fit``
+    fails), so there the model loads uncompiled, is compiled as training compiles it, and gets
+    the saved optimizer variables set: the steps after match an uninterrupted run's."""
+    if not backend.is_keras3():
+        return weights.load_model(run.last, compile=True)
+    model = weights.load_model(run.last, compile=False)
+    compile_model(model, config)
+    saved = h5_compat.optimizer_weights(run.last)
+    if saved:
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.set_weights(saved)
+    return model
 
 
 def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = True,
@@ -328,11 +368,13 @@ def check_settings(config: TrainConfig, cache: Cache | None = None) -> None:
             _initial_model(replace(config, encoder_weights=None), RunFolder(scratch),
                            freeze_encoder=False)
     finally:
-        keras.backend.clear_session()
+        _keras.keras().backend.clear_session()
 
 
 def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = None) -> Path:
     """:func:`train` with the run folder's lock held: the state is read under the lock."""
+    from busi.training.callbacks import settle_pending  # Keras classes: after backend.use()
+
     settle_pending(run)  # a kill between state.json and a checkpoint's rename
     state = run.read_state()
     if state:
@@ -354,9 +396,9 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
     deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
     gpus = configure_devices()
     done = int(state.get("epoch", 0))
-    keras.utils.set_random_seed(config.seed + 1000 * done)
+    _keras.keras().utils.set_random_seed(config.seed + 1000 * done)
     if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        make_deterministic()
     policy = precision_policy(config.mixed_precision)
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
