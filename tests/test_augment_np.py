@@ -85,3 +85,19 @@ def test_evaluation_batches_keep_the_rows_in_order_and_take_stops():
     np.testing.assert_array_equal(batches[0][0][..., :1], images[:4].astype(np.float32))
     assert len(list(take(batches, 2))) == 2
     assert len(list(take(batches, 99))) == len(batches)
+
+
+def test_epochs_of_fixed_steps_run_on_across_passes_over_the_rows():
+    """``steps_per_epoch`` unlike the data: batch i of epoch e is the (e * steps + i)-th of an
+    endless sequence of shuffled passes, the same whichever epoch object makes it."""
+    images, masks, labels = _data(rows=8)
+    options = {"batch_size": 4, "training": True, "seed": 5, "labels": labels}
+    endless = make_batches(images, masks, steps=3, **options)
+    passes = [make_batches(images, masks, epoch=e, **options) for e in range(3)]
+    for epoch in range(2):
+        run = make_batches(images, masks, steps=3, epoch=epoch, **options)
+        for index in range(3):
+            data_epoch, position = divmod(epoch * 3 + index, 2)
+            np.testing.assert_array_equal(run[index][0], passes[data_epoch][position][0])
+    endless.on_epoch_end()
+    np.testing.assert_array_equal(endless[0][0], passes[1][1][0])

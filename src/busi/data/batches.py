@@ -43,7 +43,7 @@ def batches_class() -> type:
                          training: bool = False, shuffle: bool | None = None,
                          augment_config: AugmentConfig | None = None, seed: int = 0,
                          labels: np.ndarray | None = None, drop_remainder: bool = False,
-                         epoch: int = 0, workers: int = 1):
+                         epoch: int = 0, workers: int = 1, steps: int | None = None):
                 if backend.is_keras3():  # Sequence (tf-keras) takes its workers in fit()
                     super().__init__(workers=workers, use_multiprocessing=False)
                 else:
@@ -55,29 +55,43 @@ def batches_class() -> type:
                 self.shuffle_seed, self.augment_seed = _split_seed(seed)
                 self.drop_remainder = drop_remainder
                 self.epoch = epoch
-                self._order = self._make_order()
+                self.steps = steps
+                self._orders: dict[int, np.ndarray] = {}
 
-            def _make_order(self) -> np.ndarray:
+            def _order(self, data_epoch: int) -> np.ndarray:
                 if not self.shuffle:
                     return np.arange(len(self.images))
-                return np.random.default_rng((self.shuffle_seed, self.epoch)).permutation(
-                    len(self.images))
+                if data_epoch not in self._orders:  # a few per epoch at most
+                    self._orders = {data_epoch: np.random.default_rng(
+                        (self.shuffle_seed, data_epoch)).permutation(len(self.images)),
+                        **{k: v for k, v in self._orders.items() if k >= data_epoch - 1}}
+                return self._orders[data_epoch]
 
-            def __len__(self) -> int:
+            def passes(self) -> int:
+                """Batches in one pass over the rows."""
                 rows = len(self.images)
                 return rows // self.batch_size if self.drop_remainder else math.ceil(
                     rows / self.batch_size)
 
+            def __len__(self) -> int:
+                return self.steps or self.passes()
+
             def __getitem__(self, index: int) -> tuple:
                 if not 0 <= index < len(self):
                     raise IndexError(index)
-                rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+                # with `steps` (epochs shorter or longer than the data) batches run on across
+                # passes over the rows, each pass shuffled and augmented as an epoch of its own
+                position = self.epoch * len(self) + index if self.steps else index
+                data_epoch, position = divmod(position, self.passes()) if self.steps else (
+                    self.epoch, index)
+                start = position * self.batch_size
+                rows = self._order(data_epoch)[start:start + self.batch_size]
                 images, masks = [], []
                 for row in rows:
                     image, mask = self.images[row], self.masks[row]
                     if self.config is not None:
                         image, mask = augment_np.augment(image, mask, self.augment_seed,
-                                                         self.epoch, int(row), self.config)
+                                                         data_epoch, int(row), self.config)
                     images.append(image)
                     masks.append(mask)
                 x = np.stack(images).astype(np.float32)
@@ -90,7 +104,6 @@ def batches_class() -> type:
 
             def on_epoch_end(self) -> None:
                 self.epoch += 1
-                self._order = self._make_order()
 
         _CLASSES[name] = Batches
     return _CLASSES[name]

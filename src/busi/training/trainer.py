@@ -110,7 +110,7 @@ def _datasets(config: TrainConfig, parts: dict[str, pd.DataFrame], done: int,
         size = {"batch_size": config.batch_size}
         # the epoch moves the draws on, so a resumed run does not replay its first epochs'
         train_data = make_batches(*arrays[:2], seed=config.seed, epoch=done, **train_options,
-                                  **size)
+                                  steps=config.steps_per_epoch, **size)
         calibration = make_batches(*arrays[:2], shuffle=True, seed=config.seed, **size)
         monitored_data = make_batches(*val_arrays[:2], labels=val_labels, **size)
     else:
