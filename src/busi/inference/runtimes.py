@@ -22,7 +22,7 @@ import numpy as np
 from busi import _keras
 from busi.errors import DataError
 from busi.inference.weights import load_for_inference, with_policy
-from busi.models import heads
+from busi.models import backend, heads
 
 if TYPE_CHECKING:
     from busi.inference.bundle import ModelSettings
@@ -155,8 +155,6 @@ class KerasPredictor(Predictor):
 
     def __init__(self, path: Path, precision: str = "float32", safe_mode: bool | None = None,
                  verify: bool | None = None) -> None:
-        import tensorflow as tf  # start-up: TensorFlow; predictor imports runtimes
-
         policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
         if precision not in policies:
             raise ValueError(
@@ -167,14 +165,23 @@ class KerasPredictor(Predictor):
         super().__init__(path, fixed, precision)
         self.model = model
         self.has_head = heads.has_image_head(model)
-        # one traced graph for every batch size: no retracing per batch, no predict() overhead
-        # (its probabilities are bit-identical to predict_on_batch's, measured on lite0)
-        self._call = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, *(fixed or (None, None)), 3), tf.float32)],
-        )
+        self._call = None
+        if not backend.is_keras3():
+            import tensorflow as tf  # start-up: TensorFlow; predictor imports runtimes
+
+            # one traced graph for every batch size: no retracing per batch, no predict()
+            # overhead (probabilities bit-identical to predict_on_batch's, measured on lite0)
+            self._call = tf.function(
+                lambda x: model(x, training=False),
+                input_signature=[tf.TensorSpec((None, *(fixed or (None, None)), 3), tf.float32)],
+            )
 
     def _run(self, batch: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        if self._call is None:  # Keras 3: its own compiled predict step (no TensorFlow)
+            out = self.model.predict_on_batch(batch)
+            if self.has_head:
+                return np.asarray(out[0]), np.asarray(out[1])
+            return np.asarray(out)
         out = self._call(batch)
         if self.has_head:
             return out[0].numpy(), out[1].numpy()
