@@ -19,6 +19,7 @@ import pytest
 from busi.config.train_config import TrainConfig
 from busi.inference import h5_compat
 from busi.models import backend, encoders, losses, ops_losses
+from busi.runs.folder import RunFolder, check_same_config
 
 needs_tf_keras = pytest.mark.skipif(bool(backend.missing(backend.DEFAULT)),
                                     reason="needs TensorFlow and tf-keras")
@@ -147,6 +148,7 @@ import numpy as np
 import busi
 from busi.config.train_config import TrainConfig
 from busi.inference import h5_compat
+from busi.runs.folder import RunFolder, check_same_config
 from busi.inference import weights
 config = TrainConfig.from_dict(json.loads(sys.argv[1]))
 run = busi.train(config)
@@ -241,3 +243,43 @@ def test_a_keras_3_architecture_the_converter_does_not_know_is_named(tmp_path):
     with pytest.raises(h5_compat.NotConvertible, match=f"{path}: .*nested model"):
         h5_compat.make_portable(path)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+RESUME = '''
+import json, sys
+import busi
+from busi.config.train_config import TrainConfig
+from busi.inference import h5_compat
+from busi.runs.folder import RunFolder, check_same_config
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+for epochs in (1, 2):  # the second call resumes from last.h5
+    run = busi.train(config.replace(epochs=epochs))
+    print("steps", int(h5_compat.optimizer_weights(run / "last.h5")[0]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KERAS3)
+def test_a_resume_on_keras_3_keeps_the_optimizer_state(name, busi_folder, tmp_path):
+    """Keras 3.15 drops the optimizer state of an .h5 it compiles itself; busi restores it, so
+    the optimizer's step counter after the resumed epoch counts both epochs' steps."""
+    if backend.missing(name):
+        pytest.skip(f"backend {name} needs {backend.missing(name)}")
+    config = TrainConfig(backend=name, image_size=32, batch_size=4, evaluate=False,
+                         precise_bn_batches=1, data=str(busi_folder),
+                         run_dir=str(tmp_path / "run"), **MODELS["classic"])
+    blocked = NO_TENSORFLOW if name in ("jax", "torch") else ""
+    done = subprocess.run([sys.executable, "-c", blocked + RESUME, json.dumps(config.to_dict())],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = [int(line.split()[1]) for line in done.stdout.splitlines()
+             if line.startswith("steps ")]
+    assert len(steps) == 2 and steps[0] > 0 and steps[1] == 2 * steps[0], done.stdout[-2000:]
+
+
+def test_a_resume_on_another_backend_is_refused_naming_the_runs(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    TrainConfig(backend="torch", architecture="classic_unet").save(run.config)
+    with pytest.raises(ValueError, match="trains on backend torch, not jax.*--backend torch"):
+        check_same_config(run, TrainConfig(backend="jax", architecture="classic_unet"))
