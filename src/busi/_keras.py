@@ -1,4 +1,6 @@
-"""Make sure busi runs on Keras 2 (tf-keras), which segmentation-models needs.
+"""Make sure busi runs on Keras 2 (tf-keras), which segmentation-models needs, unless a Keras 3
+backend was chosen (:mod:`busi.models.backend`: ``backend: jax``, ``torch`` or ``tensorflow``),
+in which case :func:`keras` gives Keras 3 and the guard below does not apply.
 
 TensorFlow >= 2.16 resolves ``tf.keras`` to Keras 3 unless ``TF_USE_LEGACY_KERAS=1`` is set
 before ``tf.keras`` is first touched, and segmentation-models picks its backend from
@@ -48,7 +50,8 @@ KERAS3_MESSAGE = (
     "Keras {version}: TensorFlow's Keras was used before `import busi`. Restart the kernel (or "
     "Python) and put `import busi` before `import tensorflow`, or set the environment variable "
     "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported. Check that tf-keras is installed "
-    "(`pip install tf-keras`, same minor version as tensorflow)."
+    "(`pip install tf-keras`, same minor version as tensorflow). Models with busi's own encoders "
+    "can also train on Keras 3: backend tensorflow, jax or torch (`busi train --backend`)."
 )
 
 
