@@ -22,6 +22,7 @@ from busi.errors import DataError
 from busi.inference import export
 from busi.inference.bundle import ModelRecord
 from busi.inference.predictor import model_batch
+from busi.models import backend
 from busi.runs.folder import RunFolder
 from busi.utils.digests import FileDigest
 
@@ -35,7 +36,11 @@ def default_export(model: Any) -> str:
     EfficientNet-Lite U-Net, whose dynamic-range int8 export does not keep its masks), kept in
     float32 there; else ``"tflite:dynamic"``, which needs no calibration images. An ensemble (``busi
     cv``: member models nested in one) gets a float32 ``"tflite"``: int8 would need the float layers
-    of each nested member, which the int8 export cannot name."""
+    of each nested member, which the int8 export cannot name. On a Keras 3 backend none: the
+    TFLite converter needs tf-keras (publishing the run where ``BUSI_BACKEND`` is unset exports
+    it, from the same portable ``.h5``)."""
+    if backend.is_keras3():
+        return "none"
     if any(hasattr(layer, "layers") for layer in model.layers):
         return "tflite"
     return "tflite:int8" if export.is_lite_unet(model) else "tflite:dynamic"
