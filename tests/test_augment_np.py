@@ -12,6 +12,11 @@ import pytest
 from busi.data import augment_np
 from busi.data.augment_config import AugmentConfig
 from busi.data.batches import make_batches, take
+from busi.models import backend
+
+if backend.missing(backend.DEFAULT) and backend.installed():
+    # no tf-keras in this environment: the batches take their base class from Keras 3
+    backend.use(backend.installed()[0])
 
 WARP_TOLERANCE = 0.05
 """Gray levels: cv2 interpolates at 1/32 pixel in fixed point, TensorFlow in float."""
