@@ -61,8 +61,14 @@ DEVICES = "import busi\nimport tensorflow as tf\nprint(tf.config.list_physical_d
 
 
 @pytest.mark.slow
-def test_tensorflow_start_up_noise_is_off_by_default():
-    result = subprocess.run([sys.executable, "-c", DEVICES], capture_output=True, text=True,
+@pytest.mark.parametrize("before", ["", "import importlib.util\n"
+                                        "importlib.util.find_spec('tensorflow')\n"],
+                         ids=["import", "asked-first"])
+def test_tensorflow_start_up_noise_is_off_by_default(before):
+    """Also when something first asks whether TensorFlow is installed (the backend check of
+    ``busi train``): asking must not use up the quiet first import."""
+    code = DEVICES.replace("import busi\n", "import busi\n" + before)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CPU" in result.stdout

@@ -176,15 +176,17 @@ def _filtered_stderr(noise: re.Pattern[str] | None = None) -> Iterator[None]:
 
 
 class _QuietLoader(importlib.abc.Loader):
-    """Runs TensorFlow's own loader with its start-up noise filtered out of stderr."""
+    """Runs TensorFlow's own loader with its start-up noise filtered out of stderr, then takes
+    the finder that made it off the import path: TensorFlow starts once."""
 
-    def __init__(self, loader: importlib.abc.Loader):
-        self.loader = loader
+    def __init__(self, loader: importlib.abc.Loader, finder: importlib.abc.MetaPathFinder):
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self.finder]
         if not quiet_requested():
             self.loader.exec_module(module)
             return
@@ -195,16 +197,20 @@ class _QuietLoader(importlib.abc.Loader):
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
     """Catches the first ``import tensorflow`` of the process, wherever it happens (busi's
     modules, tf-keras, segmentation-models, a notebook cell), to import it quietly; then steps
-    aside."""
+    aside. Asking whether TensorFlow is installed (``importlib.util.find_spec``, as the backend
+    check does) loads nothing and leaves it in place."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != "tensorflow":
             return None
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
+        for finder in [f for f in sys.meta_path if f is not self]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _QuietLoader(spec.loader, self)
+                return spec
+        return None
 
 
 def tf_keras_version() -> str | None:
