@@ -13,18 +13,15 @@ import TensorFlow::
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
-
 from busi import _keras
+from busi.utils import lazy_surface
 
 _keras.set_environment()
 _keras.check_keras()
 
 __version__ = "0.1.0"
 
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
     "data": ("busi.data", None),
     "build_model": ("busi.models.architectures", "build_model"),
     "classic_unet": ("busi.models.architectures", "classic_unet"),
@@ -46,20 +43,4 @@ _LAZY = {
     "publish_export": ("busi.inference.publish_exports", "publish_export"),
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        if importlib.util.find_spec(f"busi.{name}") is None:
-            raise AttributeError(f"module 'busi' has no attribute {name!r}")
-        return importlib.import_module(f"busi.{name}")  # a stage package: busi.inference.bundle
-    module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attribute is None else getattr(module, attribute)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__, __all__ = lazy_surface(__name__, _LAZY)

@@ -39,7 +39,6 @@ RENAMED = {"root": "data"}
 section name means the whole data section."""
 
 _FIELD = {key: RENAMED.get(key, key) for keys in SECTIONS.values() for key in keys}
-_KEY = {field: key for key, field in _FIELD.items()}
 _SECTION_OF = {field: section for section, keys in SECTIONS.items()
                for field in (RENAMED.get(key, key) for key in keys)}
 

@@ -119,6 +119,8 @@ def uses_tensorflow() -> bool:
 def keras3() -> ModuleType:
     """Keras 3's ``keras``, on the chosen backend (imports no TensorFlow on jax/torch)."""
     chosen = name()
+    if _handed_out == chosen and "keras" in sys.modules:
+        return sys.modules["keras"]  # checked when first handed out; losses ask on every call
     check(chosen)
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = chosen

@@ -46,37 +46,44 @@ def _reduce_axes(per_image: bool) -> list[int]:
     return [1, 2] if per_image else [0, 1, 2]
 
 
+def _thresholded(ops: Any, gt: Any, pr: Any, threshold: float | None) -> tuple[Any, Any]:
+    """float32 truth and prediction, the prediction binarised at ``threshold`` if given."""
+    gt, pr = _f32(ops, gt, pr)
+    if threshold is not None:
+        pr = ops.cast(ops.greater(pr, threshold), "float32")
+    return gt, pr
+
+
+def _batch_mean(ops: Any, score: Any, per_image: bool) -> Any:
+    """sm's reduction: per-image scores averaged over the batch, then the mean (a scalar)."""
+    if per_image:
+        score = ops.mean(score, axis=0)
+    return ops.mean(score)
+
+
 def f_score(gt: Any, pr: Any, per_image: bool = False, threshold: float | None = None,
             beta: float = 1.0) -> Any:
     """F-score (Dice at beta 1), pooled over the batch or averaged per image (sm's ``f_score``)."""
     ops = backend.ops()
-    gt, pr = _f32(ops, gt, pr)
-    if threshold is not None:
-        pr = ops.cast(ops.greater(pr, threshold), "float32")
+    gt, pr = _thresholded(ops, gt, pr, threshold)
     axes = _reduce_axes(per_image)
     tp = ops.sum(gt * pr, axis=axes)
     fp = ops.sum(pr, axis=axes) - tp
     fn = ops.sum(gt, axis=axes) - tp
     b2 = beta**2
     score = ((1 + b2) * tp + SMOOTH) / ((1 + b2) * tp + b2 * fn + fp + SMOOTH)
-    if per_image:
-        score = ops.mean(score, axis=0)
-    return ops.mean(score)
+    return _batch_mean(ops, score, per_image)
 
 
 def iou(gt: Any, pr: Any, per_image: bool = False, threshold: float | None = None) -> Any:
     """Jaccard index, pooled over the batch or averaged per image (sm's ``iou_score``)."""
     ops = backend.ops()
-    gt, pr = _f32(ops, gt, pr)
-    if threshold is not None:
-        pr = ops.cast(ops.greater(pr, threshold), "float32")
+    gt, pr = _thresholded(ops, gt, pr, threshold)
     axes = _reduce_axes(per_image)
     intersection = ops.sum(gt * pr, axis=axes)
     union = ops.sum(gt + pr, axis=axes) - intersection
     score = (intersection + SMOOTH) / (union + SMOOTH)
-    if per_image:
-        score = ops.mean(score, axis=0)
-    return ops.mean(score)
+    return _batch_mean(ops, score, per_image)
 
 
 def binary_focal(gt: Any, pr: Any, gamma: float = 2.0, alpha: float = 0.25) -> Any:

@@ -11,16 +11,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_surface(package: str, surface: Mapping[str, str]
+def lazy_surface(package: str, surface: Mapping[str, str | tuple[str, str | None]]
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public names live in its
-    modules: ``surface`` maps each name to the module that defines it, imported on first use;
-    its modules are attributes too, so ``busi.evaluation.plots.roc_curves`` needs no import."""
+    modules, imported on first use: ``surface`` maps each name to the module that defines it
+    under that name, or to ``(module, attribute)`` (attribute None: the module itself). The
+    package's modules are attributes too, so ``busi.evaluation.plots.roc_curves`` needs no
+    import."""
     namespace = importlib.import_module(package).__dict__
 
     def __getattr__(name: str) -> Any:
         if name in surface:
-            value = getattr(importlib.import_module(surface[name]), name)
+            where = surface[name]
+            module, attribute = (where, name) if isinstance(where, str) else where
+            found = importlib.import_module(module)
+            value = found if attribute is None else getattr(found, attribute)
         elif importlib.util.find_spec(f"{package}.{name}") is not None:
             value = importlib.import_module(f"{package}.{name}")  # busi.inference.bundle.X works
         else:
