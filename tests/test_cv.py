@@ -91,6 +91,21 @@ def test_joint_folds_split_each_dataset_around_its_own_test_part(busi_folder, bu
         assert (busbra.groupby("patient")["split"].nunique() == 1).all()  # patients whole
 
 
+def test_split_seed_keeps_the_split_while_the_seed_changes(busi_folder, tmp_path):
+    config = tiny(busi_folder, tmp_path)
+    table = dataset_table(config)
+    split = make_run_split(config, table)
+    # a seed that splits these 19 images otherwise (some seeds happen to give the same split)
+    other_seed = next(config.replace(seed=seed) for seed in range(1, 50)
+                      if not make_run_split(config.replace(seed=seed), table)["split"].equals(
+                          split["split"]))
+    pinned = make_run_split(other_seed.replace(split_seed=config.seed), table)
+    assert pinned[["id", "split"]].equals(split[["id", "split"]])
+    pinned_folds = cv.fold_splits(other_seed.replace(split_seed=config.seed), 2)
+    for a, b in zip(cv.fold_splits(config, 2), pinned_folds, strict=True):
+        assert a[["id", "split"]].equals(b[["id", "split"]])
+
+
 @pytest.mark.parametrize("folds", [1, 11, 2.5, True])
 def test_a_bad_number_of_folds_is_named(busi_folder, tmp_path, folds):
     with pytest.raises(ValueError, match=r"folds \(--folds\) must be a whole number from 2 to "

@@ -147,6 +147,15 @@ def _cv(args: argparse.Namespace) -> None:
           f"ENSEMBLE/best.h5, publish) in {result.root}")
 
 
+def _ensemble(args: argparse.Namespace) -> None:
+    from busi.training.ensemble import combine_runs  # start-up: TensorFlow, not for busi --help
+
+    root = combine_runs(args.runs, args.name)
+    print(results_table([*args.runs, root]), end="")
+    print(f"the ensemble (a run folder: busi evaluate, report, predict --weights "
+          f"{RunFolder(root).best}, publish) in {root}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     if Path(args.run).is_file():  # a published model: its sidecar stands in for the run folder
         _evaluate_published(args)
@@ -327,6 +336,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="time budget of this call, all folds "
                    "together; the same command continues")
     p.set_defaults(func=_cv)
+
+    p = sub.add_parser(
+        "ensemble", help="average finished runs that share a split into one model",
+        description="Average the masks (and, when every run has the image-level head, the class "
+        "probabilities) of finished runs into one model, in a run folder NAME beside the first "
+        "run, and evaluate it as any run: post-processing and gate chosen on the validation "
+        "part the runs share, which none of them trained on, then the test part scored. The "
+        "runs must split each dataset they share the same way (same seed and data), e.g. a "
+        "BUSI run and a joint BUSI + BUS-BRA run, or seeds of one config.",
+        epilog="Cost: one evaluation of the ensemble (each image through every member); "
+        "prediction then costs the members' sum.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (at least two)")
+    p.add_argument("--name", required=True, help="the ensemble's name (its folder: NAME beside "
+                   "the first run)")
+    p.set_defaults(func=_ensemble)
 
     p = sub.add_parser("evaluate", help="score a run (or a published model) on its test split "
                        "(threshold from val)")

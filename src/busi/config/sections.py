@@ -18,9 +18,9 @@ TOP = ("name", "seed")
 """Settings of the run as a whole, kept at the top of a file."""
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("datasets", "root", "data_paths", "authors_fold", "split_file", "classes",
-             "train_classes", "drop_conflicts", "val_fraction", "test_fraction", "image_size",
-             "resize", "augment", "augmentation", "limit"),
+    "data": ("datasets", "root", "data_paths", "authors_fold", "split_file", "split_seed",
+             "classes", "train_classes", "drop_conflicts", "val_fraction", "test_fraction",
+             "image_size", "resize", "augment", "augmentation", "limit"),
     "model": ("architecture", "encoder", "encoder_weights", "init_weights", "decoder_filters",
               "base_filters", "depth", "dropout", "image_head", "image_head_weight",
               "image_head_balance"),

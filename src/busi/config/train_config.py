@@ -105,7 +105,10 @@ class TrainConfig:
         authors_fold: use the published partition of the datasets that have one (BUS-BRA:
             fold k of the authors' 5-fold file as test, validation grouped from the rest)
             instead of busi's grouped split; the others are split as usual.
-        split_file: an existing split CSV to use; None makes one from ``seed`` and the fractions.
+        split_file: an existing split CSV to use; None makes one from ``split_seed`` and the
+            fractions.
+        split_seed: the seed of the split; None takes ``seed``. Set it to train seeds of one
+            config on one split (their spread, or an ensemble of them, on the same test images).
         classes: labels that take part. Normal images teach the model to answer "no lesion".
         train_classes: labels the model is trained on (None: all of ``classes``). Validation and
             test keep every class of ``classes``, so the split, and the scores on normal images,
@@ -191,6 +194,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
+    split_seed: int | None = None
 
     architecture: str = "unet"
     encoder: str = "resnet34"
@@ -375,6 +379,11 @@ class TrainConfig:
     def augment_config(self) -> AugmentConfig:
         """The augmentation of the training images: defaults plus ``augmentation``."""
         return AugmentConfig(**self.augmentation)
+
+    @property
+    def splitting_seed(self) -> int:
+        """The seed the split is made with: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def monitor_mode(self) -> str:

@@ -105,7 +105,7 @@ def dataset_split(config: TrainConfig, name: str, table: pd.DataFrame) -> pd.Dat
     if config.drop_conflicts:
         table = drop_conflicts(table)
     options = {"classes": config.classes, "val_fraction": config.val_fraction,
-               "test_fraction": config.test_fraction, "seed": config.seed}
+               "test_fraction": config.test_fraction, "seed": config.splitting_seed}
     adapter = datasets.get(name)
     if config.authors_fold is not None and adapter.authors_split is not None:
         root = adapter.locate(config.data_path(name))

@@ -19,6 +19,7 @@ import pandas as pd
 from busi.inference.postprocess import PostProcess
 from busi.inference.run_models import run_predictions
 from busi.models.architectures import model_label
+from busi.runs.ensembles import ensemble_kind, ensemble_members
 from busi.runs.evaluations import (
     SUMMARY_FILE,
     evaluation_dir,
@@ -132,8 +133,8 @@ def results_table(
 
     Built from ``summary.json``, ``history.csv``, ``config.json`` and ``best.h5``, so no figure
     in it is typed by hand (the README's results table is its output). Wall time is the sum of
-    the recorded epochs (training and validation; start-up and evaluation excluded); a
-    ``busi cv`` ensemble's row counts those of its folds together.
+    the recorded epochs (training and validation; start-up and evaluation excluded);
+    an ensemble's row counts those of its members together.
     """
     lines = [
         "| run | model | params | trained on | epochs (kept), wall time "
@@ -184,11 +185,9 @@ def results_table(
 
 
 def _training(run: RunFolder, config: Any, model_path: Path) -> tuple[str, str]:
-    """The model and "epochs (kept), wall time" cells of a row: the run's own, or for a
-    ``busi cv`` ensemble (:func:`busi.training.cv.ensemble_members`), which has no history of its
-    own, its folds' epochs and time together."""
-    from busi.training.cv import ensemble_members  # start-up: TensorFlow; cli imports report
-
+    """The model and "epochs (kept), wall time" cells of a row: the run's own, or for an
+    ensemble (:func:`busi.runs.ensembles.ensemble_members`), which has no history of its own,
+    its members' epochs and time together."""
     members = ensemble_members(run)
     if members is None:
         history = pd.read_csv(run.history)
@@ -197,8 +196,9 @@ def _training(run: RunFolder, config: Any, model_path: Path) -> tuple[str, str]:
                                      f"{history['seconds'].sum() / 60:.0f} min")
     histories = [RunFolder(member).read_history() for member in members]
     minutes = sum(history["seconds"].sum() for history in histories) / 60
-    return (f"mean of {len(members)} folds' {model_label(config)}",
-            f"{sum(map(len, histories))} in {len(members)} folds, {minutes:.0f} min")
+    kind = ensemble_kind(run)
+    return (f"mean of {len(members)} {kind}' {model_label(config)}",
+            f"{sum(map(len, histories))} in {len(members)} {kind}, {minutes:.0f} min")
 
 
 def _kept_epoch(run: RunFolder, config: Any, history: pd.DataFrame, model_path: Path) -> Any:

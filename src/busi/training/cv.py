@@ -27,13 +27,13 @@ scores the test part once with it. The maps behind the choice are single models'
 ensemble averages k of them (smoother maps), so its best threshold may differ a little: the
 price of never choosing on data a model trained on, as nnU-Net also pays.
 
-An ensemble has no image-level head: members with one contribute their masks only
-(:func:`busi.models.heads.mask_only`), and no gate is chosen.
+The ensemble model is :func:`busi.training.ensemble.ensemble_model`. It has no image-level head:
+members with one contribute their masks only, and no gate is chosen, since a gate could only be
+chosen on the out-of-fold predictions of single fold models.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -48,15 +48,15 @@ from busi.config.train_config import TrainConfig
 from busi.data.parts import dataset_table
 from busi.data.run_parts import run_parts
 from busi.data.splits import cross_validation_splits, load_split, save_split
-from busi.errors import DataError
 from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
 from busi.inference import weights
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
-from busi.models import heads
+from busi.runs.ensembles import ENSEMBLE_FILE, ensemble_members, member_records
 from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, summary_for
 from busi.runs.folder import RunFolder, check_same_config
+from busi.training.ensemble import ensemble_model
 from busi.training.trainer import train
 from busi.utils.atomic import atomic_write_text, write_json
 from busi.utils.digests import FileDigest, file_digest
@@ -64,9 +64,6 @@ from busi.utils.digests import FileDigest, file_digest
 log = logging.getLogger(__name__)
 
 MIN_FOLDS, MAX_FOLDS = 2, 10
-
-ENSEMBLE_FILE = "ensemble.json"
-"""In an ensemble's run folder: its members (fold run folders, beside it) and their digests."""
 
 CHOSEN_ON = "out-of-fold val"
 """``chosen_on`` of an ensemble's record: the folds' validation parts, each predicted by the
@@ -111,7 +108,7 @@ def fold_splits(config: TrainConfig, folds: int) -> list[pd.DataFrame]:
                          "split_file and authors_fold")
     table = dataset_table(config)
     options = {"n_folds": folds, "classes": config.classes,
-               "test_fraction": config.test_fraction, "seed": config.seed}
+               "test_fraction": config.test_fraction, "seed": config.splitting_seed}
     if len(config.datasets) == 1:
         return cross_validation_splits(table, **options)
     per_dataset = [
@@ -267,8 +264,7 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     ensemble = ensemble_config(config)
     run = RunFolder(ensemble.directory)
     members = [RunFolder(path) for path in fold_runs]
-    listed = [{"run": member.root.name, "sha256": file_digest(member.best)}
-              for member in members]
+    listed = member_records(members, run.root.parent)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the cross-validation ensemble"):
         if ensemble_members(run, listed) is None:
@@ -290,26 +286,6 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
         if not evaluated(run):
             evaluate(run.root)
     return run.root
-
-
-def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None = None
-                     ) -> list[Path] | None:
-    """The fold run folders of an ensemble's run folder, or None if it is not a complete
-    ensemble (no :data:`ENSEMBLE_FILE`, no ``best.h5`` with its digest in ``state.json``) or,
-    given ``expected`` (``[{"run", "sha256"}]``), not one of those members."""
-    path = run.root / ENSEMBLE_FILE
-    if not path.is_file() or not run.best.is_file():
-        return None
-    try:
-        listed = json.loads(path.read_text())["members"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{path}: not an ensemble record written by busi cv ({error}); delete "
-                        "the folder and run busi cv again") from error
-    if expected is not None and listed != list(expected):
-        return None
-    if run.recorded_sha256(run.best) != file_digest(run.best):
-        return None
-    return [run.root.parent / member["run"] for member in listed]
 
 
 def pool_grids(grids: Sequence[pd.DataFrame], sources: Sequence[Any] = ()) -> pd.DataFrame:
@@ -386,32 +362,6 @@ def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainCo
     ).write(out_dir / POSTPROCESS_FILE)
 
 
-def ensemble_model(paths: Sequence[str | Path], name: str = "ensemble") -> Any:
-    """One Keras model whose output is the mean of the models' masks (float32 sigmoid maps).
-
-    The members are loaded through :func:`busi.inference.weights.load_for_inference` (digest
-    checked, safe loading: no code from the files, float32) and called side by side on the one
-    input; each is a nested model named ``fold<k>``, so their layers keep their own names and the
-    ``.h5`` holds only standard layers. A model with the image-level head contributes its mask.
-    """
-    keras = _keras.keras()
-    if len(paths) < 2:
-        raise ValueError(f"an ensemble needs at least 2 models, got {len(paths)}")
-    members = []
-    for index, path in enumerate(paths):
-        model = heads.mask_only(weights.load_for_inference(path))
-        members.append(keras.Model(model.inputs, model.outputs, name=f"fold{index}"))
-    shapes = {tuple(member.input_shape) for member in members}
-    if len(shapes) != 1:
-        raise ValueError(f"the models take different inputs {sorted(shapes)}: "
-                         f"{[str(path) for path in paths]}")
-    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
-    outputs = [member(inputs) for member in members]
-    mean = keras.layers.Average(name="mask", dtype="float32")(outputs)
-    return keras.Model(inputs, mean, name=name)
-
-
-__all__ = ["CHOSEN_ON", "ENSEMBLE_FILE", "CrossValidation", "build_ensemble", "cross_validate",
-           "cv_root", "ensemble_config", "ensemble_members", "ensemble_model", "ensemble_split",
-           "evaluated", "fold_config", "fold_splits", "out_of_fold_grid", "pool_grids",
-           "prepare", "trained", "write_choice"]
+__all__ = ["CHOSEN_ON", "CrossValidation", "build_ensemble", "cross_validate", "cv_root",
+           "ensemble_config", "ensemble_split", "evaluated", "fold_config", "fold_splits",
+           "out_of_fold_grid", "pool_grids", "prepare", "trained", "write_choice"]
