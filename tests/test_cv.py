@@ -26,6 +26,7 @@ from busi.evaluation.postprocess_choice import postprocess_grid
 from busi.inference.bundle import ModelRecord
 from busi.inference.predictor import open_model, predict_table
 from busi.inference.run_models import open_run_model
+from busi.runs.ensembles import ensemble_members
 from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, SUMMARY_FILE, summary_for
 from busi.runs.folder import RunFolder
 from busi.training import cv
@@ -33,10 +34,6 @@ from busi.utils.digests import file_digest
 
 pytestmark = pytest.mark.slow
 
-# Keras' Average layer and a hand-made mean add the same float32 maps; the only difference is
-# the graph the members run in (the ensemble's graph may fuse or reorder float32 ops), which
-# moves sigmoid outputs in [0, 1] by a few ulps (~1e-7).
-MEAN_ATOL = 1e-6
 # TFLite float32 reorders float32 sums (measured ~1e-6 on these models; see tests/test_export.py).
 FLOAT32_ATOL = 1e-4
 
@@ -165,59 +162,9 @@ def test_pooled_grids_are_the_grid_of_all_the_images(busi_table):
         cv.pool_grids([grids[0], grids[1].iloc[::-1]], ["a.csv", "b.csv"])
 
 
-# -------------------------------------------------------------------- ensemble model
-
-
-@pytest.fixture(scope="module")
-def members(tmp_path_factory):
-    """Two tiny U-Nets with different random weights, saved as .h5 (one with the head)."""
-    from busi.inference.weights import save_model
-    from busi.models import architectures as models
-
-    folder = tmp_path_factory.mktemp("members")
-    keras = busi._keras.keras()
-    paths = []
-    for seed, head in ((0, False), (1, True)):
-        keras.utils.set_random_seed(seed)
-        config = TrainConfig(architecture="classic_unet", base_filters=4, depth=2, image_size=32,
-                             image_head=head)
-        paths.append(save_model(models.build(config), folder / f"m{seed}.h5",
-                                include_optimizer=False))
-    return paths
-
-
 def _inputs(n: int = 3, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(1)
     return np.repeat(rng.uniform(0, 255, (n, size, size, 1)).astype(np.float32), 3, axis=-1)
-
-
-def test_the_ensemble_gives_the_mean_of_its_members_masks(members, tmp_path):
-    from busi.inference.weights import load_for_inference, save_model
-
-    x = _inputs()
-    outputs = []
-    for path in members:
-        out = load_for_inference(path).predict_on_batch(x)
-        outputs.append(out[0] if isinstance(out, list) else out)  # the head's model: [mask, label]
-    assert not np.allclose(outputs[0], outputs[1], atol=1e-3)  # a mean that means something
-    path = save_model(cv.ensemble_model(members), tmp_path / "ensemble.h5",
-                      include_optimizer=False)
-    ensemble = load_for_inference(path)  # safe mode: nested models of standard layers
-    assert [layer.name for layer in ensemble.layers] == ["image", "fold0", "fold1", "mask"]
-    np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(outputs, axis=0),
-                               atol=MEAN_ATOL, rtol=0)
-
-
-def test_an_ensemble_needs_two_models_of_one_input_size(members, tmp_path):
-    from busi.inference.weights import save_model
-    from busi.models import architectures as models
-
-    with pytest.raises(ValueError, match="at least 2 models"):
-        cv.ensemble_model(members[:1])
-    other = save_model(models.build(TrainConfig(architecture="classic_unet", base_filters=4,
-                                                depth=2, image_size=64)), tmp_path / "o.h5")
-    with pytest.raises(ValueError, match="different inputs"):
-        cv.ensemble_model([members[0], other])
 
 
 # ------------------------------------------------------------- a whole cross-validation
@@ -251,7 +198,7 @@ def test_folds_are_evaluated_runs_on_their_splits_and_the_ensemble_is_one_too(cv
     assert sorted(split.query("split == 'train'")["id"]) == \
         sorted(pd.concat([f.query("split == 'val'")["id"] for f in folds]))
     assert set(summary_for(ensemble)["splits"]) == {"test"}
-    assert cv.ensemble_members(ensemble) == list(result.folds)
+    assert ensemble_members(ensemble) == list(result.folds)
 
 
 def test_the_ensembles_choice_is_made_on_out_of_fold_predictions(cv_run):

@@ -29,7 +29,7 @@ from busi.inference.prediction import list_inputs
 from busi.inference.publish import publish
 from busi.models import architectures as models
 from busi.models import backend, encoders
-from busi.runs.evaluations import evaluation_dir, summary_for
+from busi.runs.evaluations import evaluation_dir, summary_for, tested
 from busi.runs.folder import RunFolder
 from busi.utils.atomic import atomic_write_text
 from busi.utils.digests import skipping_digest_checks
@@ -115,23 +115,15 @@ def _train(args: argparse.Namespace) -> None:
     backend.use(config.backend)  # before anything imports Keras, which fixes its backend once
     run = RunFolder(busi.train(config, resume=not args.restart, cache=args.cache))
     print(f"run folder: {run.root}")
-    summary = summary_for(run) if run.best.is_file() else None
-    if summary is not None and "test" in summary.get("splits", {}):
-        print(summary_text(summary, "test"), end="")
+    if tested(run):
+        print(summary_text(summary_for(run), "test"), end="")
         print(f"per-image scores and summary.json in {run.evaluation}")
 
 
 def _cache(args: argparse.Namespace) -> None:
     cache = write_cache(_train_config(args), args.out,
                         quality=None if args.lossless else args.quality)
-    parts, error = cache.split["split"].value_counts(), cache.meta["image_error"]
-    print(f"wrote {args.out}: {Path(args.out).stat().st_size / 1e6:.1f} MB; {len(cache.table)} "
-          f"images at {cache.size[1]}x{cache.size[0]}, pixels of train {parts.get('train', 0)} "
-          f"and val {parts.get('val', 0)} (the test part is evaluated on the raw data)")
-    loss = "" if cache.lossless else (f", mean absolute error {error['mean_abs']:.2f} gray "
-                                      f"levels, largest {error['max_abs']}")
-    print(f"images: {cache.codec}{loss}; masks lossless; fingerprint "
-          f"{cache.meta['fingerprint']}; train with --cache {args.out} and the same settings")
+    print(cache.describe(args.out))
 
 
 def _cv(args: argparse.Namespace) -> None:
@@ -142,18 +134,22 @@ def _cv(args: argparse.Namespace) -> None:
         print(f"busi cv: {len(result.folds)} of {result.total} folds done; run the same command "
               "to continue")
         return
-    print(results_table([*result.folds, result.ensemble]), end="")
-    print(f"fold runs, splits and the ensemble (a run folder: busi evaluate, predict --weights "
-          f"ENSEMBLE/best.h5, publish) in {result.root}")
+    _print_ensemble(result.folds, result.ensemble, f"fold runs, splits and the ensemble in "
+                    f"{result.root}")
 
 
 def _ensemble(args: argparse.Namespace) -> None:
     from busi.training.ensemble import combine_runs  # start-up: TensorFlow, not for busi --help
 
     root = combine_runs(args.runs, args.name)
-    print(results_table([*args.runs, root]), end="")
-    print(f"the ensemble (a run folder: busi evaluate, report, predict --weights "
-          f"{RunFolder(root).best}, publish) in {root}")
+    _print_ensemble(args.runs, root, f"the ensemble in {root}")
+
+
+def _print_ensemble(members: Sequence[str | Path], ensemble: Path, where: str) -> None:
+    scored = [run for run in members if tested(RunFolder(run))]  # the others have no row
+    print(results_table([*scored, ensemble]), end="")
+    print(f"{where}, a run folder (busi evaluate, report, publish; predict --weights "
+          f"{RunFolder(ensemble).best})")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -339,18 +335,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ensemble", help="average finished runs that share a split into one model",
-        description="Average the masks (and, when every run has the image-level head, the class "
-        "probabilities) of finished runs into one model, in a run folder NAME beside the first "
-        "run, and evaluate it as any run: post-processing and gate chosen on the validation "
-        "part the runs share, which none of them trained on, then the test part scored. The "
-        "runs must split each dataset they share the same way (same seed and data), e.g. a "
-        "BUSI run and a joint BUSI + BUS-BRA run, or seeds of one config.",
-        epilog="Cost: one evaluation of the ensemble (each image through every member); "
-        "prediction then costs the members' sum.",
-    )
+        description="Average finished runs' masks (and class probabilities if all have the "
+        "head) into one model, in a run folder NAME beside the first run, evaluated as any run "
+        "(post-processing and gate chosen on their shared val part). The runs must split shared "
+        "datasets alike: seeds with one split_seed, or a BUSI and a joint run.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (at least two)")
-    p.add_argument("--name", required=True, help="the ensemble's name (its folder: NAME beside "
-                   "the first run)")
+    p.add_argument("--name", required=True, help="the ensemble's name")
     p.set_defaults(func=_ensemble)
 
     p = sub.add_parser("evaluate", help="score a run (or a published model) on its test split "

@@ -381,11 +381,6 @@ class TrainConfig:
         return AugmentConfig(**self.augmentation)
 
     @property
-    def splitting_seed(self) -> int:
-        """The seed the split is made with: ``split_seed``, else ``seed``."""
-        return self.seed if self.split_seed is None else self.split_seed
-
-    @property
     def monitor_mode(self) -> str:
         """"min" for a monitored loss, "max" for a score: which way ``monitor`` improves."""
         return "min" if "loss" in self.monitor else "max"

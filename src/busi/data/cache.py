@@ -180,6 +180,18 @@ class Cache:
                 pass
         return images, masks
 
+    def describe(self, path: str | os.PathLike) -> str:
+        """What ``busi cache`` wrote, for its user: size, images, codec error, how to use it."""
+        parts, error = self.split["split"].value_counts(), self.meta["image_error"]
+        loss = "" if self.lossless else (f", mean absolute error {error['mean_abs']:.2f} gray "
+                                         f"levels, largest {error['max_abs']}")
+        return (f"wrote {path}: {Path(path).stat().st_size / 1e6:.1f} MB; {len(self.table)} "
+                f"images at {self.size[1]}x{self.size[0]}, pixels of train "
+                f"{parts.get('train', 0)} and val {parts.get('val', 0)} (the test part is "
+                f"evaluated on the raw data)\nimages: {self.codec}{loss}; masks lossless; "
+                f"fingerprint {self.meta['fingerprint']}; train with --cache {path} and the "
+                "same settings")
+
     def provenance(self) -> dict[str, Any]:
         """What a run trained from this cache records (``env.json``): the file, its payload
         digest and how its images were stored, so a run on JPEG images is told from one on the

@@ -82,6 +82,11 @@ def _missing_images(config: TrainConfig, missing: list[str]) -> str:
     )
 
 
+def split_seed(config: TrainConfig) -> int:
+    """The seed the split is made with: ``config.split_seed``, else the run's ``seed``."""
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def make_run_split(config: TrainConfig, table: pd.DataFrame) -> pd.DataFrame:
     """The split a new run with ``config`` trains on: ``config.split_file`` if given, else each
     dataset's own split (:func:`dataset_split`); with several datasets they are stacked, with a
@@ -105,7 +110,7 @@ def dataset_split(config: TrainConfig, name: str, table: pd.DataFrame) -> pd.Dat
     if config.drop_conflicts:
         table = drop_conflicts(table)
     options = {"classes": config.classes, "val_fraction": config.val_fraction,
-               "test_fraction": config.test_fraction, "seed": config.splitting_seed}
+               "test_fraction": config.test_fraction, "seed": split_seed(config)}
     adapter = datasets.get(name)
     if config.authors_fold is not None and adapter.authors_split is not None:
         root = adapter.locate(config.data_path(name))
@@ -123,5 +128,5 @@ def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
     return table.iloc[sorted(order[:n])].reset_index(drop=True)
 
 
-__all__ = ["dataset_split", "dataset_table", "make_run_split", "single_dataset_table",
+__all__ = ["dataset_split", "dataset_table", "make_run_split", "single_dataset_table", "split_seed",
            "split_parts", "stratified_head"]

@@ -61,6 +61,12 @@ def summary_for(run: RunFolder, model_path: str | os.PathLike | None = None,
     return summary
 
 
+def tested(run: RunFolder) -> bool:
+    """Whether the run's ``best.h5`` has test results (for these very weights)."""
+    summary = summary_for(run) if run.best.is_file() else None
+    return summary is not None and "test" in summary.get("splits", {})
+
+
 def per_image_path(run: RunFolder, split: str = "test",
                    model_path: str | os.PathLike | None = None,
                    dataset: str | None = None) -> Path:
@@ -75,4 +81,4 @@ def per_image(run: RunFolder, split: str = "test", model_path: str | os.PathLike
 
 
 __all__ = ["GATE_FILE", "GRID_FILE", "PER_IMAGE_FILE", "POSTPROCESS_FILE", "SUMMARY_FILE",
-           "evaluation_dir", "per_image", "per_image_path", "summary_for"]
+           "evaluation_dir", "per_image", "per_image_path", "summary_for", "tested"]

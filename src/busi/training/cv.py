@@ -45,7 +45,7 @@ import pandas as pd
 
 from busi import _keras
 from busi.config.train_config import TrainConfig
-from busi.data.parts import dataset_table
+from busi.data.parts import dataset_table, split_seed
 from busi.data.run_parts import run_parts
 from busi.data.splits import cross_validation_splits, load_split, save_split
 from busi.evaluation.evaluator import chosen_postprocess, evaluate
@@ -54,7 +54,7 @@ from busi.inference import weights
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
 from busi.runs.ensembles import ENSEMBLE_FILE, ensemble_members, member_records
-from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, summary_for
+from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, tested
 from busi.runs.folder import RunFolder, check_same_config
 from busi.training.ensemble import ensemble_model
 from busi.training.trainer import train
@@ -108,7 +108,7 @@ def fold_splits(config: TrainConfig, folds: int) -> list[pd.DataFrame]:
                          "split_file and authors_fold")
     table = dataset_table(config)
     options = {"n_folds": folds, "classes": config.classes,
-               "test_fraction": config.test_fraction, "seed": config.splitting_seed}
+               "test_fraction": config.test_fraction, "seed": split_seed(config)}
     if len(config.datasets) == 1:
         return cross_validation_splits(table, **options)
     per_dataset = [
@@ -181,12 +181,6 @@ def trained(run: RunFolder, config: TrainConfig) -> bool:
     return bool(state.get("stopped_early")) or int(state.get("epoch", 0)) >= config.epochs
 
 
-def evaluated(run: RunFolder) -> bool:
-    """Whether the run's ``best.h5`` has test results (for these very weights)."""
-    summary = summary_for(run) if run.best.is_file() else None
-    return summary is not None and "test" in summary.get("splits", {})
-
-
 def cross_validate(config: TrainConfig, folds: int = 5) -> CrossValidation:
     """Train and evaluate the k fold runs of ``config`` one after the other, then build,
     choose post-processing for and evaluate their ensemble (:func:`build_ensemble`).
@@ -225,7 +219,7 @@ def cross_validate(config: TrainConfig, folds: int = 5) -> CrossValidation:
                 log.warning("%s: stopped by the time budget; run the same command to continue",
                             where)
                 break
-        if not evaluated(run):
+        if not tested(run):
             print(f"{where}: evaluating", flush=True)
             evaluate(run.root)
         print(f"{where}: done", flush=True)
@@ -283,7 +277,7 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
                 "postprocess_chosen_on": CHOSEN_ON,
             })
         write_choice(run, members, ensemble)
-        if not evaluated(run):
+        if not tested(run):
             evaluate(run.root)
     return run.root
 
@@ -363,5 +357,5 @@ def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainCo
 
 
 __all__ = ["CHOSEN_ON", "CrossValidation", "build_ensemble", "cross_validate", "cv_root",
-           "ensemble_config", "ensemble_split", "evaluated", "fold_config", "fold_splits",
+           "ensemble_config", "ensemble_split", "fold_config", "fold_splits",
            "out_of_fold_grid", "pool_grids", "prepare", "trained", "write_choice"]
