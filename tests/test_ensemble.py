@@ -20,6 +20,9 @@ from busi.cli import main
 from busi.config.train_config import TrainConfig
 from busi.data.splits import load_split, save_split
 from busi.evaluation.report import results_table
+from busi.inference.bundle import ModelRecord
+from busi.inference.predictor import open_model
+from busi.inference.publish import publish
 from busi.inference.weights import load_for_inference, save_model
 from busi.models import architectures as models
 from busi.models import heads
@@ -34,6 +37,8 @@ pytestmark = pytest.mark.slow
 # the graph the members run in (the ensemble's graph may fuse or reorder float32 ops), which
 # moves sigmoid outputs in [0, 1] by a few ulps (~1e-7).
 MEAN_ATOL = 1e-6
+# TFLite float32 reorders float32 sums (measured ~1e-6 on these models; see tests/test_export.py).
+FLOAT32_ATOL = 1e-4
 
 
 def _save(folder, seed: int, head: bool, size: int = 32):
@@ -207,3 +212,20 @@ def test_the_command_prints_the_rows_of_the_ensemble_and_its_evaluated_members(p
     assert main(args) in (0, None)
     out = capsys.readouterr().out
     assert out.count("\n| `") == 2 and "| `seed1`" in out
+
+
+def test_the_headed_ensemble_publishes_exports_and_predicts_classes(pair, busi_table, tmp_path):
+    runs, root = pair
+    run = RunFolder(root)
+    written = publish(run.root, tmp_path / "weights", export="tflite")
+    assert sorted(path.name for path in written) == ["pair.h5", "pair.json", "pair.md",
+                                                     "pair.tflite"]
+    sidecar = ModelRecord.read(tmp_path / "weights" / "pair.json")
+    assert sidecar.postprocess == ModelRecord.read(run.evaluation / POSTPROCESS_FILE).postprocess
+    model, lite = open_model(run.best), open_model(tmp_path / "weights" / "pair.tflite")
+    x = _inputs()
+    for ours, theirs in zip(lite.predict(x), model.predict(x), strict=True):  # mask, classes
+        np.testing.assert_allclose(ours, theirs, atol=FLOAT32_ATOL, rtol=0)
+    out = tmp_path / "masks"
+    table = busi.predict(tmp_path / "weights" / "pair.h5", busi_table["image_path"].iloc[0], out)
+    assert len(table) == 1 and "p_lesion" in table and (out / "classes.csv").is_file()
