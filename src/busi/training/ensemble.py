@@ -31,6 +31,7 @@ from busi.evaluation.evaluator import evaluate
 from busi.inference import weights
 from busi.models import heads
 from busi.runs.ensembles import CHOSEN_ON_VAL, ENSEMBLE_FILE, ensemble_members, member_records
+from busi.runs.evaluations import tested
 from busi.runs.folder import RunFolder
 from busi.utils.atomic import write_json
 from busi.utils.digests import file_digest
@@ -140,7 +141,7 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
     ``env.json``, ``best.h5`` (:func:`ensemble_model`; it keeps the image-level head when
     every member has one), ``state.json`` with its SHA-256 and :data:`ENSEMBLE_FILE`, then
     evaluates it like any run: post-processing (and the gate) chosen on the validation part,
-    the test part scored once. Made again only if a member's ``best.h5`` changed.
+    the test part scored once. Made and evaluated again only if a member's ``best.h5`` changed.
 
     Args:
         run_dirs: at least two run folders (evaluated or not) with their ``best.h5``.
@@ -184,7 +185,8 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
                           + (" and of their class probabilities" if keep_head else ""),
                 "postprocess_chosen_on": CHOSEN_ON_VAL,
             })
-    evaluate(run.root)
+        if not tested(run):
+            evaluate(run.root)
     return run.root
 
 
