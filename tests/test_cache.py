@@ -160,6 +160,10 @@ def test_cache_of_other_settings_is_refused_before_a_run_folder_exists(lossless,
     assert not (tmp_path / "run").exists()
     # what training does with the parts may differ: limit, train_classes, the model
     open_cache(cache.path, config.replace(limit=4, train_classes=["benign"], depth=3))
+    # the split's seed is what counts: another seed on the cache's split is the cache's data
+    open_cache(cache.path, config.replace(seed=2, split_seed=config.seed))
+    with pytest.raises(DataError, match="seed 1 \\(cache\\) vs 5 \\(config\\)"):
+        open_cache(cache.path, config.replace(split_seed=5))
 
 
 def test_joint_cache_holds_both_datasets_with_the_dataset_column(busi_folder, busbra_folder,

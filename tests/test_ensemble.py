@@ -139,6 +139,7 @@ def test_the_ensemble_of_runs_is_an_evaluated_run_folder_beside_them(pair):
     assert "class probabilities" in record["output"]
     config = run.load_config()
     assert config.image_head and config.name == "pair"
+    assert config.split_file is None and config.split_seed == 1  # made again from the data
     assert "test" in summary_for(run)["splits"]
     chosen = json.loads((run.evaluation / POSTPROCESS_FILE).read_text())
     assert chosen["chosen_on"] == "val"
@@ -172,6 +173,49 @@ def test_runs_on_other_splits_are_refused_by_file(pair, tmp_path):
     with pytest.raises(ValueError, match=rf"{other.split}: splits busi otherwise than "
                                          rf"{runs[0].split}"):
         ensemble.combine_runs([runs[0].root, other.root], "bad", tmp_path / "bad")
+
+
+def _copy_run(run: RunFolder, folder) -> RunFolder:
+    copy = RunFolder(folder)
+    copy.root.mkdir(parents=True)
+    for name in ("config.json", "env.json", "best.h5", "state.json", "split.csv"):
+        (copy.root / name).write_bytes((run.root / name).read_bytes())
+    return copy
+
+
+def test_a_member_fine_tuned_from_a_run_on_another_split_is_refused(pair, tmp_path):
+    runs, _ = pair
+    start = _copy_run(runs[1], tmp_path / "start")
+    split = load_split(start.split)
+    train = split.index[split["split"] == "train"][0]
+    test = split.index[split["split"] == "test"][0]
+    split.loc[[train, test], "split"] = ["test", "train"]  # the start trained on a test image
+    save_split(split, start.split)
+    tuned = _copy_run(runs[0], tmp_path / "tuned")
+    tuned.init_weights.write_text(json.dumps({"path": str(start.best)}))
+    assert ensemble.sources(tuned) == [start]
+    with pytest.raises(ValueError, match=rf"{start.split}: splits busi otherwise than"):
+        ensemble.combine_runs([tuned.root, runs[1].root], "bad", tmp_path / "bad")
+    published = tmp_path / "weights" / "x.h5"
+    published.parent.mkdir()
+    tuned.init_weights.write_text(json.dumps({"path": str(published)}))
+    with pytest.raises(ValueError, match="not a run's weights beside its split.csv"):
+        ensemble.combine_runs([tuned.root, runs[1].root], "bad", tmp_path / "bad")
+
+
+def test_ensembles_other_runs_folders_and_other_settings_are_refused(pair, tmp_path):
+    runs, root = pair
+    with pytest.raises(ValueError, match=rf"{root}: is an ensemble"):
+        ensemble.combine_runs([root, runs[0].root], "twice", tmp_path / "twice")
+    other = _copy_run(runs[0], tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"{other.root}: a run folder that is not an ensemble"):
+        ensemble.combine_runs([runs[0].root, runs[1].root], "other", other.root)
+    assert (other.root / "best.h5").read_bytes() == runs[0].best.read_bytes()  # left alone
+    limited = _copy_run(runs[1], tmp_path / "limited")
+    limited_config = limited.load_config().replace(limit=4)
+    limited_config.save(limited.config)
+    with pytest.raises(ValueError, match=rf"{limited.config}: limit 4, but"):
+        ensemble.combine_runs([runs[0].root, limited.root], "lim", tmp_path / "lim")
 
 
 def test_one_run_or_an_untrained_one_is_refused(pair, tmp_path):

@@ -34,6 +34,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "test_fraction": (lambda v: 0 < v < 1 and round(1 / v) >= 2, "in (0, 0.66]"),
     "authors_fold": (lambda v: 1 <= v <= 5, "in 1..5 (a fold of the authors' 5-fold file)"),
     "seed": (lambda v: v >= 0, ">= 0"),
+    "split_seed": (lambda v: v >= 0, ">= 0"),
     "freeze_encoder_epochs": (lambda v: v >= 0, ">= 0"),
     "base_filters": (lambda v: v >= 1, ">= 1"),
     "decoder_filters": (lambda v: len(v) == 5 and min(v) >= 1,

@@ -47,7 +47,7 @@ from busi.data.arrays import _workers as pipeline_workers
 from busi.data.arrays import load_arrays
 from busi.data.geometry import placement_for
 from busi.data.index import fingerprint
-from busi.data.parts import dataset_table, make_run_split, split_parts
+from busi.data.parts import dataset_table, make_run_split, split_parts, split_seed
 from busi.data.splits import DATASET_COLUMN, SPLIT_COLUMNS
 from busi.errors import DataError
 from busi.utils.atomic import atomic_path
@@ -82,8 +82,9 @@ _MEMBERS = ("meta", "split_csv", "id", "label", "hash", "pixel_row", "image_byte
 
 
 def content_fields(config: TrainConfig) -> dict[str, Any]:
-    """The values of :data:`CONTENT_FIELDS` as JSON holds them (tuples as lists)."""
-    values = config.to_dict()
+    """The values of :data:`CONTENT_FIELDS` as JSON holds them (tuples as lists); ``seed`` is
+    the seed of the split (:func:`busi.data.parts.split_seed`), the one that shapes the cache."""
+    values = {**config.to_dict(), "seed": split_seed(config)}
     return {name: values[name] for name in CONTENT_FIELDS}
 
 

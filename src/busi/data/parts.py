@@ -128,5 +128,5 @@ def stratified_head(table: pd.DataFrame, n: int) -> pd.DataFrame:
     return table.iloc[sorted(order[:n])].reset_index(drop=True)
 
 
-__all__ = ["dataset_split", "dataset_table", "make_run_split", "single_dataset_table", "split_seed",
-           "split_parts", "stratified_head"]
+__all__ = ["dataset_split", "dataset_table", "make_run_split", "single_dataset_table",
+           "split_parts", "split_seed", "stratified_head"]

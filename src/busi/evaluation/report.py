@@ -298,7 +298,7 @@ def write_report(
     if summary is None or split not in summary.get("splits", {}):
         summary = evaluate(run.root, split=split, data=data, model_path=model_path,
                            dataset=dataset)
-    if run.history.is_file():  # a busi cv ensemble has none: its folds trained
+    if run.history.is_file():  # an ensemble has none: its members trained
         history = run.read_history()
         kept = _kept_epoch(run, config, history, model_path)
         plots.training_curves(history, path=out_dir / "curves.png",

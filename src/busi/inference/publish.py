@@ -303,7 +303,8 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         *_dataset_lines(config),
         f"- Trained on the {classes}{'' if classes.endswith('images') else ' images'} of {parts}.",
         f"- Classes {', '.join(config['classes'])}; duplicate-grouped, label-stratified split "
-        f"(val {config['val_fraction']}, test {config['test_fraction']}, seed {config['seed']}); "
+        f"(val {config['val_fraction']}, test {config['test_fraction']}, seed "
+        f"{config['seed'] if config.get('split_seed') is None else config['split_seed']}); "
         f"label-conflicting duplicates {'left out' if config.get('drop_conflicts') else 'kept'}. "
         f"Dataset fingerprint {sidecar.get('dataset_fingerprint')}.",
         "",

@@ -35,10 +35,10 @@ def default_export(model: Any) -> str:
     model with layers int8 cannot carry (:func:`busi.inference.export.is_lite_unet`: an
     EfficientNet-Lite U-Net, whose dynamic-range int8 export does not keep its masks), kept in
     float32 there; else ``"tflite:dynamic"``, which needs no calibration images. An ensemble (``busi
-    cv``: member models nested in one) gets a float32 ``"tflite"``: int8 would need the float layers
-    of each nested member, which the int8 export cannot name. On a Keras 3 backend none: the
-    TFLite converter needs tf-keras (publishing the run where ``BUSI_BACKEND`` is unset exports
-    it, from the same portable ``.h5``)."""
+    cv``, ``busi ensemble``: member models nested in one) gets a float32 ``"tflite"``: int8
+    would need the float layers of each nested member, which the int8 export cannot name. On a
+    Keras 3 backend none: the TFLite converter needs tf-keras (publishing the run where
+    ``BUSI_BACKEND`` is unset exports it, from the same portable ``.h5``)."""
     if backend.is_keras3():
         return "none"
     if any(hasattr(layer, "layers") for layer in model.layers):

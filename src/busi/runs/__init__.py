@@ -1,6 +1,6 @@
 """A run folder: its file names and records (:mod:`.folder`) and the lock that keeps two
-processes from writing it at once (:mod:`.lock`), and where its evaluations are kept
-(:mod:`.evaluations`).
+processes from writing it at once (:mod:`.lock`), where its evaluations are kept
+(:mod:`.evaluations`), and an ensemble's record of its members (:mod:`.ensembles`).
 
 The names below are the package's public surface, imported on first use."""
 

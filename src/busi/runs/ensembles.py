@@ -54,7 +54,8 @@ def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None =
 
 
 def ensemble_kind(run: RunFolder) -> str:
-    """"folds" for a ``busi cv`` ensemble, "runs" for one of :func:`combine_runs`."""
+    """"folds" for a ``busi cv`` ensemble, "runs" for one of
+    :func:`busi.training.ensemble.combine_runs`."""
     record = json.loads((run.root / ENSEMBLE_FILE).read_text())
     return "runs" if record.get("postprocess_chosen_on") == CHOSEN_ON_VAL else "folds"
 

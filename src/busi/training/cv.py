@@ -161,7 +161,7 @@ def prepare(config: TrainConfig, folds: int) -> list[TrainConfig]:
             columns = ["id", "split"] + (["dataset"] if "dataset" in split else [])
             if not old[columns].equals(split[columns].reset_index(drop=True)):
                 raise ValueError(
-                    f"{path}: made with other settings or data than this config gives (seed, "
+                    f"{path}: made with other settings or data than this config gives (split_seed, "
                     f"classes, test_fraction, drop_conflicts, data); use those, or delete "
                     f"{cv_root(config)} to start over")
     else:

@@ -16,6 +16,7 @@ only be chosen on predictions of single fold models.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import pandas as pd
 
 from busi import _keras
 from busi.config.train_config import TrainConfig
+from busi.data.parts import dataset_table, make_run_split, split_seed
 from busi.data.run_parts import run_parts
 from busi.data.splits import load_split, save_split
 from busi.evaluation.evaluator import evaluate
@@ -78,34 +80,66 @@ def ensemble_model(paths: Sequence[str | os.PathLike], name: str = "ensemble",
     return keras.Model(inputs, [mask, label], name=name)
 
 
-def _split_of(run: RunFolder, config: TrainConfig) -> pd.DataFrame:
+SAME_SETTINGS = ("image_size", "resize", "classes", "drop_conflicts", "limit")
+"""Settings the members must share: how images are prepared, and which images make the parts."""
+
+
+def _split_of(run: RunFolder) -> pd.DataFrame:
     split = load_split(run.split)
     if "dataset" not in split:
-        split = split.assign(dataset=config.datasets[0])
+        split = split.assign(dataset=run.load_config().datasets[0])
     return split
+
+
+def sources(run: RunFolder) -> list[RunFolder]:
+    """The run folders ``run``'s weights descend from through ``init_weights``, nearest first.
+
+    Raises:
+        ValueError: a start that is not a run's weights beside its ``split.csv`` (a published
+            file, say): what it trained on cannot be checked against the ensemble's parts.
+    """
+    chain: list[RunFolder] = []
+    while run.init_weights.is_file():
+        path = Path(json.loads(run.init_weights.read_text())["path"])
+        source = RunFolder(path.parent)
+        if not source.split.is_file():
+            raise ValueError(f"{run.init_weights}: started from {path}, which is not a run's "
+                             "weights beside its split.csv, so whether it trained on the "
+                             "ensemble's validation or test images cannot be checked")
+        if any(source.root.resolve() == known.root.resolve() for known in chain):
+            break
+        chain.append(source)
+        run = source
+    return chain
 
 
 def combined_split(members: Sequence[RunFolder]) -> pd.DataFrame:
     """The ensemble's split: per dataset, the split its members share (a dataset only some of
     them trained on keeps theirs: the others never saw it).
 
+    The runs the members were fine-tuned from (:func:`sources`) must split the datasets they
+    share alike too: their training images are in the members' weights.
+
     Raises:
-        ValueError: two members split a dataset differently; then an image of one member's
-            validation or test part may be another's training image.
+        ValueError: two of these runs split a dataset differently; then an image of one
+            member's validation or test part may be another's (or its start's) training image.
     """
     per_dataset: dict[str, tuple[RunFolder, pd.DataFrame]] = {}
-    for member in members:
-        split = _split_of(member, member.load_config())
-        for name, rows in split.groupby("dataset", sort=False):
+    lineage = [*members, *(source for member in members for source in sources(member))]
+    for run in lineage:
+        for name, rows in _split_of(run).groupby("dataset", sort=False):
             rows = rows.sort_values("id").reset_index(drop=True)
             if name not in per_dataset:
-                per_dataset[name] = (member, rows)
+                if run in members:  # a start's other datasets are not the ensemble's
+                    per_dataset[name] = (run, rows)
                 continue
             first, seen = per_dataset[name]
             if not rows[["id", "split"]].equals(seen[["id", "split"]]):
-                raise ValueError(f"{member.split}: splits {name} otherwise than {first.split}; "
-                                 "an ensemble of runs needs one split of each dataset (the same "
-                                 "seed, test_fraction and data)")
+                raise ValueError(
+                    f"{run.split}: splits {name} otherwise than {first.split}; the runs of an "
+                    "ensemble, and those they were fine-tuned from, must split each dataset "
+                    "they share alike (the same split_seed, e.g. --set split_seed=0, fractions, "
+                    "classes, drop_conflicts and data)")
     split = pd.concat([rows for _, rows in per_dataset.values()], ignore_index=True)
     return split if len(per_dataset) > 1 else split.drop(columns="dataset")
 
@@ -113,24 +147,51 @@ def combined_split(members: Sequence[RunFolder]) -> pd.DataFrame:
 def ensemble_config(members: Sequence[RunFolder], name: str, directory: Path,
                     keep_head: bool) -> TrainConfig:
     """The config the ensemble's folder records: the first member's model settings, all the
-    members' datasets, and the combined split (saved as the folder's own ``split.csv``).
+    members' datasets (where each lies) and the split seed of the first; ``split_file`` is
+    left for :func:`combine_runs` to set when that seed does not make the combined split.
 
     Raises:
-        ValueError: members that prepare images differently (size or resizing).
+        ValueError: members that differ in a setting of :data:`SAME_SETTINGS`.
     """
     configs = [member.load_config() for member in members]
     for member, config in zip(members[1:], configs[1:], strict=True):
-        for key in ("image_size", "resize"):
+        for key in SAME_SETTINGS:
             if getattr(config, key) != getattr(configs[0], key):
                 raise ValueError(f"{member.config}: {key} {getattr(config, key)!r}, but "
                                  f"{members[0].config} has {getattr(configs[0], key)!r}; the "
-                                 "members of an ensemble take the same input")
-    datasets = list(dict.fromkeys(name for config in configs for name in config.datasets))
+                                 "members of an ensemble must agree on it")
+    datasets = tuple(dict.fromkeys(name for config in configs for name in config.datasets))
+    paths = {dataset: config.data_path(dataset) for config in configs
+             for dataset in config.datasets if config.data_path(dataset)}
     return configs[0].replace(
-        name=name, run_dir=str(directory), datasets=tuple(datasets),
-        data_paths={k: v for config in configs for k, v in config.data_paths.items()},
-        split_file=str(RunFolder(directory).split), init_weights=None, image_head=keep_head,
+        name=name, run_dir=str(directory), datasets=datasets, data_paths=paths,
+        split_file=None, split_seed=split_seed(configs[0]), init_weights=None,
+        image_head=keep_head,
     )
+
+
+def _same_split(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    keys = ["dataset", "id"] if "dataset" in a else ["id"]
+    columns = [*keys, "split"]
+    if list(a.columns[a.columns.isin(columns)]) != list(b.columns[b.columns.isin(columns)]):
+        return False
+    return a[columns].sort_values(keys, ignore_index=True).equals(
+        b[columns].sort_values(keys, ignore_index=True))
+
+
+def _check_folders(members: Sequence[RunFolder], run: RunFolder) -> None:
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 runs, got {len(members)}")
+    for member in members:
+        if not member.best.is_file():
+            raise FileNotFoundError(f"{member.best}: not found; is {member.root} trained?")
+        if (member.root / ENSEMBLE_FILE).is_file():
+            raise ValueError(f"{member.root}: is an ensemble; give the runs it averages instead")
+        if member.root.resolve() == run.root.resolve():
+            raise ValueError(f"{run.root}: is one of the members; give the ensemble another name")
+    if run.config.is_file() and not (run.root / ENSEMBLE_FILE).is_file():
+        raise ValueError(f"{run.root}: a run folder that is not an ensemble; give the ensemble "
+                         "another name")
 
 
 def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
@@ -142,6 +203,8 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
     every member has one), ``state.json`` with its SHA-256 and :data:`ENSEMBLE_FILE`, then
     evaluates it like any run: post-processing (and the gate) chosen on the validation part,
     the test part scored once. Made and evaluated again only if a member's ``best.h5`` changed.
+    The config makes its split again from the datasets (so a published ensemble is scored from
+    its sidecar like any model) unless only the combined file gives it (``split_file``).
 
     Args:
         run_dirs: at least two run folders (evaluated or not) with their ``best.h5``.
@@ -149,29 +212,27 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
         directory: its folder; default ``NAME`` beside the first member.
 
     Raises:
-        ValueError: fewer than two runs, or runs that cannot form one (see
-            :func:`combined_split`, :func:`ensemble_config`, :func:`ensemble_model`).
+        ValueError: runs that cannot form one (see :func:`combined_split`,
+            :func:`ensemble_config`, :func:`ensemble_model`), an ensemble given as a run, or a
+            folder of another run as the ensemble's.
         FileNotFoundError: a run without ``best.h5``.
     """
     members = [RunFolder(path) for path in run_dirs]
-    if len(members) < 2:
-        raise ValueError(f"an ensemble needs at least 2 runs, got {len(members)}")
-    for member in members:
-        if not member.best.is_file():
-            raise FileNotFoundError(f"{member.best}: not found; is {member.root} trained?")
     folder = Path(directory) if directory is not None else members[0].root.parent / name
     run = RunFolder(folder)
-    if run.root.resolve() in {member.root.resolve() for member in members}:
-        raise ValueError(f"{run.root}: is one of the members; give the ensemble another name")
+    _check_folders(members, run)
     listed = member_records(members, run.root.parent)
     keep_head = all(member.load_config().image_head for member in members)
     config = ensemble_config(members, name, run.root, keep_head)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the ensemble"):
         if ensemble_members(run, listed) is None:
-            save_split(combined_split(members), run.split)
+            split = combined_split(members)
+            if not _same_split(make_run_split(config, dataset_table(config)), split):
+                save_split(split, run.root / "members_split.csv")
+                config = config.replace(split_file=str(run.root / "members_split.csv"))
             config.save(run.config)
-            run_parts(run, config, new_run=True)  # split.csv read back, env.json written
+            run_parts(run, config, new_run=True)  # split.csv and env.json, as a new run's
             keras = _keras.keras()
             try:
                 model = ensemble_model([member.best for member in members], keep_head=keep_head)
@@ -190,4 +251,5 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
     return run.root
 
 
-__all__ = ["combine_runs", "combined_split", "ensemble_config", "ensemble_model"]
+__all__ = ["SAME_SETTINGS", "combine_runs", "combined_split", "ensemble_config", "ensemble_model",
+           "sources"]
