@@ -43,23 +43,20 @@ from typing import Any
 
 import pandas as pd
 
-from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.data.parts import dataset_table, split_seed
-from busi.data.run_parts import run_parts
 from busi.data.splits import cross_validation_splits, load_split, save_split
 from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
-from busi.inference import weights
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
-from busi.runs.ensembles import ENSEMBLE_FILE, ensemble_members, member_records
+from busi.runs.ensembles import ensemble_members, member_records
 from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, tested
 from busi.runs.folder import RunFolder, check_same_config
-from busi.training.ensemble import ensemble_model
+from busi.training.ensemble import write_ensemble
 from busi.training.trainer import train
-from busi.utils.atomic import atomic_write_text, write_json
-from busi.utils.digests import FileDigest, file_digest
+from busi.utils.atomic import atomic_write_text
+from busi.utils.digests import FileDigest
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +244,9 @@ def ensemble_split(fold_runs: Sequence[Path]) -> pd.DataFrame:
 def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     """Make (or bring up to date) the ensemble's run folder and evaluate it; return the folder.
 
-    Writes ``config.json``, ``split.csv`` and ``env.json`` (so ``busi evaluate``, ``report``
-    and ``publish`` open it as a run), ``best.h5`` (:func:`ensemble_model`), ``state.json``
-    with its SHA-256 (checked before it is loaded or published, as a trained run's),
-    :data:`ENSEMBLE_FILE`, and the out-of-fold choice of post-processing
+    Writes the folder (:func:`busi.training.ensemble.write_ensemble`: config, split, env,
+    ``best.h5``, ``state.json``, the member record; so ``busi evaluate``, ``report`` and
+    ``publish`` open it as a run), and the out-of-fold choice of post-processing
     (``evaluation/postprocess.json`` and the pooled ``postprocess_grid.csv``), then evaluates
     the test part with that choice. Members whose ``best.h5`` changed since (a fold trained
     further) make a new ensemble.
@@ -262,20 +258,8 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the cross-validation ensemble"):
         if ensemble_members(run, listed) is None:
-            ensemble.save(run.config)
             save_split(ensemble_split(fold_runs), ensemble.split_file)
-            run_parts(run, ensemble, new_run=True)  # split.csv and env.json, as a new run's
-            keras = _keras.keras()
-            try:
-                model = ensemble_model([member.best for member in members])
-                weights.save_model(model, run.best, include_optimizer=False)
-            finally:
-                keras.backend.clear_session()
-            run.write_record(run.state, {"sha256": {run.best.name: file_digest(run.best)}})
-            write_json(run.root / ENSEMBLE_FILE, {
-                "members": listed, "output": "mean of the members' lesion probabilities",
-                "postprocess_chosen_on": CHOSEN_ON,
-            })
+            write_ensemble(run, ensemble, members, listed, CHOSEN_ON)
         write_choice(run, members, ensemble)
         if not tested(run):
             evaluate(run.root)

@@ -194,6 +194,30 @@ def _check_folders(members: Sequence[RunFolder], run: RunFolder) -> None:
                          "another name")
 
 
+def write_ensemble(run: RunFolder, config: TrainConfig, members: Sequence[RunFolder],
+                   listed: list[dict[str, str]], chosen_on: str, keep_head: bool = False) -> None:
+    """Write an ensemble's run folder, as both kinds have it: ``config.json``, ``split.csv``
+    and ``env.json`` (as a new run's, from ``config``: its ``split_file`` must already hold the
+    split if it names one), ``best.h5`` (:func:`ensemble_model`), ``state.json`` with its
+    SHA-256 (checked before it is loaded or published, as a trained run's) and
+    :data:`ENSEMBLE_FILE` (``listed`` members, what the post-processing is ``chosen_on``)."""
+    config.save(run.config)
+    run_parts(run, config, new_run=True)
+    keras = _keras.keras()
+    try:
+        model = ensemble_model([member.best for member in members], keep_head=keep_head)
+        weights.save_model(model, run.best, include_optimizer=False)
+    finally:
+        keras.backend.clear_session()
+    run.write_record(run.state, {"sha256": {run.best.name: file_digest(run.best)}})
+    write_json(run.root / ENSEMBLE_FILE, {
+        "members": listed,
+        "output": "mean of the members' lesion probabilities"
+                  + (" and of their class probabilities" if keep_head else ""),
+        "postprocess_chosen_on": chosen_on,
+    })
+
+
 def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
                  directory: str | os.PathLike | None = None) -> Path:
     """Make the run folder of the ensemble of finished runs, evaluate it, return the folder.
@@ -231,25 +255,11 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
             if not _same_split(make_run_split(config, dataset_table(config)), split):
                 save_split(split, run.root / "members_split.csv")
                 config = config.replace(split_file=str(run.root / "members_split.csv"))
-            config.save(run.config)
-            run_parts(run, config, new_run=True)  # split.csv and env.json, as a new run's
-            keras = _keras.keras()
-            try:
-                model = ensemble_model([member.best for member in members], keep_head=keep_head)
-                weights.save_model(model, run.best, include_optimizer=False)
-            finally:
-                keras.backend.clear_session()
-            run.write_record(run.state, {"sha256": {run.best.name: file_digest(run.best)}})
-            write_json(run.root / ENSEMBLE_FILE, {
-                "members": listed,
-                "output": "mean of the members' lesion probabilities"
-                          + (" and of their class probabilities" if keep_head else ""),
-                "postprocess_chosen_on": CHOSEN_ON_VAL,
-            })
+            write_ensemble(run, config, members, listed, CHOSEN_ON_VAL, keep_head)
         if not tested(run):
             evaluate(run.root)
     return run.root
 
 
 __all__ = ["SAME_SETTINGS", "combine_runs", "combined_split", "ensemble_config", "ensemble_model",
-           "sources"]
+           "sources", "write_ensemble"]
