@@ -22,7 +22,7 @@ Arrays = tuple[np.ndarray, np.ndarray, list[Placement]]
 _REQUIRED_COLUMNS = ("image_path", "mask_paths")
 
 
-def _workers() -> int:
+def decode_workers() -> int:
     """Threads for decoding: cv2 releases the GIL, so one per available core (at least 2)."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -70,7 +70,7 @@ def load_arrays(
         images[i, ..., 0] = image
         masks[i, ..., 0] = mask
 
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for _ in pool.map(work, range(len(rows))):  # iterating re-raises a worker's error
             pass
     return images, masks, placements  # type: ignore[return-value]

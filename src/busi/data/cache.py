@@ -43,8 +43,7 @@ import numpy as np
 import pandas as pd
 
 from busi import __version__
-from busi.data.arrays import _workers as pipeline_workers
-from busi.data.arrays import load_arrays
+from busi.data.arrays import decode_workers, load_arrays
 from busi.data.geometry import placement_for
 from busi.data.index import fingerprint
 from busi.data.parts import dataset_table, make_run_split, split_parts, split_seed
@@ -176,7 +175,7 @@ class Cache:
             masks[i, ..., 0] = np.unpackbits(packed[k], count=height * width).reshape(
                 height, width)
 
-        with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
             for _ in pool.map(work, range(len(ids))):  # iterating re-raises a worker's error
                 pass
         return images, masks
@@ -200,11 +199,6 @@ class Cache:
         return {"path": str(self.path), "sha256": str(self._members["sha256"]),
                 "format": self.meta["format"], "busi_version": self.meta["busi_version"],
                 "images": self.meta["images"], "image_error": self.meta["image_error"]}
-
-
-def _workers() -> int:
-
-    return pipeline_workers()
 
 
 def _payload_digest(members: dict[str, np.ndarray]) -> str:
@@ -255,7 +249,6 @@ def write_cache(config: TrainConfig, path: str | os.PathLike,
     Returns:
         The cache as :func:`open_cache` reads it back.
     """
-
     if quality is not None and not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"quality must be an integer in 1..100 (or None: lossless), got "
                          f"{quality!r}")

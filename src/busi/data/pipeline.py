@@ -20,7 +20,6 @@ from busi.data.arrays import (  # noqa: F401  (re-exported: callers import them 
     Arrays,
     _check_table,
     _checked_cache,
-    _workers,
     load_arrays,
 )
 from busi.data.augment import AugmentConfig, augment

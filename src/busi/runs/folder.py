@@ -186,14 +186,11 @@ def environment(fingerprint: str) -> dict[str, Any]:
     """Versions, devices and code version of this run, for its env.json: on tf-keras
     TensorFlow's, tf-keras' and segmentation-models'; on Keras 3 its version, the backend and
     the jax or torch version (nothing of TensorFlow is imported on jax/torch)."""
-    versions: dict[str, Any] = {"backend": backend.name()}
+    versions: dict[str, Any] = {"backend": backend.name(), "gpus": backend.gpu_names()}
     if backend.uses_tensorflow():
         import tensorflow as tf  # start-up: TensorFlow; cli and bundle import this
 
         versions["tensorflow"] = tf.__version__
-        versions["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-    else:
-        versions["gpus"] = backend.gpu_names()
     if backend.is_keras3():
         versions.update(backend.versions())
     else:

@@ -69,9 +69,9 @@ def time_budget_message(config: TrainConfig, run: RunFolder, done_before: int) -
     return message
 
 
-__all__ = ["start_message", "time_budget_message"]
-
-
 def format_duration(seconds: float) -> str:
     """A duration as people say it: "45 s", "6.2 min" (time-budget messages)."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+__all__ = ["format_duration", "start_message", "time_budget_message"]
