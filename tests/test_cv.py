@@ -23,6 +23,7 @@ from busi.data.parts import dataset_table, make_run_split
 from busi.data.run_parts import run_parts
 from busi.data.splits import load_split
 from busi.evaluation.postprocess_choice import postprocess_grid
+from busi.evaluation.score_tables import score_table
 from busi.inference.bundle import ModelRecord
 from busi.inference.predictor import open_model, predict_table
 from busi.inference.run_models import open_run_model
@@ -307,3 +308,70 @@ def test_a_cv_folder_of_other_folds_or_settings_is_refused(cv_run):
         cv.prepare(config, 3)
     with pytest.raises(ValueError, match="made with other settings or data"):
         cv.prepare(config.replace(seed=7), 2)
+
+
+# ------------------------------------------------------------------ folds with the image-level head
+
+
+@pytest.fixture(scope="module")
+def cv_head_run(busi_folder, tmp_path_factory):
+    """(config, result) of a finished 2-fold cross-validation of a config with the head."""
+    tmp = tmp_path_factory.mktemp("cv_head")
+    config = tiny(busi_folder, tmp, image_head=True)
+    return config, cv.cross_validate(config, folds=2)
+
+
+def test_an_ensemble_of_folds_with_the_head_keeps_it_and_chooses_its_gate_out_of_fold(
+        cv_run, cv_head_run):
+    from busi.evaluation.classification import choose_gate, gate_curve
+    from busi.inference.weights import load_for_inference
+    from busi.models import heads
+
+    config, result = cv_head_run
+    ensemble = RunFolder(result.ensemble)
+    assert heads.has_image_head(load_for_inference(ensemble.best))
+    # the gate's curve of every fold's val images, each scored (ungated) by its own fold model
+    # at its own post-processing, as the folds' evaluations chose the fold gates
+    scored, p_lesion = [], []
+    for fold in map(RunFolder, result.folds):
+        val = run_parts(fold)["val"]
+        post = ModelRecord.read(fold.evaluation / POSTPROCESS_FILE).postprocess
+        maps, labels = predict_table(open_run_model(fold), val, config.image_size,
+                                     config.resize, 4, post.tta)
+        scored.append(score_table(val, maps, post.override(gate=0.0), truths=load_truths(val)))
+        p_lesion.extend(heads.lesion_probability(labels))
+    expected = gate_curve(pd.concat(scored, ignore_index=True), p_lesion)
+    saved = pd.read_csv(ensemble.evaluation / "gate_out_of_fold.csv")
+    # pooled means of folds against one mean of all the images: float64 sums reordered
+    pd.testing.assert_frame_equal(saved, expected, check_dtype=False, rtol=1e-9)
+    record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
+    assert record.chosen_on == cv.CHOSEN_ON
+    assert record.postprocess.gate == choose_gate(saved)
+    summary = summary_for(ensemble)
+    assert summary["postprocess"] == record.postprocess.to_dict()
+    assert "classification" in summary["splits"]["test"]
+    assert (ensemble.evaluation / "gate_test.csv").is_file()
+    assert (ensemble.evaluation / "gate.png").is_file()
+    assert not (ensemble.evaluation / "gate_val.csv").exists()  # it has no validation part
+    # folds without the head: an ensemble of masks, no gate
+    plain = RunFolder(cv_run[1].ensemble)
+    assert not heads.has_image_head(load_for_inference(plain.best))
+    assert not (plain.evaluation / "gate_out_of_fold.csv").exists()
+
+
+def test_a_fold_curve_that_does_not_give_its_saved_gate_is_refused(cv_head_run, tmp_path):
+    config, result = cv_head_run
+    folds = [RunFolder(shutil.copytree(fold, tmp_path / fold.name)) for fold in result.folds]
+    path = folds[1].evaluation / "gate_val.csv"
+    curve = pd.read_csv(path)
+    saved = ModelRecord.read(folds[1].evaluation / POSTPROCESS_FILE).postprocess.gate
+    other = 0.5 if saved != 0.5 else 0.25  # a curve on which only this gate masks no normal
+    curve["lesion_dice"] = 0.5
+    curve["n_normal"] = curve["n_normal"].clip(lower=1)
+    curve["normal_fp"] = np.where(curve["gate"] == other, 0, curve["n_normal"])
+    path.write_text(curve.to_csv(index=False))
+    with pytest.raises(ValueError, match="gate_val.csv: does not give the gate"):
+        cv.out_of_fold_gate_curve(folds, config)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="gate_val.csv: missing"):
+        cv.out_of_fold_gate_curve(folds, config)

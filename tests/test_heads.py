@@ -105,6 +105,30 @@ def test_gate_empties_masks_below_it_and_the_curve_counts_the_cost():
     assert PostProcess.from_dict({"threshold": 0.4}).gate == 0.0  # older records: no gate
 
 
+def test_pooled_gate_curves_are_the_curve_of_all_the_images():
+    per_image, p_lesion = _per_image(), np.array([0.9, 0.6, 0.2, 0.3, 0.1])
+    thresholds = (0.0, 0.25, 0.5, 0.95)
+    whole = classification.gate_curve(per_image, p_lesion, thresholds)
+    parts = [[0, 3], [1, 2, 4]]  # disjoint image sets, as a cross-validation's folds
+    curves = [classification.gate_curve(per_image.iloc[rows].reset_index(drop=True),
+                                        p_lesion[rows], thresholds) for rows in parts]
+    pooled = classification.pool_gate_curves(curves)
+    # the pooled mean is a weighted sum of means, the whole's a plain one: float64 reorders
+    pd.testing.assert_frame_equal(pooled, whole, check_dtype=False, rtol=1e-12)
+    assert classification.choose_gate(pooled) == classification.choose_gate(whole)
+    lesions, normals = ([classification.gate_curve(per_image.iloc[rows].reset_index(drop=True),
+                                                   p_lesion[rows], thresholds)]
+                        for rows in ([0, 1, 2], [3, 4]))
+    assert normals[0]["lesion_dice"].isna().all()  # a fold without lesion images weighs nothing
+    pd.testing.assert_frame_equal(classification.pool_gate_curves(normals + lesions), whole,
+                                  check_dtype=False, rtol=1e-12)
+    other = classification.gate_curve(per_image, p_lesion, (0.0, 0.5))
+    with pytest.raises(ValueError, match="fold1.csv: other gate thresholds than fold0.csv"):
+        classification.pool_gate_curves([whole, other], ["fold0.csv", "fold1.csv"])
+    with pytest.raises(ValueError, match="no gate curves"):
+        classification.pool_gate_curves([])
+
+
 # ---------------------------------------------------------------------- classification scores
 
 

@@ -53,6 +53,7 @@ from busi.models import heads
 from busi.runs.evaluations import (
     GATE_FILE,
     GRID_FILE,
+    OUT_OF_FOLD,
     PER_IMAGE_FILE,
     POSTPROCESS_FILE,
     SUMMARY_FILE,
@@ -181,11 +182,11 @@ def _evaluate(
         truths = load_truths(parts[split])
         per_image[split] = score_table(parts[split], probs, post, truths=truths, labels=labels)
         if labels is not None:
-            ungated = {
-                "val": score_table(val_table, val_probs[post.tta], post.override(gate=0.0),
-                                   truths=val_truths),
-                split: score_table(parts[split], probs, post.override(gate=0.0), truths=truths),
-            }
+            ungated = {split: score_table(parts[split], probs, post.override(gate=0.0),
+                                          truths=truths)}
+            if not val_table.empty:
+                ungated["val"] = score_table(val_table, val_probs[post.tta],
+                                             post.override(gate=0.0), truths=val_truths)
 
     # Each dataset of a joint run is reported apart (never one pooled figure that hides one);
     # the first goes to evaluation/, the others to evaluation-<name>/.
@@ -226,10 +227,13 @@ def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
     curves. In a joint run each dataset gets its own; the gate itself was chosen on the val parts of
     the datasets that hold normal images."""
     curves = {part: gate_curve(ungated[part], per_image[part]["p_lesion"])
-              for part in dict.fromkeys(("val", split))}
+              for part in dict.fromkeys(("val", split)) if part in ungated}
     for part, curve in curves.items():
         atomic_write_text(out_dir / GATE_FILE.format(split=part), curve.to_csv(index=False))
-    plots.gate_curves(curves, gate, out_dir / "gate.png")
+    pooled = out_dir / GATE_FILE.format(split=OUT_OF_FOLD)
+    chosen_on = {OUT_OF_FOLD: pd.read_csv(pooled)} if "val" not in curves and pooled.is_file() \
+        else {}
+    plots.gate_curves({**chosen_on, **curves}, gate, out_dir / "gate.png")
     frame = per_image[split]
     known = frame["label"].isin(heads.CLASSES)
     probabilities = frame.loc[known, [f"p_{name}" for name in heads.CLASSES]].to_numpy()

@@ -25,6 +25,9 @@ GRID_FILE = "postprocess_grid.csv"
 """In an evaluation folder: every post-processing candidate scored on validation."""
 GATE_FILE = "gate_{split}.csv"
 """Lesion Dice and normal false positives across the image-level gate's thresholds, per part."""
+OUT_OF_FOLD = "out_of_fold"
+"""The part of a ``busi cv`` ensemble's gate curve (``gate_out_of_fold.csv``): its folds'
+validation parts, each predicted by its own fold model, where its gate was chosen."""
 SUMMARY_FILE = "summary.json"
 """In an evaluation folder: the weights, the post-processing and the figures of each part."""
 PER_IMAGE_FILE = "per_image_{split}.csv"
@@ -80,5 +83,5 @@ def per_image(run: RunFolder, split: str = "test", model_path: str | os.PathLike
     return pd.read_csv(per_image_path(run, split, model_path, dataset))
 
 
-__all__ = ["GATE_FILE", "GRID_FILE", "PER_IMAGE_FILE", "POSTPROCESS_FILE", "SUMMARY_FILE",
-           "evaluation_dir", "per_image", "per_image_path", "summary_for", "tested"]
+__all__ = ["GATE_FILE", "GRID_FILE", "OUT_OF_FOLD", "PER_IMAGE_FILE", "POSTPROCESS_FILE",
+           "SUMMARY_FILE", "evaluation_dir", "per_image", "per_image_path", "summary_for", "tested"]

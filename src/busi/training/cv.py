@@ -27,9 +27,13 @@ scores the test part once with it. The maps behind the choice are single models'
 ensemble averages k of them (smoother maps), so its best threshold may differ a little: the
 price of never choosing on data a model trained on, as nnU-Net also pays.
 
-The ensemble model is :func:`busi.training.ensemble.ensemble_model`. It has no image-level head:
-members with one contribute their masks only, and no gate is chosen, since a gate could only be
-chosen on the out-of-fold predictions of single fold models.
+The ensemble model is :func:`busi.training.ensemble.ensemble_model`. Folds of a config with the
+image-level head make an ensemble that keeps it (the mean of their class probabilities), and its
+gate is chosen out of fold the same way: the folds' gate curves on their validation parts
+(``gate_val.csv``) pooled (:func:`busi.evaluation.classification.pool_gate_curves`). There every
+normal image of train+val votes, where one run's validation part has a handful (BUSI: 13),
+which cannot tell gates apart once none of them is masked. As with the pixel settings, the
+curves are single fold models' at their own post-processing, not the ensemble's.
 """
 
 from __future__ import annotations
@@ -46,12 +50,20 @@ import pandas as pd
 from busi.config.train_config import TrainConfig
 from busi.data.parts import dataset_table, split_seed
 from busi.data.splits import cross_validation_splits, load_split, save_split
+from busi.evaluation.classification import choose_gate, pool_gate_curves
 from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
 from busi.runs.ensembles import ensemble_members, member_records
-from busi.runs.evaluations import GRID_FILE, POSTPROCESS_FILE, evaluation_dir, tested
+from busi.runs.evaluations import (
+    GATE_FILE,
+    GRID_FILE,
+    OUT_OF_FOLD,
+    POSTPROCESS_FILE,
+    evaluation_dir,
+    tested,
+)
 from busi.runs.folder import RunFolder, check_same_config
 from busi.training.ensemble import write_ensemble
 from busi.training.trainer import train
@@ -259,7 +271,7 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     with run.lock("building the cross-validation ensemble"):
         if ensemble_members(run, listed) is None:
             save_split(ensemble_split(fold_runs), ensemble.split_file)
-            write_ensemble(run, ensemble, members, listed, CHOSEN_ON)
+            write_ensemble(run, ensemble, members, listed, CHOSEN_ON, config.image_head)
         write_choice(run, members, ensemble)
         if not tested(run):
             evaluate(run.root)
@@ -322,24 +334,66 @@ def out_of_fold_grid(fold_runs: Sequence[RunFolder]) -> pd.DataFrame:
     return pool_grids(grids, paths)
 
 
+def out_of_fold_gate_curve(fold_runs: Sequence[RunFolder], config: TrainConfig) -> pd.DataFrame:
+    """The gate's curve on every fold's validation part, each predicted by its own fold model
+    (:func:`busi.evaluation.classification.pool_gate_curves` of the folds' ``gate_val.csv``, of
+    the datasets that hold normal images, where a fold chose its gate).
+
+    A fold's curve is taken only if it gives the gate saved in the fold's choice: a curve of
+    other weights would score another model.
+    """
+    curves, paths = [], []
+    for run in fold_runs:
+        fold_curves = []
+        for name in config.datasets:
+            path = evaluation_dir(run, None, name) / GATE_FILE.format(split="val")
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; delete "
+                                        f"{evaluation_dir(run) / POSTPROCESS_FILE} and run busi "
+                                        "cv again")
+            curve = pd.read_csv(path)
+            if curve["n_normal"].max() > 0:
+                fold_curves.append(curve)
+                paths.append(path)
+        if not fold_curves:
+            raise ValueError(f"{run.root}: no validation curve with normal images to choose "
+                             "the gate on")
+        gate = PostProcess.from_dict(chosen_postprocess(run.root)).gate
+        pooled = fold_curves[0] if len(fold_curves) == 1 else pool_gate_curves(fold_curves)
+        if choose_gate(pooled) != gate:
+            raise ValueError(f"{paths[-1]}: does not give the gate {gate} saved beside it; "
+                             f"delete {evaluation_dir(run) / POSTPROCESS_FILE} and run busi cv "
+                             "again")
+        curves.extend(fold_curves)
+    return pool_gate_curves(curves, paths)
+
+
 def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainConfig) -> None:
     """Write the ensemble's out-of-fold choice of post-processing (:func:`out_of_fold_grid`)
-    as the record of its ``best.h5`` (``evaluation/postprocess.json``, which evaluation then
-    reuses) and the pooled table beside it."""
+    and, for folds with the image-level head, of the gate (:func:`out_of_fold_gate_curve`) as
+    the record of its ``best.h5`` (``evaluation/postprocess.json``, which evaluation then
+    reuses), with the pooled tables beside it."""
     grid = out_of_fold_grid(fold_runs)
     chosen = select_postprocess(grid)
+    post = PostProcess.from_dict(chosen)
     out_dir = evaluation_dir(run)
     atomic_write_text(out_dir / GRID_FILE, grid.to_csv(index=False))
+    if config.image_head:
+        curve = out_of_fold_gate_curve(fold_runs, config)
+        atomic_write_text(out_dir / GATE_FILE.format(split=OUT_OF_FOLD),
+                          curve.to_csv(index=False))
+        post = post.override(gate=choose_gate(curve))
     ModelRecord(
         model=run.best.name, files={run.best.name: FileDigest.of(run.best)},
         image_size=config.image_size, resize=config.resize,
-        postprocess=PostProcess.from_dict(chosen), chosen_on=CHOSEN_ON,
+        postprocess=post, chosen_on=CHOSEN_ON,
         classes=tuple(config.classes),
         provenance={**{k: v for k, v in chosen.items() if k not in PostProcess.keys()},
                     "folds": [fold.root.name for fold in fold_runs]},
     ).write(out_dir / POSTPROCESS_FILE)
 
 
-__all__ = ["CHOSEN_ON", "CrossValidation", "build_ensemble", "cross_validate", "cv_root",
-           "ensemble_config", "ensemble_split", "fold_config", "fold_splits",
-           "out_of_fold_grid", "pool_grids", "prepare", "trained", "write_choice"]
+__all__ = ["CHOSEN_ON", "CrossValidation", "build_ensemble", "cross_validate",
+           "cv_root", "ensemble_config", "ensemble_split", "fold_config", "fold_splits",
+           "out_of_fold_gate_curve", "out_of_fold_grid", "pool_grids", "prepare", "trained",
+           "write_choice"]

@@ -10,8 +10,8 @@ test images it is the cheapest way past the +-0.02 Dice a single run moves with 
 
 When every member has the image-level head, the ensemble keeps one: the mean of their class
 probabilities, so the gate (an empty mask below a lesion probability chosen on validation)
-works on an ensemble as on a single model. A cv ensemble keeps masks only, since its gate could
-only be chosen on predictions of single fold models.
+works on an ensemble as on a single model (a cv ensemble's gate is chosen out of fold:
+:mod:`busi.training.cv`).
 """
 
 from __future__ import annotations
