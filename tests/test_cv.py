@@ -370,8 +370,50 @@ def test_a_fold_curve_that_does_not_give_its_saved_gate_is_refused(cv_head_run, 
     curve["n_normal"] = curve["n_normal"].clip(lower=1)
     curve["normal_fp"] = np.where(curve["gate"] == other, 0, curve["n_normal"])
     path.write_text(curve.to_csv(index=False))
-    with pytest.raises(ValueError, match="gate_val.csv: does not give the gate"):
+    with pytest.raises(ValueError, match="gate_val.csv: the validation gate curve does not give"):
         cv.out_of_fold_gate_curve(folds, config)
     path.unlink()
     with pytest.raises(FileNotFoundError, match="gate_val.csv: missing"):
         cv.out_of_fold_gate_curve(folds, config)
+
+
+def test_a_gate_chosen_out_of_fold_is_what_the_ensemble_is_scored_with(cv_head_run, monkeypatch):
+    from busi.evaluation.classification import GATE_THRESHOLDS
+
+    config, result = cv_head_run
+    ensemble = RunFolder(result.ensemble)
+    # a pooled curve on which 0.25 masks the fewest normal images at no cost in Dice
+    curve = pd.DataFrame({"gate": GATE_THRESHOLDS, "lesion_dice": 0.5, "lesions_gated": 0,
+                          "normal_fp": [3 if g < 0.25 else 0 for g in GATE_THRESHOLDS],
+                          "n_lesion": 10, "n_normal": 5})
+    monkeypatch.setattr(cv, "out_of_fold_gate_curve", lambda folds, config: curve)
+    cv.build_ensemble(config, result.folds)
+    record = ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE)
+    assert record.postprocess.gate == 0.25
+    summary = summary_for(ensemble)  # evaluated again: the choice changed, the weights did not
+    assert summary["postprocess"]["gate"] == 0.25
+    test = pd.read_csv(ensemble.evaluation / "per_image_test.csv")
+    below = test["p_lesion"] < 0.25
+    assert test.loc[below, "empty_pred"].astype(bool).all()
+    monkeypatch.undo()
+    cv.build_ensemble(config, result.folds)  # the fixture's own choice again
+    assert summary_for(ensemble)["postprocess"] == \
+        ModelRecord.read(ensemble.evaluation / POSTPROCESS_FILE).postprocess.to_dict()
+
+
+def test_an_ensemble_made_without_the_head_is_made_again_for_folds_with_it(cv_head_run):
+    import json
+
+    from busi.inference.weights import load_for_inference
+    from busi.models import heads
+    from busi.runs.ensembles import ENSEMBLE_FILE
+
+    config, result = cv_head_run
+    ensemble = RunFolder(result.ensemble)
+    path = ensemble.root / ENSEMBLE_FILE
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "image_head": False}))  # as a masks-only build left it
+    cv.build_ensemble(config, result.folds)
+    assert json.loads(path.read_text())["image_head"] is True
+    assert heads.has_image_head(load_for_inference(ensemble.best))
+    assert summary_for(ensemble) is not None  # evaluated again, for the new file

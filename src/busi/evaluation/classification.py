@@ -109,18 +109,25 @@ def pool_gate_curves(curves: Sequence[pd.DataFrame], sources: Sequence[Any] = ()
     the images together. ``sources`` names the curves in errors (e.g. their files).
 
     Raises:
-        ValueError: no curves, or curves of other thresholds than the first.
+        ValueError: no curves, a table that is not a gate curve, or curves of other thresholds
+            than the first.
     """
     if not curves:
         raise ValueError("no gate curves to pool")
     names = list(sources) or [f"curve {k}" for k in range(len(curves))]
-    gates = curves[0]["gate"].to_numpy()
+    columns = ["gate", "lesion_dice", "lesions_gated", "normal_fp", "n_lesion", "n_normal"]
     for curve, name in zip(curves, names, strict=True):
-        if not np.array_equal(curve["gate"].to_numpy(), gates):
+        missing = [column for column in columns if column not in curve]
+        if missing:
+            raise ValueError(f"{name}: not a gate curve (no {missing} columns)")
+        if not np.array_equal(curve["gate"].to_numpy(), curves[0]["gate"].to_numpy()):
             raise ValueError(f"{name}: other gate thresholds than {names[0]}")
+        if (curve["lesion_dice"].isna() & (curve["n_lesion"] > 0)).any():
+            raise ValueError(f"{name}: no lesion Dice where it counts lesion images")
+    gates = curves[0]["gate"].to_numpy()
     n_lesion = sum(curve["n_lesion"].to_numpy() for curve in curves)
     dice = sum(curve["lesion_dice"].fillna(0.0).to_numpy() * curve["n_lesion"].to_numpy()
-               for curve in curves)
+               for curve in curves)  # NaN only where no lesion image weighs it
     with np.errstate(invalid="ignore", divide="ignore"):
         lesion_dice = np.where(n_lesion > 0, dice / np.maximum(n_lesion, 1), np.nan)
     return pd.DataFrame({

@@ -221,7 +221,9 @@ def _head_figures(out_dir: Path, per_image: Mapping[str, pd.DataFrame],
                   classification: Mapping[str, Any]) -> None:
     """The gate's cost across thresholds (val, where it was chosen, and ``split`` for show) and
     the ROC curves of ``split``: ``gate_<part>.csv``, ``gate.png`` and ``roc.png`` beside the
-    summary. ``ungated``: the parts' per-image scores without the gate; ``classification``:
+    summary. A ``busi cv`` ensemble has no val part: its plot shows the out-of-fold curve its
+    gate was chosen on (``gate_out_of_fold.csv``, of all its datasets with normal images)
+    instead. ``ungated``: the parts' per-image scores without the gate; ``classification``:
     the summary's scores of ``split``
     (:func:`busi.evaluation.classification.classification_summary`), whose AUCs title the ROC
     curves. In a joint run each dataset gets its own; the gate itself was chosen on the val parts of

@@ -53,6 +53,13 @@ def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None =
     return [run.root.parent / name for name in names]
 
 
+def ensemble_has_head(run: RunFolder) -> bool:
+    """Whether the ensemble's ``best.h5`` keeps the image-level head, as its record says
+    (older records say it in their ``output`` text only)."""
+    record = json.loads((run.root / ENSEMBLE_FILE).read_text())
+    return bool(record.get("image_head", "class probabilities" in record.get("output", "")))
+
+
 def ensemble_kind(run: RunFolder) -> str:
     """"folds" for a ``busi cv`` ensemble, "runs" for one of
     :func:`busi.training.ensemble.combine_runs`."""
@@ -60,5 +67,5 @@ def ensemble_kind(run: RunFolder) -> str:
     return "runs" if record.get("postprocess_chosen_on") == CHOSEN_ON_VAL else "folds"
 
 
-__all__ = ["CHOSEN_ON_VAL", "ENSEMBLE_FILE", "ensemble_kind", "ensemble_members",
-           "member_records"]
+__all__ = ["CHOSEN_ON_VAL", "ENSEMBLE_FILE", "ensemble_has_head", "ensemble_kind",
+           "ensemble_members", "member_records"]

@@ -55,13 +55,14 @@ from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
-from busi.runs.ensembles import ensemble_members, member_records
+from busi.runs.ensembles import ensemble_has_head, ensemble_members, member_records
 from busi.runs.evaluations import (
     GATE_FILE,
     GRID_FILE,
     OUT_OF_FOLD,
     POSTPROCESS_FILE,
     evaluation_dir,
+    summary_for,
     tested,
 )
 from busi.runs.folder import RunFolder, check_same_config
@@ -269,11 +270,13 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     listed = member_records(members, run.root.parent)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the cross-validation ensemble"):
-        if ensemble_members(run, listed) is None:
+        if ensemble_members(run, listed) is None or \
+                ensemble_has_head(run) != config.image_head:
             save_split(ensemble_split(fold_runs), ensemble.split_file)
             write_ensemble(run, ensemble, members, listed, CHOSEN_ON, config.image_head)
-        write_choice(run, members, ensemble)
-        if not tested(run):
+        post = write_choice(run, members, ensemble)
+        summary = summary_for(run)  # None: not evaluated, or for other weights
+        if not tested(run) or summary is None or summary["postprocess"] != post.to_dict():
             evaluate(run.root)
     return run.root
 
@@ -344,7 +347,7 @@ def out_of_fold_gate_curve(fold_runs: Sequence[RunFolder], config: TrainConfig) 
     """
     curves, paths = [], []
     for run in fold_runs:
-        fold_curves = []
+        fold_curves, fold_paths = [], []
         for name in config.datasets:
             path = evaluation_dir(run, None, name) / GATE_FILE.format(split="val")
             if not path.is_file():
@@ -352,27 +355,33 @@ def out_of_fold_gate_curve(fold_runs: Sequence[RunFolder], config: TrainConfig) 
                                         f"{evaluation_dir(run) / POSTPROCESS_FILE} and run busi "
                                         "cv again")
             curve = pd.read_csv(path)
+            if "n_normal" not in curve:
+                raise ValueError(f"{path}: not a gate curve (no n_normal column)")
             if curve["n_normal"].max() > 0:
                 fold_curves.append(curve)
-                paths.append(path)
+                fold_paths.append(path)
         if not fold_curves:
             raise ValueError(f"{run.root}: no validation curve with normal images to choose "
                              "the gate on")
         gate = PostProcess.from_dict(chosen_postprocess(run.root)).gate
-        pooled = fold_curves[0] if len(fold_curves) == 1 else pool_gate_curves(fold_curves)
+        pooled = fold_curves[0] if len(fold_curves) == 1 else \
+            pool_gate_curves(fold_curves, fold_paths)
         if choose_gate(pooled) != gate:
-            raise ValueError(f"{paths[-1]}: does not give the gate {gate} saved beside it; "
-                             f"delete {evaluation_dir(run) / POSTPROCESS_FILE} and run busi cv "
-                             "again")
+            named = fold_paths[0] if len(fold_paths) == 1 else evaluation_dir(run).parent
+            raise ValueError(f"{named}: the validation gate curve does not give the gate "
+                             f"{gate} saved in {evaluation_dir(run) / POSTPROCESS_FILE}; "
+                             "delete that file and run busi cv again")
         curves.extend(fold_curves)
+        paths.extend(fold_paths)
     return pool_gate_curves(curves, paths)
 
 
-def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainConfig) -> None:
+def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder],
+                 config: TrainConfig) -> PostProcess:
     """Write the ensemble's out-of-fold choice of post-processing (:func:`out_of_fold_grid`)
     and, for folds with the image-level head, of the gate (:func:`out_of_fold_gate_curve`) as
     the record of its ``best.h5`` (``evaluation/postprocess.json``, which evaluation then
-    reuses), with the pooled tables beside it."""
+    reuses), with the pooled tables beside it; return the choice."""
     grid = out_of_fold_grid(fold_runs)
     chosen = select_postprocess(grid)
     post = PostProcess.from_dict(chosen)
@@ -391,6 +400,7 @@ def write_choice(run: RunFolder, fold_runs: Sequence[RunFolder], config: TrainCo
         provenance={**{k: v for k, v in chosen.items() if k not in PostProcess.keys()},
                     "folds": [fold.root.name for fold in fold_runs]},
     ).write(out_dir / POSTPROCESS_FILE)
+    return post
 
 
 __all__ = ["CHOSEN_ON", "CrossValidation", "build_ensemble", "cross_validate",

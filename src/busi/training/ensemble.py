@@ -32,7 +32,13 @@ from busi.data.splits import load_split, save_split
 from busi.evaluation.evaluator import evaluate
 from busi.inference import weights
 from busi.models import heads
-from busi.runs.ensembles import CHOSEN_ON_VAL, ENSEMBLE_FILE, ensemble_members, member_records
+from busi.runs.ensembles import (
+    CHOSEN_ON_VAL,
+    ENSEMBLE_FILE,
+    ensemble_has_head,
+    ensemble_members,
+    member_records,
+)
 from busi.runs.evaluations import tested
 from busi.runs.folder import RunFolder
 from busi.utils.atomic import write_json
@@ -215,6 +221,7 @@ def write_ensemble(run: RunFolder, config: TrainConfig, members: Sequence[RunFol
         "output": "mean of the members' lesion probabilities"
                   + (" and of their class probabilities" if keep_head else ""),
         "postprocess_chosen_on": chosen_on,
+        "image_head": keep_head,
     })
 
 
@@ -250,7 +257,7 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
     config = ensemble_config(members, name, run.root, keep_head)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the ensemble"):
-        if ensemble_members(run, listed) is None:
+        if ensemble_members(run, listed) is None or ensemble_has_head(run) != keep_head:
             split = combined_split(members)
             if not _same_split(make_run_split(config, dataset_table(config)), split):
                 save_split(split, run.root / "members_split.csv")
