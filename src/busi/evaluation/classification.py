@@ -38,6 +38,9 @@ GATE_TOLERANCE = 0.005
 """Lesion-Dice loss on validation that a gate may cost (the post-processing tie width: below
 what ~60 validation lesions resolve)."""
 
+GATE_COLUMNS = ("gate", "lesion_dice", "lesions_gated", "normal_fp", "n_lesion", "n_normal")
+"""The columns of a :func:`gate_curve` table (and of ``gate_<part>.csv``)."""
+
 BOOTSTRAP_DRAWS = 2000
 """Bootstrap resamples per interval: the 2.5% and 97.5% percentiles then move by < 0.005 AUC
 between seeds on BUSI's test part."""
@@ -88,7 +91,7 @@ def gate_curve(per_image: pd.DataFrame, p_lesion: Sequence[float],
             "normal_fp": int((~frame.loc[normal, "empty_pred"].astype(bool)).sum()),
             "n_lesion": int(lesion.sum()), "n_normal": int(normal.sum()),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(GATE_COLUMNS))
 
 
 def choose_gate(curve: pd.DataFrame, tolerance: float = GATE_TOLERANCE) -> float:
@@ -115,9 +118,8 @@ def pool_gate_curves(curves: Sequence[pd.DataFrame], sources: Sequence[Any] = ()
     if not curves:
         raise ValueError("no gate curves to pool")
     names = list(sources) or [f"curve {k}" for k in range(len(curves))]
-    columns = ["gate", "lesion_dice", "lesions_gated", "normal_fp", "n_lesion", "n_normal"]
     for curve, name in zip(curves, names, strict=True):
-        missing = [column for column in columns if column not in curve]
+        missing = [column for column in GATE_COLUMNS if column not in curve]
         if missing:
             raise ValueError(f"{name}: not a gate curve (no {missing} columns)")
         if not np.array_equal(curve["gate"].to_numpy(), curves[0]["gate"].to_numpy()):
@@ -227,5 +229,5 @@ def roc_points(labels: Sequence[str], probabilities: np.ndarray) -> dict[str, pd
     return curves
 
 
-__all__ = ["GATE_THRESHOLDS", "choose_gate", "classification_summary", "gate_curve", "gated",
-           "pool_gate_curves", "roc_points"]
+__all__ = ["GATE_COLUMNS", "GATE_THRESHOLDS", "choose_gate", "classification_summary",
+           "gate_curve", "gated", "pool_gate_curves", "roc_points"]

@@ -32,32 +32,31 @@ def member_records(members: Sequence[RunFolder], parent: Path) -> list[dict[str,
             for member in members]
 
 
-def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None = None
-                     ) -> list[Path] | None:
+def ensemble_members(run: RunFolder, expected: Sequence[dict[str, str]] | None = None,
+                     image_head: bool | None = None) -> list[Path] | None:
     """The member run folders of an ensemble's run folder, or None if it is not a complete
     ensemble (no :data:`ENSEMBLE_FILE`, no ``best.h5`` with its digest in ``state.json``) or,
-    given ``expected`` (``[{"run", "sha256"}]``), not one of those members."""
+    given ``expected`` (``[{"run", "sha256"}]``), not one of those members, or, given
+    ``image_head``, not an ensemble that keeps the image-level head (True) or drops it (False)."""
     path = run.root / ENSEMBLE_FILE
     if not path.is_file() or not run.best.is_file():
         return None
     try:
-        listed = json.loads(path.read_text())["members"]
+        record = json.loads(path.read_text())
+        listed = record["members"]
         names = [member["run"] for member in listed]
     except (ValueError, KeyError, TypeError) as error:
         raise DataError(f"{path}: not an ensemble record written by busi ({error}); delete the "
                         "folder and make the ensemble again") from error
     if expected is not None and listed != list(expected):
         return None
+    # records without the key say it in their output text only
+    has_head = bool(record.get("image_head", "class probabilities" in record.get("output", "")))
+    if image_head is not None and has_head != image_head:
+        return None
     if run.recorded_sha256(run.best) != file_digest(run.best):
         return None
     return [run.root.parent / name for name in names]
-
-
-def ensemble_has_head(run: RunFolder) -> bool:
-    """Whether the ensemble's ``best.h5`` keeps the image-level head, as its record says
-    (older records say it in their ``output`` text only)."""
-    record = json.loads((run.root / ENSEMBLE_FILE).read_text())
-    return bool(record.get("image_head", "class probabilities" in record.get("output", "")))
 
 
 def ensemble_kind(run: RunFolder) -> str:
@@ -67,5 +66,5 @@ def ensemble_kind(run: RunFolder) -> str:
     return "runs" if record.get("postprocess_chosen_on") == CHOSEN_ON_VAL else "folds"
 
 
-__all__ = ["CHOSEN_ON_VAL", "ENSEMBLE_FILE", "ensemble_has_head", "ensemble_kind",
-           "ensemble_members", "member_records"]
+__all__ = ["CHOSEN_ON_VAL", "ENSEMBLE_FILE", "ensemble_kind", "ensemble_members",
+           "member_records"]

@@ -64,10 +64,16 @@ def summary_for(run: RunFolder, model_path: str | os.PathLike | None = None,
     return summary
 
 
+def summary_with_test(run: RunFolder) -> dict[str, Any] | None:
+    """The ``summary.json`` of the run's ``best.h5`` if it has test results for these very
+    weights, else None."""
+    summary = summary_for(run) if run.best.is_file() else None
+    return summary if summary is not None and "test" in summary.get("splits", {}) else None
+
+
 def tested(run: RunFolder) -> bool:
     """Whether the run's ``best.h5`` has test results (for these very weights)."""
-    summary = summary_for(run) if run.best.is_file() else None
-    return summary is not None and "test" in summary.get("splits", {})
+    return summary_with_test(run) is not None
 
 
 def per_image_path(run: RunFolder, split: str = "test",
@@ -84,4 +90,5 @@ def per_image(run: RunFolder, split: str = "test", model_path: str | os.PathLike
 
 
 __all__ = ["GATE_FILE", "GRID_FILE", "OUT_OF_FOLD", "PER_IMAGE_FILE", "POSTPROCESS_FILE",
-           "SUMMARY_FILE", "evaluation_dir", "per_image", "per_image_path", "summary_for", "tested"]
+           "SUMMARY_FILE", "evaluation_dir", "per_image", "per_image_path", "summary_for",
+           "summary_with_test", "tested"]

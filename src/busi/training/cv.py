@@ -55,14 +55,14 @@ from busi.evaluation.evaluator import chosen_postprocess, evaluate
 from busi.evaluation.postprocess_choice import GRID_COLUMNS, select_postprocess
 from busi.inference.bundle import ModelRecord
 from busi.inference.postprocess import PostProcess
-from busi.runs.ensembles import ensemble_has_head, ensemble_members, member_records
+from busi.runs.ensembles import ensemble_members, member_records
 from busi.runs.evaluations import (
     GATE_FILE,
     GRID_FILE,
     OUT_OF_FOLD,
     POSTPROCESS_FILE,
     evaluation_dir,
-    summary_for,
+    summary_with_test,
     tested,
 )
 from busi.runs.folder import RunFolder, check_same_config
@@ -270,13 +270,12 @@ def build_ensemble(config: TrainConfig, fold_runs: Sequence[Path]) -> Path:
     listed = member_records(members, run.root.parent)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the cross-validation ensemble"):
-        if ensemble_members(run, listed) is None or \
-                ensemble_has_head(run) != config.image_head:
+        if ensemble_members(run, listed, image_head=config.image_head) is None:
             save_split(ensemble_split(fold_runs), ensemble.split_file)
             write_ensemble(run, ensemble, members, listed, CHOSEN_ON, config.image_head)
         post = write_choice(run, members, ensemble)
-        summary = summary_for(run)  # None: not evaluated, or for other weights
-        if not tested(run) or summary is None or summary["postprocess"] != post.to_dict():
+        summary = summary_with_test(run)  # hashes the k-model file once
+        if summary is None or summary["postprocess"] != post.to_dict():
             evaluate(run.root)
     return run.root
 

@@ -35,7 +35,6 @@ from busi.models import heads
 from busi.runs.ensembles import (
     CHOSEN_ON_VAL,
     ENSEMBLE_FILE,
-    ensemble_has_head,
     ensemble_members,
     member_records,
 )
@@ -257,7 +256,7 @@ def combine_runs(run_dirs: Sequence[str | os.PathLike], name: str,
     config = ensemble_config(members, name, run.root, keep_head)
     run.root.mkdir(parents=True, exist_ok=True)
     with run.lock("building the ensemble"):
-        if ensemble_members(run, listed) is None or ensemble_has_head(run) != keep_head:
+        if ensemble_members(run, listed, image_head=keep_head) is None:
             split = combined_split(members)
             if not _same_split(make_run_split(config, dataset_table(config)), split):
                 save_split(split, run.root / "members_split.csv")
