@@ -23,7 +23,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
              "image_size", "resize", "augment", "augmentation", "limit"),
     "model": ("architecture", "encoder", "encoder_weights", "init_weights", "decoder_filters",
               "base_filters", "depth", "dropout", "image_head", "image_head_weight",
-              "image_head_balance"),
+              "image_head_balance", "image_head_pool"),
     "optimisation": ("loss", "optimizer", "learning_rate", "weight_decay", "batch_size",
                      "epochs", "steps_per_epoch", "freeze_encoder_epochs", "lr_schedule",
                      "warmup_epochs", "reduce_lr_patience", "reduce_lr_factor",

@@ -26,7 +26,7 @@ from busi.data.augment_config import AugmentConfig
 from busi.data.geometry import MODES
 from busi.data.index import KNOWN_LABELS, LABELS
 from busi.models import architectures as models
-from busi.models import backend, encoders, losses, schedules
+from busi.models import backend, encoders, heads, losses, schedules
 from busi.utils import paths
 from busi.utils.atomic import atomic_write_text
 
@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": PRECISIONS,
     "keep": KEEP,
     "backend": backend.NAMES,
+    "image_head_pool": tuple(heads.POOLS),
 }
 """Fields with a fixed set of values, from the registries that define them (the CLI offers the
 same ones)."""
@@ -138,6 +139,10 @@ class TrainConfig:
             probability gates the mask in post-processing.
         image_head_weight: weight of the head's loss beside the mask's.
         image_head_balance: weigh the head's classes by inverse frequency in the training part.
+        image_head_pool: how the head pools the deepest encoder features, a name of
+            :data:`busi.models.heads.POOLS`: "avg" (their mean) or "avgmax" (mean and maximum
+            side by side: a small lesion covers few of the 8x8 positions, and the mean dilutes
+            it).
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
         augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and
@@ -208,6 +213,7 @@ class TrainConfig:
     image_head: bool = False
     image_head_weight: float = 0.5
     image_head_balance: bool = True
+    image_head_pool: str = "avg"
 
     image_size: int = 256
     resize: str = "letterbox"
@@ -325,7 +331,7 @@ class TrainConfig:
             ("lr_schedule", self.lr_schedule,
              {name: spec.options for name, spec in schedules.SCHEDULES.items()}),
             ("image_head", self.image_head,
-             {True: ("image_head_weight", "image_head_balance"), False: ()}),
+             {True: ("image_head_weight", "image_head_balance", "image_head_pool"), False: ()}),
         ]
 
     def unused_fields(self) -> frozenset[str]:

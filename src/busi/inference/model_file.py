@@ -32,7 +32,8 @@ ALLOWED_LAYERS = frozenset({
     "InputLayer", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
     "BatchNormalization", "Activation", "ReLU", "LeakyReLU", "Softmax", "Add", "Multiply",
     "Concatenate", "Average", "UpSampling2D", "MaxPooling2D", "AveragePooling2D",
-    "GlobalAveragePooling2D", "ZeroPadding2D", "Cropping2D", "Dropout", "SpatialDropout2D",
+    "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ZeroPadding2D", "Cropping2D", "Dropout",
+    "SpatialDropout2D",
     "Rescaling", "Normalization", "Reshape", "Dense", "Flatten", "Permute",
     # efficientnet's Dropout with a noise shape, registered by busi
     # (busi.models.architectures.custom_objects)

@@ -290,7 +290,8 @@ def build(config: TrainConfig, freeze_encoder: bool = False) -> Any:
     if spec.uses_encoder:
         options["freeze_encoder"] = freeze_encoder
     model = spec.builder(input_shape=(config.image_size, config.image_size, 3), **options)
-    return heads.add_image_head(model) if config.image_head else model
+    return heads.add_image_head(model, pool=config.image_head_pool) if config.image_head \
+        else model
 
 
 def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:

@@ -56,17 +56,30 @@ def bottleneck(model: Any) -> Any:
     raise ValueError(f"model {model.name!r} has no decoder_* layer: not a busi U-Net")
 
 
-def add_image_head(model: Any, dropout: float = 0.2) -> Any:
+POOLS = ("avg", "avgmax")
+"""How the head pools the deepest encoder features: their mean, or the mean and the maximum side
+by side (``image_head_pool`` in a config). At 256x256 the features are 8x8 and a small lesion
+covers a few of the positions, whose evidence the mean mixes with the tissue around it; the
+maximum keeps the strongest."""
+
+
+def add_image_head(model: Any, dropout: float = 0.2, pool: str = "avg") -> Any:
     """``model`` with a second output, ``label``: softmax over :data:`CLASSES`.
 
-    Global average pooling of :func:`bottleneck`, dropout, one dense layer; the softmax in
-    float32 under a mixed-precision policy, like the mask's sigmoid. Only standard layers, so
-    the ``.h5`` loads in tf.keras and Keras 3 alike.
+    Global pooling of :func:`bottleneck` (``pool``, one of :data:`POOLS`), dropout, one dense
+    layer; the softmax in float32 under a mixed-precision policy, like the mask's sigmoid. Only
+    standard layers, so the ``.h5`` loads in tf.keras and Keras 3 alike.
     """
     keras = _keras.keras()
     if len(model.outputs) != 1:
         raise ValueError(f"model {model.name!r} already has {len(model.outputs)} outputs")
-    x = keras.layers.GlobalAveragePooling2D(name="label_pool")(bottleneck(model))
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    features = bottleneck(model)
+    x = keras.layers.GlobalAveragePooling2D(name="label_pool")(features)
+    if pool == "avgmax":
+        peak = keras.layers.GlobalMaxPooling2D(name="label_max_pool")(features)
+        x = keras.layers.Concatenate(name="label_pools")([x, peak])
     if dropout:
         x = keras.layers.Dropout(dropout, name="label_dropout")(x)
     x = keras.layers.Dense(len(CLASSES), name=LOGITS_LAYER)(x)

@@ -177,11 +177,13 @@ def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) ->
         return models.build(config, freeze_encoder=freeze_encoder)
     path = init_weights_path(config)
     head_in_file = config.image_head and weights.has_layer(path, heads.LOGITS_LAYER)
-    model = models.build(replace(config, encoder_weights=None, image_head=head_in_file),
+    as_in_file = {} if head_in_file else {"image_head": False,
+                                          "image_head_pool": TrainConfig.image_head_pool}
+    model = models.build(replace(config, encoder_weights=None, **as_in_file),
                          freeze_encoder=freeze_encoder)
     weights.load_weights_into(model, path)
     if config.image_head and not head_in_file:  # a mask-only model: the head starts afresh
-        model = heads.add_image_head(model)
+        model = heads.add_image_head(model, pool=config.image_head_pool)
     run.write_record(record, {"path": str(path), "sha256": file_digest(path),
                               "sha1": file_sha1(path)})
     log.info("run %s: starts from the weights of %s", run.root, path)
