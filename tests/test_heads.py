@@ -207,6 +207,38 @@ def test_head_on_both_architectures_saves_and_reloads(architecture, tmp_path):
     assert headed.get_layer(heads.LOGITS_LAYER).trainable
 
 
+def test_the_avgmax_head_pools_the_mean_and_the_maximum_and_loads_safely(tmp_path):
+    """``image_head_pool: avgmax``: the dense layer sees the bottleneck's mean and maximum over
+    positions, side by side (checked against numpy on the bottleneck's own output), and the
+    saved file opens in busi's safe loader with the same answers."""
+    from busi.config.train_config import TrainConfig
+
+    model = heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2),
+                                 pool="avgmax")
+    keras = busi._keras.keras()
+    image = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    probe = keras.Model(model.inputs, [heads.bottleneck(model),
+                                       model.get_layer("label_pools").output])
+    features, pooled = probe.predict(image, verbose=0)
+    expected = np.concatenate([features.mean(axis=(1, 2)), features.max(axis=(1, 2))], axis=-1)
+    # float32 sums of a few values: far below any difference the pooling choice makes
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+    assert model.get_layer(heads.LOGITS_LAYER).kernel.shape[0] == 2 * features.shape[-1]
+    path = busi.inference.weights.save_model(model, tmp_path / "avgmax.h5",
+                                             include_optimizer=False)
+    loaded = busi.load_model(path, compile=False)
+    np.testing.assert_allclose(loaded.predict(image, verbose=0)[1],
+                               model.predict(image, verbose=0)[1], rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="pool must be one of"):
+        heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2),
+                             pool="max")
+    with pytest.raises(ValueError, match="image_head_pool must be one of"):
+        TrainConfig(image_head=True, image_head_pool="max")
+    with pytest.raises(ValueError, match="image_head_pool applies to image_head true"):
+        TrainConfig(image_head_pool="avgmax")
+
+
 @pytest.mark.slow
 def test_a_run_with_the_head_trains_resumes_evaluates_and_predicts(busi_folder, tmp_path,
                                                                    monkeypatch):
@@ -334,7 +366,8 @@ def test_exports_of_a_model_with_the_head_give_both_outputs(backend, quantize, t
 def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, busbra_folder,
                                                                    tmp_path):
     """The second stage of lite0_joint_head_ft_cpu.yaml: a mask-only model's weights start a
-    joint BUSI + BUS-BRA run with the head (the head alone starts afresh)."""
+    joint BUSI + BUS-BRA run with the head (the head alone starts afresh, here with the other
+    pooling, which the mask-only file knows nothing of)."""
     from busi.config.train_config import TrainConfig
 
     common = dict(data=str(busi_folder), architecture="classic_unet", base_filters=4, depth=2,
@@ -343,14 +376,15 @@ def test_the_head_added_to_a_mask_only_model_trains_on_joint_data(busi_folder, b
     first = busi.train(TrainConfig(name="mask", run_dir=str(tmp_path / "mask"), **common))
     config = TrainConfig(name="joint", run_dir=str(tmp_path / "joint"),
                          datasets=("busi", "busbra"), data_paths={"busbra": str(busbra_folder)},
-                         image_head=True, init_weights=str(first / "best.h5"), **common)
+                         image_head=True, image_head_pool="avgmax",
+                         init_weights=str(first / "best.h5"), **common)
     from busi.runs.folder import RunFolder
     from busi.training import trainer as training
 
     run = RunFolder(config.directory)
     run.root.mkdir(parents=True)
     model = training._initial_model(config, run, freeze_encoder=False)
-    assert heads.has_image_head(model)
+    assert heads.has_image_head(model) and model.get_layer("label_max_pool")
     source = busi.load_model(first / "best.h5", compile=False)
     for layer in source.layers:
         for built, saved in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(),

@@ -15,6 +15,7 @@ from busi.cli import main
 from busi.errors import DataError
 from busi.inference import model_file, weights
 from busi.models import architectures as models
+from busi.models import heads
 
 keras = get_keras()
 
@@ -100,7 +101,11 @@ def test_a_lambda_hidden_in_a_nested_model_is_found(tmp_path):
                                decoder_filters=(8, 8, 4, 4, 4)),
     lambda: models.build_model("mobilenetv2", input_shape=(32, 32, 3), encoder_weights=None,
                                decoder_filters=(8, 8, 4, 4, 4)),
-], ids=["classic_unet", "unet_resnet18", "unet_mobilenetv2"])
+    *(lambda pool=pool: heads.add_image_head(
+        models.classic_unet(input_shape=(32, 32, 3), base_filters=4, depth=2), pool=pool)
+      for pool in heads.POOLS),
+], ids=["classic_unet", "unet_resnet18", "unet_mobilenetv2",
+        *(f"image_head_{pool}" for pool in heads.POOLS)])
 def test_busi_models_pass_the_check(build):
     """The allowlist holds every layer class busi's builders emit."""
     model = build()
