@@ -339,6 +339,38 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
     assert not RunFolder(missing.directory).config.exists()  # refused before writing anything
 
 
+def test_init_weights_trained_on_the_runs_test_images_is_refused(busi_folder, tmp_path):
+    """A model trained on another split has seen some of this run's val and test images:
+    fine-tuning it would inflate every score, so the run refuses to start and says which
+    images and which split file. The same split passes; weights without a split beside them
+    (published files) are not checked."""
+    from busi.data.splits import load_split, save_split
+    from busi.training.init_split import trained_on_scored_images
+
+    probe = tiny(busi_folder, tmp_path / "probe")
+    parts = run_parts(RunFolder(probe.directory), probe, new_run=True)
+    own = load_split(RunFolder(probe.directory).split)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder, split in ((same, own), (other, own.assign(split="train"))):
+        folder.mkdir()
+        save_split(split, folder / "split.csv")
+    busi.inference.weights.save_model(busi.models.build(probe), other / "best.h5",
+                                      include_optimizer=False)  # it fits: only its split is wrong
+    assert trained_on_scored_images(same / "best.h5", parts) is None  # the file is not read
+    n_val, n_test = len(parts["val"]), len(parts["test"])
+    assert n_val and n_test
+    message = trained_on_scored_images(other / "best.h5", parts)
+    assert f"{n_val} of its {n_val} val images and {n_test} of its {n_test} test images" \
+        in message and str(other / "split.csv") in message
+    (tmp_path / "published").mkdir()
+    assert trained_on_scored_images(tmp_path / "published" / "model.h5", parts) is None
+
+    leaky = tiny(busi_folder, tmp_path / "b", init_weights=str(other / "best.h5"))
+    with pytest.raises(ValueError, match=f"was trained on {n_val} of its {n_val} val images"):
+        busi.train(leaky)
+    assert not RunFolder(leaky.directory).state.exists()  # no epoch trained
+
+
 def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path):
     """``freeze_encoder_epochs``: the warm-up epochs leave the encoder's convolutions as they
     started (its BatchNorm layers adapt, as in sm's ``encoder_freeze``); the epochs after it,

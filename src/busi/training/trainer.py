@@ -47,6 +47,7 @@ from busi.training.devices import (
     make_deterministic,
     precision_policy,
 )
+from busi.training.init_split import trained_on_scored_images
 from busi.training.messages import start_message, time_budget_message
 from busi.utils import progress
 from busi.utils.digests import file_digest, file_sha1
@@ -405,6 +406,10 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
     log.info("run %s: policy %s, GPUs %s", run.root, policy, gpus or "none")
 
     parts = run_parts(run, config, new_run=not state, cache=cache)
+    if not state and config.init_weights is not None:
+        leak = trained_on_scored_images(init_weights_path(config), parts)
+        if leak:
+            raise ValueError(leak)
     finished = bool(state.get("stopped_early")) or done >= config.epochs
     print(start_message(config, run, parts, done, finished, cache), flush=True)
     if not finished:
