@@ -230,6 +230,9 @@ def test_the_avgmax_head_pools_the_mean_and_the_maximum_and_loads_safely(tmp_pat
     np.testing.assert_allclose(loaded.predict(image, verbose=0)[1],
                                model.predict(image, verbose=0)[1], rtol=1e-5, atol=1e-6)
 
+    from busi.inference import publish
+    assert set(publish._POOLED_BY) == set(heads.POOLS)  # a model card names each pooling
+
     with pytest.raises(ValueError, match="pool must be one of"):
         heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2),
                              pool="max")

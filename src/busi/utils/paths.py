@@ -23,7 +23,7 @@ PROJ_ROOT = _project_root()
 DATA_DIR = PROJ_ROOT / "data"
 WEIGHTS_DIR = Path(os.environ.get("BUSI_WEIGHTS", PROJ_ROOT / "weights"))
 RUNS_DIR = Path(os.environ.get("BUSI_RUNS", PROJ_ROOT / "runs"))
-SHIPPED_MODEL = PROJ_ROOT / "weights" / "lite0-head-ft-cpu.h5"
+SHIPPED_MODEL = PROJ_ROOT / "weights" / "lite0-head-ft-avgmax-cpu.h5"
 """The model committed with the project for BUSI-like images (see its model card): the best on
 BUSI's test part, with the image-level gate that keeps normal images clean; the default of
 prediction with no training."""
