@@ -230,9 +230,6 @@ def test_the_avgmax_head_pools_the_mean_and_the_maximum_and_loads_safely(tmp_pat
     np.testing.assert_allclose(loaded.predict(image, verbose=0)[1],
                                model.predict(image, verbose=0)[1], rtol=1e-5, atol=1e-6)
 
-    from busi.inference import publish
-    assert set(publish._POOLED_BY) == set(heads.POOLS)  # a model card names each pooling
-
     with pytest.raises(ValueError, match="pool must be one of"):
         heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2),
                              pool="max")
@@ -240,6 +237,37 @@ def test_the_avgmax_head_pools_the_mean_and_the_maximum_and_loads_safely(tmp_pat
         TrainConfig(image_head=True, image_head_pool="max")
     with pytest.raises(ValueError, match="image_head_pool applies to image_head true"):
         TrainConfig(image_head_pool="avgmax")
+
+
+@pytest.mark.parametrize("pool", list(heads.POOLS))
+def test_a_head_in_the_start_file_is_kept_or_made_afresh_for_the_other_pooling(pool, tmp_path):
+    """``init_weights`` with a mean-pooled head: a run of the same pooling starts from all of
+    its weights, head included; a run of the other pooling keeps the rest and gives the head a
+    fresh start (its dense layer takes twice or half the features)."""
+    from busi.config.train_config import TrainConfig
+    from busi.runs.folder import RunFolder
+    from busi.training import trainer as training
+
+    start = heads.add_image_head(models.classic_unet((32, 32, 3), base_filters=4, depth=2))
+    path = busi.inference.weights.save_model(start, tmp_path / "start.h5",
+                                             include_optimizer=False)
+    config = TrainConfig(architecture="classic_unet", base_filters=4, depth=2, image_size=32,
+                         image_head=True, image_head_pool=pool, init_weights=str(path),
+                         run_dir=str(tmp_path / "run"))
+    run = RunFolder(config.directory)
+    run.root.mkdir(parents=True)
+    model = training._initial_model(config, run, freeze_encoder=False)
+    assert heads.pool_of(layer.name for layer in model.layers) == pool
+    for layer in start.layers:
+        if not layer.get_weights():
+            continue
+        if layer.name == heads.LOGITS_LAYER and pool != "avg":
+            kernel = model.get_layer(layer.name).get_weights()[0]
+            assert kernel.shape[0] == 2 * layer.get_weights()[0].shape[0]
+            continue
+        for built, saved in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(),
+                                strict=True):
+            np.testing.assert_array_equal(built, saved)
 
 
 @pytest.mark.slow

@@ -342,33 +342,46 @@ def test_init_weights_starts_a_run_from_another_model(busi_folder, tmp_path):
 def test_init_weights_trained_on_the_runs_test_images_is_refused(busi_folder, tmp_path):
     """A model trained on another split has seen some of this run's val and test images:
     fine-tuning it would inflate every score, so the run refuses to start and says which
-    images and which split file. The same split passes; weights without a split beside them
-    (published files) are not checked."""
+    images and which split file, also when the images came in through the model that model was
+    fine-tuned from. The same split passes; published weights (no split beside them) are not
+    checked."""
     from busi.data.splits import load_split, save_split
     from busi.training.init_split import trained_on_scored_images
 
     probe = tiny(busi_folder, tmp_path / "probe")
     parts = run_parts(RunFolder(probe.directory), probe, new_run=True)
     own = load_split(RunFolder(probe.directory).split)
-    same, other = tmp_path / "same", tmp_path / "other"
-    for folder, split in ((same, own), (other, own.assign(split="train"))):
-        folder.mkdir()
-        save_split(split, folder / "split.csv")
-    busi.inference.weights.save_model(busi.models.build(probe), other / "best.h5",
+    assert "dataset" not in own  # a one-dataset split: its runs' configs name the dataset
+    runs = {name: RunFolder(tmp_path / name) for name in ("same", "other", "child")}
+    for name, split in (("same", own), ("other", own.assign(split="train")), ("child", own)):
+        runs[name].root.mkdir()
+        save_split(split, runs[name].split)
+        probe.save(runs[name].config)
+    busi.inference.weights.save_model(busi.models.build(probe), runs["other"].best,
                                       include_optimizer=False)  # it fits: only its split is wrong
-    assert trained_on_scored_images(same / "best.h5", parts) is None  # the file is not read
     n_val, n_test = len(parts["val"]), len(parts["test"])
     assert n_val and n_test
-    message = trained_on_scored_images(other / "best.h5", parts)
-    assert f"{n_val} of its {n_val} val images and {n_test} of its {n_test} test images" \
-        in message and str(other / "split.csv") in message
+    assert trained_on_scored_images(runs["same"].best, parts, "busi") is None  # not read
+    message = trained_on_scored_images(runs["other"].best, parts, "busi")
+    assert f"trained on {n_val} of its {n_val} val images and {n_test} of its {n_test} test " \
+        f"images (split: {runs['other'].split})" in message
+    # the rows of a joint run's parts name their dataset; a one-dataset split is read as its own
+    joint = {name: rows.assign(dataset="busi") for name, rows in parts.items()}
+    assert trained_on_scored_images(runs["other"].best, joint, "busbra") == message
+    assert trained_on_scored_images(runs["other"].best,
+                                    {name: rows.assign(dataset="busbra")
+                                     for name, rows in parts.items()}, "busbra") is None
+    # a run of the right split that was itself fine-tuned from the wrong one
+    runs["child"].write_record(runs["child"].init_weights, {"path": str(runs["other"].best)})
+    through = trained_on_scored_images(runs["child"].best, parts, "busi")
+    assert f"through {runs['other'].root}" in through
     (tmp_path / "published").mkdir()
-    assert trained_on_scored_images(tmp_path / "published" / "model.h5", parts) is None
+    assert trained_on_scored_images(tmp_path / "published" / "model.h5", parts, "busi") is None
 
-    leaky = tiny(busi_folder, tmp_path / "b", init_weights=str(other / "best.h5"))
-    with pytest.raises(ValueError, match=f"was trained on {n_val} of its {n_val} val images"):
+    leaky = tiny(busi_folder, tmp_path / "b", init_weights=str(runs["other"].best))
+    with pytest.raises(ValueError, match=f"trained on {n_val} of its {n_val} val images"):
         busi.train(leaky)
-    assert not RunFolder(leaky.directory).state.exists()  # no epoch trained
+    assert not (tmp_path / "b").exists()  # what the refused start wrote is gone
 
 
 def test_frozen_encoder_warm_up_then_fine_tunes_everything(busi_folder, tmp_path):

@@ -141,8 +141,8 @@ class TrainConfig:
         image_head_balance: weigh the head's classes by inverse frequency in the training part.
         image_head_pool: how the head pools the deepest encoder features, a name of
             :data:`busi.models.heads.POOLS`: "avg" (their mean) or "avgmax" (mean and maximum
-            side by side: a small lesion covers few of the 8x8 positions, and the mean dilutes
-            it).
+            side by side, so a lesion that fills a few positions of the map is not averaged
+            away).
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
         augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and

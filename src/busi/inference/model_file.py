@@ -147,6 +147,14 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return config
 
 
+def layer_names(path: str | os.PathLike) -> set[str]:
+    """The names of the layers of the model in a Keras ``.h5``, nested ones as
+    ``model/layer`` (read with h5py, nothing reaches Keras): layers without weights, which
+    :func:`busi.inference.weights.has_layer` cannot see, included."""
+    config = read_model_config(path)
+    return set() if config is None else {name for name, _ in _layers(config)}
+
+
 def _layers(config: dict[str, Any], where: str = "") -> Iterator[tuple[str, str]]:
     """(path of the layer, class name) of every layer, nested models included."""
     for layer in (config.get("config") or {}).get("layers") or []:

@@ -49,9 +49,6 @@ from busi.utils.digests import FileDigest
 
 log = logging.getLogger(__name__)
 
-_POOLED_BY = {"avg": "their mean", "avgmax": "their mean and their maximum"}
-"""How a model card names each :data:`busi.models.heads.POOLS` choice."""
-
 def publish_weights(
     run_dir: str | os.PathLike, dest_dir: str | os.PathLike, name: str | None = None,
     model_path: str | os.PathLike | None = None,
@@ -295,7 +292,7 @@ def model_card(sidecar: dict[str, Any], summary: dict[str, Any] | None) -> str:
         + (f"; image-level gate {sidecar['gate']} (an image whose lesion probability is below "
            "it gets an empty mask)." if sidecar.get("gate") else "."),
         *([f"- Image-level head: normal / benign / malignant from the deepest encoder features, "
-           f"pooled by {_POOLED_BY[config.get('image_head_pool', 'avg')]} (busi.models.heads); "
+           f"pooled by {heads.POOLS[config.get('image_head_pool', 'avg')]} (busi.models.heads); "
            "`busi predict` writes each image's class to classes.csv."]
           if config.get("image_head") else []),
         f"- Weights SHA-1 {sidecar['model_sha1']} (run weights "

@@ -290,8 +290,9 @@ def build(config: TrainConfig, freeze_encoder: bool = False) -> Any:
     if spec.uses_encoder:
         options["freeze_encoder"] = freeze_encoder
     model = spec.builder(input_shape=(config.image_size, config.image_size, 3), **options)
-    return heads.add_image_head(model, pool=config.image_head_pool) if config.image_head \
-        else model
+    if config.image_head:
+        model = heads.add_image_head(model, pool=config.image_head_pool)
+    return model
 
 
 def _described(config: TrainConfig | Mapping[str, Any]) -> tuple[Architecture, dict[str, Any]]:
@@ -315,7 +316,10 @@ def model_label(config: TrainConfig | Mapping[str, Any]) -> str:
     """How results tables name a config's model, e.g. "U-Net, resnet34, imagenet" or "classic
     U-Net, 16 filters, depth 4, from scratch" (a config, or its dict as sidecars keep it)."""
     spec, values = _described(config)
-    head = ", image-level head" if values.get("image_head") else ""
+    head = ""
+    if values.get("image_head"):
+        head = ", image-level head" + (" (mean and max)" if values.get("image_head_pool")
+                                       == "avgmax" else "")
     return f"{spec.label.format_map(values)}{head}, {values['weights']}"
 
 

@@ -4,8 +4,8 @@ Masks on normal images are the error users see first, and a pixel threshold or a
 cannot remove them without removing small lesions too: the decision "is there a lesion at all"
 belongs to the whole image. The head pools the deepest encoder features (the input of the first
 decoder block, the same for every architecture) and classifies the image as normal, benign or
-malignant. It shares the encoder with the mask, costs one pooling and one dense layer, and is
-trained with the mask.
+malignant. It shares the encoder with the mask, costs a pooling (two with ``avgmax``) and one
+dense layer, and is trained with the mask.
 
 Targets are 4 numbers per image (:func:`label_targets`): the one-hot class scaled by its class
 weight, then a flag for images whose "normal" answer is unknown. BUS-BRA has no normal images, so
@@ -20,7 +20,7 @@ The model's outputs are ``[mask, label]``: ``model.predict(x)[0]`` is the mask a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,9 @@ LABEL_LAYER = "label"
 
 LOGITS_LAYER = "label_logits"
 """The head's dense layer: the one with weights, by which a weights file shows it has a head."""
+
+MAX_POOL_LAYER = "label_max_pool"
+"""The maximum's pooling layer of an ``avgmax`` head."""
 
 LESION_ONLY_DATASETS = ("busbra",)
 """Datasets without normal images: their rows train benign vs malignant only."""
@@ -56,10 +59,10 @@ def bottleneck(model: Any) -> Any:
     raise ValueError(f"model {model.name!r} has no decoder_* layer: not a busi U-Net")
 
 
-POOLS = ("avg", "avgmax")
-"""How the head pools the deepest encoder features: their mean, or the mean and the maximum side
-by side (``image_head_pool`` in a config). At 256x256 the features are 8x8 and a small lesion
-covers a few of the positions, whose evidence the mean mixes with the tissue around it; the
+POOLS = {"avg": "their mean", "avgmax": "their mean and their maximum"}
+"""How the head may pool the deepest encoder features (``image_head_pool`` in a config), in the
+words a model card uses. A lesion fills a few positions of that map (8x8 at 256x256 on a
+stride-32 encoder), and the mean alone mixes their evidence with the tissue around them; the
 maximum keeps the strongest."""
 
 
@@ -78,13 +81,19 @@ def add_image_head(model: Any, dropout: float = 0.2, pool: str = "avg") -> Any:
     features = bottleneck(model)
     x = keras.layers.GlobalAveragePooling2D(name="label_pool")(features)
     if pool == "avgmax":
-        peak = keras.layers.GlobalMaxPooling2D(name="label_max_pool")(features)
+        peak = keras.layers.GlobalMaxPooling2D(name=MAX_POOL_LAYER)(features)
         x = keras.layers.Concatenate(name="label_pools")([x, peak])
     if dropout:
         x = keras.layers.Dropout(dropout, name="label_dropout")(x)
     x = keras.layers.Dense(len(CLASSES), name=LOGITS_LAYER)(x)
     label = keras.layers.Activation("softmax", dtype="float32", name=LABEL_LAYER)(x)
     return keras.Model(_input(model), [model.outputs[0], label], name=model.name)
+
+
+def pool_of(layer_names: Iterable[str]) -> str:
+    """Which of :data:`POOLS` a head model with these layer names pools by (the maximum's
+    layer has no weights, so it shows in the names, not in the weights)."""
+    return "avgmax" if MAX_POOL_LAYER in set(layer_names) else "avg"
 
 
 def has_image_head(model: Any) -> bool:

@@ -16,7 +16,6 @@ works on an ensemble as on a single model (a cv ensemble's gate is chosen out of
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from busi import _keras
 from busi.config.train_config import TrainConfig
 from busi.data.parts import dataset_table, make_run_split, split_seed
 from busi.data.run_parts import run_parts
-from busi.data.splits import load_split, save_split
+from busi.data.splits import save_split
 from busi.evaluation.evaluator import evaluate
 from busi.inference import weights
 from busi.models import heads
@@ -40,6 +39,7 @@ from busi.runs.ensembles import (
 )
 from busi.runs.evaluations import tested
 from busi.runs.folder import RunFolder
+from busi.runs.lineage import ancestors, split_of
 from busi.utils.atomic import write_json
 from busi.utils.digests import file_digest
 
@@ -89,32 +89,20 @@ SAME_SETTINGS = ("image_size", "resize", "classes", "drop_conflicts", "limit")
 """Settings the members must share: how images are prepared, and which images make the parts."""
 
 
-def _split_of(run: RunFolder) -> pd.DataFrame:
-    split = load_split(run.split)
-    if "dataset" not in split:
-        split = split.assign(dataset=run.load_config().datasets[0])
-    return split
-
-
 def sources(run: RunFolder) -> list[RunFolder]:
-    """The run folders ``run``'s weights descend from through ``init_weights``, nearest first.
+    """The run folders ``run``'s weights descend from through ``init_weights``, nearest first
+    (:func:`busi.runs.lineage.ancestors`).
 
     Raises:
         ValueError: a start that is not a run's weights beside its ``split.csv`` (a published
             file, say): what it trained on cannot be checked against the ensemble's parts.
     """
-    chain: list[RunFolder] = []
-    while run.init_weights.is_file():
-        path = Path(json.loads(run.init_weights.read_text())["path"])
-        source = RunFolder(path.parent)
-        if not source.split.is_file():
-            raise ValueError(f"{run.init_weights}: started from {path}, which is not a run's "
-                             "weights beside its split.csv, so whether it trained on the "
-                             "ensemble's validation or test images cannot be checked")
-        if any(source.root.resolve() == known.root.resolve() for known in chain):
-            break
-        chain.append(source)
-        run = source
+    chain, unchecked = ancestors(run)
+    if unchecked is not None:
+        started = chain[-1] if chain else run
+        raise ValueError(f"{started.init_weights}: started from {unchecked}, which is not a "
+                         "run's weights beside its split.csv, so whether it trained on the "
+                         "ensemble's validation or test images cannot be checked")
     return chain
 
 
@@ -132,7 +120,7 @@ def combined_split(members: Sequence[RunFolder]) -> pd.DataFrame:
     per_dataset: dict[str, tuple[RunFolder, pd.DataFrame]] = {}
     lineage = [*members, *(source for member in members for source in sources(member))]
     for run in lineage:
-        for name, rows in _split_of(run).groupby("dataset", sort=False):
+        for name, rows in split_of(run).groupby("dataset", sort=False):
             rows = rows.sort_values("id").reset_index(drop=True)
             if name not in per_dataset:
                 if run in members:  # a start's other datasets are not the ensemble's

@@ -35,7 +35,7 @@ from busi.data.run_parts import run_parts
 from busi.data.splits import in_classes, load_split
 from busi.errors import DataError
 from busi.evaluation.evaluator import evaluate
-from busi.inference import h5_compat, weights
+from busi.inference import h5_compat, model_file, weights
 from busi.models import architectures as models
 from busi.models import backend, heads, losses
 from busi.runs.folder import RunFolder, check_same_config
@@ -178,12 +178,16 @@ def _initial_model(config: TrainConfig, run: RunFolder, freeze_encoder: bool) ->
         return models.build(config, freeze_encoder=freeze_encoder)
     path = init_weights_path(config)
     head_in_file = config.image_head and weights.has_layer(path, heads.LOGITS_LAYER)
-    as_in_file = {} if head_in_file else {"image_head": False,
-                                          "image_head_pool": TrainConfig.image_head_pool}
-    model = models.build(replace(config, encoder_weights=None, **as_in_file),
-                         freeze_encoder=freeze_encoder)
+    pool_in_file = (heads.pool_of(model_file.layer_names(path)) if head_in_file
+                    else TrainConfig.image_head_pool)
+    model = models.build(replace(config, encoder_weights=None, image_head=head_in_file,
+                                 image_head_pool=pool_in_file), freeze_encoder=freeze_encoder)
     weights.load_weights_into(model, path)
-    if config.image_head and not head_in_file:  # a mask-only model: the head starts afresh
+    if head_in_file and pool_in_file != config.image_head_pool:
+        log.warning("%s: its image-level head pools by %s, this run's by %s: the head starts "
+                    "afresh", path, pool_in_file, config.image_head_pool)
+        model = heads.mask_only(model)
+    if config.image_head and not heads.has_image_head(model):  # the head starts afresh
         model = heads.add_image_head(model, pool=config.image_head_pool)
     run.write_record(record, {"path": str(path), "sha256": file_digest(path),
                               "sha1": file_sha1(path)})
@@ -407,7 +411,7 @@ def _train_locked(config: TrainConfig, run: RunFolder, cache: Cache | None = Non
 
     parts = run_parts(run, config, new_run=not state, cache=cache)
     if not state and config.init_weights is not None:
-        leak = trained_on_scored_images(init_weights_path(config), parts)
+        leak = trained_on_scored_images(init_weights_path(config), parts, config.datasets[0])
         if leak:
             raise ValueError(leak)
     finished = bool(state.get("stopped_early")) or done >= config.epochs

@@ -24,9 +24,9 @@ DATA_DIR = PROJ_ROOT / "data"
 WEIGHTS_DIR = Path(os.environ.get("BUSI_WEIGHTS", PROJ_ROOT / "weights"))
 RUNS_DIR = Path(os.environ.get("BUSI_RUNS", PROJ_ROOT / "runs"))
 SHIPPED_MODEL = PROJ_ROOT / "weights" / "lite0-head-ft-avgmax-cpu.h5"
-"""The model committed with the project for BUSI-like images (see its model card): the best on
-BUSI's test part, with the image-level gate that keeps normal images clean; the default of
-prediction with no training."""
+"""The model committed with the project for BUSI-like images (see its model card and the README):
+the U-Net with the image-level gate that keeps normal images clean; the default of prediction
+with no training."""
 
 
 def search_roots(path: str | os.PathLike | None, env_var: str, default: Path) -> list[Path]:
