@@ -135,14 +135,11 @@ class TrainConfig:
             file and the training time most, since the first stage sees the encoder's widest
             features.
         image_head: add the image-level head (:mod:`busi.models.heads`): normal / benign / malignant
-            from the pooled deepest encoder features, trained with the mask; its lesion
-            probability gates the mask in post-processing.
+            from the deepest encoder features, pooled as ``image_head_pool`` says (one of
+            :data:`busi.models.heads.POOLS`), trained with the mask; its lesion probability
+            gates the mask in post-processing.
         image_head_weight: weight of the head's loss beside the mask's.
         image_head_balance: weigh the head's classes by inverse frequency in the training part.
-        image_head_pool: how the head pools the deepest encoder features, a name of
-            :data:`busi.models.heads.POOLS`: "avg" (their mean) or "avgmax" (mean and maximum
-            side by side, so a lesion that fills a few positions of the map is not averaged
-            away).
         resize: "letterbox" keeps the aspect ratio by padding, "stretch" distorts it.
         augment: augment the training images (off: every epoch sees the same images).
         augmentation: fields of :class:`busi.data.augment_config.AugmentConfig` (switches and
@@ -253,15 +250,12 @@ class TrainConfig:
         self._check_datasets()
         unknown = sorted(set(self.classes) - set(KNOWN_LABELS))
         if unknown or not self.classes:
-            raise ValueError(
-                f"classes must be some of {list(KNOWN_LABELS)}, got {list(self.classes)}"
-            )
+            raise ValueError(f"classes must be some of {list(KNOWN_LABELS)}, got "
+                             f"{list(self.classes)}")
         if self.train_classes is not None:
             if not self.train_classes or set(self.train_classes) - set(self.classes):
-                raise ValueError(
-                    f"train_classes must be some of classes {list(self.classes)}, got "
-                    f"{list(self.train_classes)}"
-                )
+                raise ValueError(f"train_classes must be some of classes {list(self.classes)}, "
+                                 f"got {list(self.train_classes)}")
         trained = self.train_classes or self.classes
         if self.image_head and "normal" not in trained:
             raise ValueError(
